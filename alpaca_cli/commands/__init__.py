@@ -1,0 +1,1 @@
+"""One module per command: parse the flags, call the core, print the result."""

@@ -1,0 +1,6 @@
+"""placeholder"""
+EXAMPLES = ""
+
+
+def generate() -> None:
+    """TODO"""

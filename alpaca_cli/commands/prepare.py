@@ -1,0 +1,132 @@
+"""`alpaca prepare`: read Alpaca-style records, build the prompts and Stanford's labels, write a token cache."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from alpaca_cli.options import ConfigOpt, QuietOpt, RunDirOpt, SetOpt
+
+EXAMPLES = """\b
+Examples:
+  alpaca prepare --run-dir runs/llama2-alpaca
+  alpaca prepare --data my_data.jsonl --tokenizer ./llama-tokenizer --run-dir runs/mine
+  alpaca prepare --data gs://bucket/alpaca.json --run-dir gs://bucket/runs/alpaca --max-length 1024
+  alpaca prepare --data demo --tokenizer demo --run-dir runs/demo      (the built-in demo, offline)
+"""
+
+
+def prepare(
+    run_dir: RunDirOpt = None,
+    data: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Hub dataset id, or a .json/.jsonl/.jsonl.gz file (local, gs://, any fsspec URL). "
+            "Default: tatsu-lab/alpaca. Config key: data.",
+            show_default=False,
+        ),
+    ] = None,
+    split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset. Default: train.", show_default=False)] = None,
+    revision: Annotated[Optional[str], typer.Option(help="Revision of a Hub dataset.", show_default=False)] = None,
+    instruction_field: Annotated[
+        Optional[str], typer.Option(help="Record field holding the instruction. Default: instruction.", show_default=False)
+    ] = None,
+    input_field: Annotated[
+        Optional[str], typer.Option(help="Record field holding the optional input. Default: input.", show_default=False)
+    ] = None,
+    output_field: Annotated[
+        Optional[str], typer.Option(help="Record field holding the response. Default: output.", show_default=False)
+    ] = None,
+    prompts: Annotated[
+        Optional[str],
+        typer.Option(
+            help="JSON or YAML file with prompt_input and prompt_no_input templates. Default: Stanford's templates.",
+            show_default=False,
+        ),
+    ] = None,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Hub id or tokenizer folder (local or remote). Default: meta-llama/Llama-2-7b-hf.", show_default=False
+        ),
+    ] = None,
+    max_length: Annotated[
+        Optional[int], typer.Option(help="Longest example in tokens. Default: 512 (Stanford).", show_default=False)
+    ] = None,
+    on_overflow: Annotated[
+        Optional[str],
+        typer.Option(help="Longer examples: truncate (default, as Stanford), drop or error.", show_default=False),
+    ] = None,
+    mask_inputs: Annotated[
+        Optional[bool],
+        typer.Option(
+            "--mask-inputs/--no-mask-inputs",
+            help="Mask prompt tokens out of the loss (default) or train on every token.",
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a cache prepared from different inputs.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Tokenize Alpaca-style data into a Levanter cache with Stanford's loss mask."""
+    from alpaca_cli import config as cfgmod
+    from alpaca_cli import console, rundir
+    from alpaca_cli.core import prepare as core
+    from alpaca_cli.core.defaults import resolve_builtin_data, resolve_builtin_tokenizer
+    from alpaca_cli.core.prompts import load_prompts_file
+
+    prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None
+    cfg = cfgmod.load_config(
+        cfgmod.PrepareConfig,
+        config,
+        set_,
+        {
+            "data": resolve_builtin_data(data),
+            "split": split,
+            "revision": revision,
+            "instruction_field": instruction_field,
+            "input_field": input_field,
+            "output_field": output_field,
+            "prompts": prompt_templates,
+            "tokenizer": resolve_builtin_tokenizer(tokenizer),
+            "max_length": max_length,
+            "on_overflow": on_overflow,
+            "mask_inputs": mask_inputs,
+        },
+    )
+    cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
+    run = rundir.open_run(run_dir, create=True)
+    result = core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet))
+    print_stats(result.stats, reused=result.reused, run_url=run.url)
+
+
+def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:
+    from rich.table import Table
+
+    from alpaca_cli import console
+
+    t = Table(title=f"prepared {run_url}" + (" (reused: same inputs)" if reused else ""), show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+    dropped = stats["dropped"]
+    t.add_row("records read", f"{stats['records_read']:,}")
+    t.add_row("examples kept", f"{stats['examples']:,}")
+    t.add_row("truncated", f"{stats['truncated']:,} ({stats['truncated_tokens']:,} tokens cut)")
+    t.add_row("dropped: too long", f"{dropped.get('too_long', 0):,}")
+    t.add_row("dropped: no trained token", f"{dropped.get('no_trained_tokens', 0):,}")
+    t.add_row("tokens", f"{stats['tokens']:,}")
+    t.add_row("trained tokens", f"{stats['trained_tokens']:,} ({100 * stats['trained_fraction']:.1f}%)")
+    L = stats["length"]
+    t.add_row("length mean / p50 / p90 / p99 / max", f"{L['mean']:.1f} / {L['p50']:.0f} / {L['p90']:.0f} / {L['p99']:.0f} / {L['max']}")
+    t.add_row(
+        "2048-token rows: packed vs padded",
+        f"{stats['rows_2048_packed']:,} vs {stats['rows_2048_padded']:,} "
+        f"({stats['rows_2048_padded'] / max(1, stats['rows_2048_packed']):.1f}x fewer)",
+    )
+    t.add_row("vocabulary", f"{stats['vocab_size']:,}" + (f" (added {', '.join(stats['added_tokens'].values())})" if stats["added_tokens"] else ""))
+    if stats.get("records_with_special_token_text"):
+        t.add_row("records whose text contains special-token strings", f"{stats['records_with_special_token_text']:,}")
+    console.stdout.print(t)

@@ -1,0 +1,6 @@
+"""placeholder"""
+EXAMPLES = ""
+
+
+def train() -> None:
+    """TODO"""

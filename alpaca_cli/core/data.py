@@ -1,0 +1,191 @@
+"""Reading Alpaca-style records (instruction, optional input, output) from files or the Hugging Face Hub."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from alpaca_cli import io
+from alpaca_cli.config import PrepareConfig
+from alpaca_cli.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+@dataclass
+class Records:
+    """Columns of validated records, in source order."""
+
+    instructions: list[str]
+    inputs: list[str]
+    outputs: list[str]
+    source: str
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    """What identifies the data: sha256 of a file's bytes, or a Hub dataset's commit."""
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+
+def is_file_source(data: str) -> bool:
+    return "://" in data or os.path.exists(data) or data.endswith(FILE_SUFFIXES) or data.startswith((".", "/", "~"))
+
+
+def load_records(cfg: PrepareConfig) -> Records:
+    """Read and validate every record; DataError (one line) on the first problem found."""
+    if is_file_source(cfg.data):
+        return _load_file(cfg)
+    if _HUB_ID.match(cfg.data):
+        return _load_hub(cfg)
+    raise DataError(f"--data {cfg.data!r} is neither an existing file nor a Hub dataset id (owner/name)")
+
+
+# -- files --------------------------------------------------------------------------------------------------------
+
+
+def _load_file(cfg: PrepareConfig) -> Records:
+    url = cfg.data if io.is_remote(cfg.data) else os.path.expanduser(cfg.data)
+    name = url.lower()
+    if not name.endswith(FILE_SUFFIXES):
+        raise DataError(f"--data {cfg.data}: unsupported file type; use .json, .jsonl or .jsonl.gz (or .json.gz)")
+    try:
+        raw = io.read_bytes(url)
+    except FileNotFoundError:
+        raise DataError(f"--data {cfg.data}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"--data {cfg.data}: is a directory, not a .json/.jsonl file") from None
+    except Exception as e:  # noqa: BLE001 - any fsspec backend error is a user-facing "cannot read"
+        raise DataError(f"--data {cfg.data}: cannot read ({type(e).__name__}: {e})") from None
+
+    digest = hashlib.sha256(raw).hexdigest()
+    if name.endswith(".gz"):
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise DataError(f"--data {cfg.data}: not a valid gzip file ({e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{cfg.data} line {line}: not valid UTF-8") from None
+    if not text.strip():
+        raise DataError(f"--data {cfg.data}: the file is empty")
+
+    if name.endswith((".jsonl", ".jsonl.gz")):
+        rows = _parse_jsonl(text, cfg.data)
+    else:
+        rows = _parse_json(text, cfg.data)
+    if not rows:
+        raise DataError(f"--data {cfg.data}: holds no records")
+    records = _columns(rows, cfg, cfg.data)
+    records.fingerprint = {"kind": "file", "sha256": digest, "bytes": len(raw)}
+    return records
+
+
+def _parse_json(text: str, source: str) -> list[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source} line {e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{source}: a .json file must hold a list of records, found a {type(data).__name__}")
+    return [(f"record {i}", row) for i, row in enumerate(data)]
+
+
+def _parse_jsonl(text: str, source: str) -> list[tuple[str, Any]]:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{source} line {lineno}: malformed JSON ({e.msg})") from None
+    return rows
+
+
+def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str) -> Records:
+    ins, inp, out = [], [], []
+    fi, fn, fo = cfg.instruction_field, cfg.input_field, cfg.output_field
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{source} {where}: a record must be a JSON object, found {type(row).__name__}")
+        for f, required in ((fi, True), (fn, False), (fo, True)):
+            if f not in row:
+                if required:
+                    raise DataError(
+                        f"{source} {where}: field `{f}` is missing"
+                        + (f" (fields present: {', '.join(sorted(row)) or 'none'}; map yours with --{_flag(f, cfg)})")
+                    )
+                continue
+            if not isinstance(row[f], str):
+                raise DataError(
+                    f"{source} {where}: field `{f}` must be a string, found {_json_type(row[f])}"
+                )
+        ins.append(row[fi])
+        inp.append(row.get(fn, ""))
+        out.append(row[fo])
+    return Records(instructions=ins, inputs=inp, outputs=out, source=source)
+
+
+def _flag(f: str, cfg: PrepareConfig) -> str:
+    if f == cfg.instruction_field:
+        return "instruction-field"
+    if f == cfg.output_field:
+        return "output-field"
+    return "input-field"
+
+
+def _json_type(v: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", list: "a list", dict: "an object"}.get(
+        type(v), type(v).__name__
+    )
+
+
+# -- the Hub ------------------------------------------------------------------------------------------------------
+
+
+def _load_hub(cfg: PrepareConfig) -> Records:
+    """A Hub dataset, pinned to the commit it resolved to (that commit is the fingerprint)."""
+    try:
+        from huggingface_hub import HfApi
+
+        info = HfApi().dataset_info(cfg.data, revision=cfg.revision)
+        sha = info.sha
+    except Exception as e:  # noqa: BLE001 - offline, missing, gated: all end the same way for the user
+        raise DataError(
+            f"--data {cfg.data}: cannot resolve this Hub dataset ({type(e).__name__}: {_first_line(e)})",
+            hint="check the id and your network, or pass a local .json/.jsonl file with --data",
+        ) from None
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(cfg.data, split=cfg.split, revision=sha)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"--data {cfg.data} (split {cfg.split}): cannot load ({type(e).__name__}: {_first_line(e)})") from None
+    missing = [f for f in (cfg.instruction_field, cfg.output_field) if f not in ds.column_names]
+    if missing:
+        raise DataError(
+            f"--data {cfg.data}: column(s) {', '.join(missing)} missing (columns: {', '.join(ds.column_names)})",
+            hint="map yours with --instruction-field / --input-field / --output-field",
+        )
+    rows = ((f"row {i}", row) for i, row in enumerate(ds))
+    records = _columns(rows, cfg, cfg.data)
+    if not len(records):
+        raise DataError(f"--data {cfg.data} (split {cfg.split}): holds no records")
+    records.fingerprint = {"kind": "hub", "id": cfg.data, "revision": sha, "split": cfg.split}
+    return records
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else ""

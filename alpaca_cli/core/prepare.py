@@ -1,0 +1,249 @@
+"""`alpaca prepare`: records -> Alpaca prompts -> Stanford labels -> a Levanter token cache in the run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from alpaca_cli import config as cfgmod
+from alpaca_cli import io
+from alpaca_cli.config import PrepareConfig
+from alpaca_cli.core import cache as cachemod
+from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core.data import load_records
+from alpaca_cli.core.tokenize import load_tokenizer, prefix_stable, tokenize_examples
+from alpaca_cli.errors import StageError
+from alpaca_cli.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+# Bump when the cache's content for the same inputs changes (it invalidates every fingerprint).
+CACHE_FORMAT = 1
+PACK_ROW = 2048  # the row length the statistics report packing for
+
+
+@dataclass
+class PrepareResult:
+    reused: bool
+    stats: dict[str, Any]
+    cache_dir: str
+    fingerprint: str
+    seconds: float
+
+
+class Progress:
+    """What core code reports; the command turns it into a progress bar (or nothing)."""
+
+    def start(self, description: str, total: int | None) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def fingerprint_inputs(components: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(components, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(
+    cfg: PrepareConfig, run: RunDir, *, overwrite: bool = False, progress: Progress | None = None
+) -> PrepareResult:
+    """Prepare the run's token cache; reuse it when the fingerprint matches, refuse a stale one unless overwrite."""
+    t0 = time.time()
+    progress = progress or Progress()
+
+    # Everything that can be wrong with the inputs is found before anything is written.
+    promptsmod.validate(cfg.prompts)
+    records = load_records(cfg)
+    loaded = load_tokenizer(cfg.tokenizer)
+    tok = loaded.tokenizer
+    try:
+        components = {
+            "format": CACHE_FORMAT,
+            "data": records.fingerprint,
+            "fields": [cfg.instruction_field, cfg.input_field, cfg.output_field],
+            "prompts": cfgmod.encode(cfg.prompts),
+            "tokenizer": loaded.fingerprint,
+            "max_length": cfg.max_length,
+            "on_overflow": cfg.on_overflow,
+            "mask_inputs": cfg.mask_inputs,
+        }
+        fingerprint = fingerprint_inputs(components)
+
+        previous = run.stage("prepare")
+        if previous and previous.get("status") == "complete" and cachemod.is_complete(run.cache_dir):
+            if previous.get("fingerprint") == fingerprint and not overwrite:
+                logger.info("The run's cache was prepared from the same inputs: reusing it")
+                stats = json.loads(io.read_text(run.stats_path))
+                return PrepareResult(True, stats, run.cache_dir, fingerprint, time.time() - t0)
+            if not overwrite:
+                differ = _differences(previous.get("inputs", {}).get("components", {}), components)
+                raise StageError(
+                    f"run {run.url} was prepared from different inputs ({differ}); "
+                    f"pass --overwrite to replace its cache, or use another --run-dir"
+                )
+        if overwrite and run.stage("train") is not None and (previous or {}).get("fingerprint") != fingerprint:
+            raise StageError(
+                f"run {run.url} already has training state; preparing new data into it would orphan its "
+                "checkpoints: use a new --run-dir"
+            )
+
+        run.start_stage(
+            "prepare",
+            config=cfgmod.encode(cfg),
+            inputs={"data": records.fingerprint, "tokenizer": cfg.tokenizer, "components": components},
+        )
+        run.update_stage("prepare", fingerprint=fingerprint)
+        run.write_config("prepare", cfgmod.dump(cfg))
+        try:
+            stats = _build(cfg, run, records, loaded, progress)
+        except BaseException as e:
+            run.fail_stage("prepare", f"{type(e).__name__}: {e}")
+            raise
+        stats["seconds"] = round(time.time() - t0, 3)
+        io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
+        run.complete_stage(
+            "prepare",
+            outputs={
+                "cache": run.relative(run.cache_dir),
+                "tokenizer": run.relative(run.tokenizer_dir),
+                "stats": run.relative(run.stats_path),
+            },
+            summary={
+                k: stats[k]
+                for k in ("records_read", "examples", "truncated", "dropped", "tokens", "trained_tokens", "vocab_size")
+            },
+        )
+        return PrepareResult(False, stats, run.cache_dir, fingerprint, time.time() - t0)
+    finally:
+        shutil.rmtree(loaded.local_dir, ignore_errors=True)
+
+
+def _differences(old: dict, new: dict) -> str:
+    names = {
+        "data": "data",
+        "fields": "field names",
+        "prompts": "prompt templates",
+        "tokenizer": "tokenizer",
+        "max_length": "--max-length",
+        "on_overflow": "--on-overflow",
+        "mask_inputs": "--mask-inputs",
+        "format": "cache format",
+    }
+    diff = [names.get(k, k) for k in new if old.get(k) != new.get(k)]
+    return "differs in " + ", ".join(diff) if diff else "different fingerprint"
+
+
+def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress) -> dict[str, Any]:
+    from levanter.store.cache import CacheMetadata, SerialCacheWriter
+
+    tok = loaded.tokenizer
+    t_tok = time.time()
+    prompts = [
+        promptsmod.render(cfg.prompts, ins, inp) for ins, inp in zip(records.instructions, records.inputs)
+    ]
+    fast, why = prefix_stable(tok)
+    logger.info("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
+
+    # The cache is rewritten from scratch: a killed earlier attempt may have left a partial one (no ledger).
+    if run.writer:
+        io.rm_tree(run.cache_dir)
+        io.rm_tree(run.tokenizer_dir)
+    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.stage("prepare")["fingerprint"]})
+
+    chunk = 8192
+    progress.start("Tokenizing", len(prompts))
+    tokenized = None
+    with SerialCacheWriter(run.cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
+        for start in range(0, len(prompts), chunk):
+            before = 0 if tokenized is None else len(tokenized.input_ids)
+            tokenized = tokenize_examples(
+                tok,
+                prompts[start : start + chunk],
+                records.outputs[start : start + chunk],
+                max_length=cfg.max_length,
+                on_overflow=cfg.on_overflow,
+                mask_inputs=cfg.mask_inputs,
+                fast_path=fast,
+                progress=progress.advance,
+                source_offset=start,
+                into=tokenized,
+            )
+            new = slice(before, len(tokenized.input_ids))
+            if new.stop > new.start:
+                writer.write_batch(
+                    {
+                        "input_ids": tokenized.input_ids[new],
+                        "targets": tokenized.targets[new],
+                        "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
+                    }
+                )
+        if tokenized is None or not tokenized.input_ids:
+            from alpaca_cli.errors import DataError
+
+            raise DataError(
+                f"no example is left to train on: all {len(prompts)} records were dropped "
+                f"({_reason_text(tokenized.dropped if tokenized else {})})",
+                hint="raise --max-length or use --on-overflow truncate",
+            )
+    progress.stop()
+    seconds_tokenize = time.time() - t_tok
+
+    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
+    stats = compute_stats(tokenized, prompts, records.outputs, tok, loaded.added)
+    stats["records_read"] = len(records)
+    stats["fast_prompt_lengths"] = fast
+    stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
+    return stats
+
+
+def _reason_text(dropped: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items() if n) or "none"
+
+
+def compute_stats(tokenized, prompts, outputs, tok, added: dict[str, str]) -> dict[str, Any]:
+    from levanter.data.packing import pack_documents
+
+    lengths = np.array([len(x) for x in tokenized.input_ids], dtype=np.int64)
+    trained = int(sum(int(t[1:].sum()) for t in tokenized.targets))
+    total = int(lengths.sum())
+    pct = np.percentile(lengths, [50, 90, 99]).tolist()
+    packed_rows = len(pack_documents(lengths, PACK_ROW, slice_too_long_examples=True))
+    padded_rows = int(np.sum(np.ceil(lengths / PACK_ROW)))
+
+    specials = [s for s in tok.all_special_tokens if s]
+    special_text = sum(1 for p, o in zip(prompts, outputs) if any(s in p or s in o for s in specials))
+
+    return {
+        "examples": int(len(lengths)),
+        "truncated": tokenized.truncated,
+        "truncated_tokens": tokenized.truncated_tokens,
+        "dropped": dict(tokenized.dropped),
+        "dropped_examples": [[i, r] for i, r in tokenized.dropped_examples[:1000]],
+        "tokens": total,
+        "trained_tokens": trained,
+        "trained_fraction": round(trained / total, 6) if total else 0.0,
+        "length": {
+            "mean": round(float(lengths.mean()), 2),
+            "p50": pct[0],
+            "p90": pct[1],
+            "p99": pct[2],
+            "max": int(lengths.max()),
+        },
+        "rows_2048_packed": packed_rows,
+        "rows_2048_padded": padded_rows,
+        "records_with_special_token_text": special_text,
+        "prompts_tokenized_alone": tokenized.prompts_tokenized_alone,
+        "vocab_size": len(tok),
+        "added_tokens": added,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+    }

@@ -1,0 +1,93 @@
+"""Alpaca prompt templates: loading, validation, and rendering exactly as Stanford Alpaca does."""
+
+from __future__ import annotations
+
+import string
+from typing import Mapping
+
+import yaml
+
+from alpaca_cli.config import PromptTemplates
+from alpaca_cli.errors import ConfigError
+
+ALLOWED_PLACEHOLDERS = ("instruction", "input")
+
+
+def placeholders(template: str) -> list[str]:
+    """Field names used by a str.format template, in order (may raise ValueError on a malformed template)."""
+    names = []
+    for _, field_name, _, _ in string.Formatter().parse(template):
+        if field_name is not None:
+            names.append(field_name)
+    return names
+
+
+def validate(templates: PromptTemplates, source: str = "prompts") -> None:
+    """Reject malformed templates and unknown placeholders before any work is done."""
+    problems = []
+    for key in ("prompt_input", "prompt_no_input"):
+        template = getattr(templates, key)
+        if not isinstance(template, str) or not template:
+            problems.append(f"{source}: `{key}` must be a non-empty string")
+            continue
+        try:
+            names = placeholders(template)
+        except ValueError as e:
+            problems.append(f"{source}: `{key}` is not a valid template ({e}); write literal braces as {{{{ and }}}}")
+            continue
+        unknown = [n for n in names if n not in ALLOWED_PLACEHOLDERS]
+        if unknown:
+            problems.append(
+                f"{source}: `{key}` uses unknown placeholder(s) {', '.join('{' + n + '}' for n in unknown)}; "
+                f"allowed: {{instruction}}, {{input}}"
+            )
+        if "instruction" not in names:
+            problems.append(f"{source}: `{key}` does not use {{instruction}}")
+    if not problems and "input" not in placeholders(templates.prompt_input):
+        problems.append(f"{source}: `prompt_input` does not use {{input}}, so record inputs would be lost")
+    if problems:
+        raise ConfigError(problems)
+
+
+def load_prompts_file(path: str) -> PromptTemplates:
+    """A JSON or YAML file with `prompt_input` and `prompt_no_input`, top-level or under `prompts:`."""
+    from alpaca_cli import io
+
+    try:
+        text = io.read_text(path)
+    except FileNotFoundError:
+        raise ConfigError(f"prompts file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read prompts file {path}: {e}") from None
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as e:
+        raise ConfigError(f"prompts file {path} is neither JSON nor YAML: {str(e).splitlines()[0]}") from None
+    if isinstance(data, dict) and "prompts" in data and isinstance(data["prompts"], dict):
+        data = data["prompts"]
+    if not isinstance(data, dict):
+        raise ConfigError(f"prompts file {path} must hold `prompt_input` and `prompt_no_input`")
+    unknown = sorted(set(data) - {"prompt_input", "prompt_no_input"})
+    missing = [k for k in ("prompt_input", "prompt_no_input") if k not in data]
+    problems = []
+    if missing:
+        problems.append(f"prompts file {path} lacks {', '.join(missing)}")
+    if unknown:
+        problems.append(f"prompts file {path} has unknown key(s) {', '.join(unknown)}")
+    if problems:
+        raise ConfigError(problems)
+    templates = PromptTemplates(prompt_input=data["prompt_input"], prompt_no_input=data["prompt_no_input"])
+    validate(templates, source=f"prompts file {path}")
+    return templates
+
+
+def has_input(record: Mapping[str, str]) -> bool:
+    """Stanford's rule: the input template is used when `input` is present and not the empty string."""
+    return record.get("input", "") != ""
+
+
+def render(templates: PromptTemplates, instruction: str, input: str = "") -> str:
+    """The prompt for one record (str.format_map, as Stanford: braces inside the values stay literal)."""
+    record = {"instruction": instruction, "input": input}
+    template = templates.prompt_input if has_input(record) else templates.prompt_no_input
+    return template.format_map(record)

@@ -1,0 +1,249 @@
+"""Tokenizer loading and Stanford Alpaca's label rule.
+
+Stanford's `preprocess` (tatsu-lab/stanford_alpaca, train.py) tokenizes the prompt and prompt+output+eos separately
+(each truncated to model_max_length), takes the full text's ids as input_ids, and masks the first
+len(tokenize(prompt)) labels with -100. `tokenize_examples` produces exactly those labels, stored as a 0/1 `targets`
+array (1 where Stanford's label is not -100).
+
+Speed: when the tokenizer is *prefix-stable* (see `prefix_stable`), the prompt's token count is read off the offsets
+of the full text's tokenization, so each text is tokenized once. Where a token straddles the prompt/response
+boundary (a ':' merging with a following '"', say), the prompt alone tokenizes differently: those prompts, and every
+prompt of a tokenizer that is not prefix-stable, are tokenized on their own, as Stanford does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from alpaca_cli import io
+from alpaca_cli.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+# Stanford Alpaca's special-token defaults (train.py: DEFAULT_PAD_TOKEN ... DEFAULT_UNK_TOKEN).
+DEFAULT_SPECIAL_TOKENS = {"pad_token": "[PAD]", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+
+
+@dataclass
+class LoadedTokenizer:
+    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    added: dict[str, str]
+    """Special tokens added because the tokenizer lacked them (Stanford adds [PAD] to Llama)."""
+    local_dir: str
+    """A local folder holding the tokenizer as prepared (with the added tokens)."""
+    fingerprint: str
+    """sha256 over the saved tokenizer files."""
+
+
+def load_tokenizer(spec: str, *, add_missing_special_tokens: bool = True) -> LoadedTokenizer:
+    """Load a tokenizer from a Hub id or a local/remote folder; add Stanford's missing special tokens; save it.
+
+    The saved copy (in a temporary folder, `local_dir`) is what the run directory keeps, so later commands never
+    need the Hub.
+    """
+    from transformers import AutoTokenizer
+
+    def _load(path: str):
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except Exception as e:  # noqa: BLE001
+            where = "folder" if os.path.isdir(path) else "Hub id"
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(
+                f"--tokenizer {spec}: cannot load a tokenizer from this {where} ({first[:300]})",
+                hint="pass a local tokenizer folder, or check the id, your network and HF_TOKEN for gated models",
+            ) from None
+
+    if io.is_remote(spec):
+        if not io.exists(spec):
+            raise ConfigError(f"--tokenizer {spec}: no such folder")
+        with io.local_dir(spec) as local:
+            tok = _load(local)
+    else:
+        path = os.path.expanduser(spec)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"--tokenizer {spec}: expected a tokenizer folder, found a file")
+        if not os.path.exists(path) and (spec.startswith((".", "/", "~")) or spec.count("/") > 1):
+            raise ConfigError(f"--tokenizer {spec}: no such folder")
+        tok = _load(path if os.path.exists(path) else spec)
+
+    added: dict[str, str] = {}
+    if add_missing_special_tokens:
+        for attr, default in DEFAULT_SPECIAL_TOKENS.items():
+            if getattr(tok, attr, None) is None:
+                added[attr] = default
+        if added:
+            tok.add_special_tokens(added)
+            logger.info("Added special tokens %s (vocabulary is now %d)", added, len(tok))
+
+    local_dir = tempfile.mkdtemp(prefix="alpaca-tok-")
+    tok.save_pretrained(local_dir)
+    return LoadedTokenizer(tokenizer=tok, added=added, local_dir=local_dir, fingerprint=hash_folder(local_dir))
+
+
+def hash_folder(path: str) -> str:
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode())
+            with open(full, "rb") as f:
+                h.update(hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
+
+
+def prefix_stable(tok) -> tuple[bool, str]:
+    """Whether tokenize(prompt) is the prefix of tokenize(prompt + rest) that ends at the prompt's last character,
+    whenever no token of the full text straddles that boundary.
+
+    This holds for byte-pair encoding over one unsplit word (Llama/Mistral SentencePiece-BPE tokenizers): a merge
+    across the boundary would leave a straddling token, so the left side's merges are the same with or without the
+    right side. Pre-tokenizers with look-ahead (GPT-2's regex), normalizers that compose characters, word-final
+    suffixes and unigram models give no such guarantee, and get the two-tokenization path.
+    """
+    if not getattr(tok, "is_fast", False):
+        return False, "slow tokenizer (no offsets)"
+    import json
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        return False, f"model type {model.get('type')}"
+    if model.get("dropout") or model.get("ignore_merges") or model.get("end_of_word_suffix"):
+        return False, "BPE options (dropout, ignore_merges or end_of_word_suffix)"
+    if model.get("continuing_subword_prefix"):
+        return False, "BPE continuing_subword_prefix"
+    pre = spec.get("pre_tokenizer")
+    if pre is not None and not (pre.get("type") == "Metaspace" and pre.get("split") is False):
+        return False, f"pre-tokenizer {pre.get('type')}"
+    norm = spec.get("normalizer")
+    steps = [] if norm is None else (norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm])
+    for step in steps:
+        if step.get("type") not in ("Prepend", "Replace"):
+            return False, f"normalizer {step.get('type')}"
+        if step.get("type") == "Replace" and len((step.get("pattern") or {}).get("String", "xx")) != 1:
+            return False, "multi-character Replace normalizer"
+    # the post-processor may add special tokens in front (BOS) but nothing behind the text
+    for probe in ("a", "Hello world"):
+        with_special = tok(probe)["input_ids"]
+        plain = tok(probe, add_special_tokens=False)["input_ids"]
+        if with_special[len(with_special) - len(plain) :] != plain:
+            return False, "special tokens added after the text"
+    return True, "BPE over one unsplit word"
+
+
+@dataclass
+class Tokenized:
+    """Examples as Stanford would build them, plus what happened to each source record."""
+
+    input_ids: list[np.ndarray] = field(default_factory=list)
+    targets: list[np.ndarray] = field(default_factory=list)
+    """1 where the label is a training target (Stanford's label != -100), 0 where it is masked."""
+    source_index: list[int] = field(default_factory=list)
+    prompt_lengths: list[int] = field(default_factory=list)
+    truncated: int = 0
+    truncated_tokens: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: {"too_long": 0, "no_trained_tokens": 0})
+    dropped_examples: list[tuple[int, str]] = field(default_factory=list)
+    prompts_tokenized_alone: int = 0
+
+
+def tokenize_examples(
+    tok,
+    prompts: Sequence[str],
+    outputs: Sequence[str],
+    *,
+    max_length: int,
+    on_overflow: str = "truncate",
+    mask_inputs: bool = True,
+    batch_size: int = 2048,
+    fast_path: bool | None = None,
+    progress: Callable[[int], None] | None = None,
+    source_offset: int = 0,
+    into: Tokenized | None = None,
+) -> Tokenized:
+    """Tokenize prompt + output + eos for each record and compute Stanford's label mask.
+
+    on_overflow: "truncate" keeps the first max_length tokens exactly as Hugging Face truncation does (the EOS can
+    be lost, as in Stanford's run); "drop" leaves the record out; "error" raises DataError naming the record.
+    Records with no trained token left (a prompt of max_length tokens or more) are dropped and counted.
+    """
+    if tok.eos_token is None:
+        raise ConfigError("the tokenizer has no eos_token; Alpaca targets end with it")
+    if fast_path is None:
+        fast_path, _ = prefix_stable(tok)
+    out = into if into is not None else Tokenized()
+    eos = tok.eos_token
+    for start in range(0, len(prompts), batch_size):
+        p_batch = prompts[start : start + batch_size]
+        full = [p + o + eos for p, o in zip(p_batch, outputs[start : start + batch_size])]
+        if fast_path:
+            enc = tok(full, add_special_tokens=True, return_offsets_mapping=True, return_attention_mask=False)
+            ids_batch, offsets = enc["input_ids"], enc["offset_mapping"]
+            prompt_len: list[int | None] = []
+            for p, offs in zip(p_batch, offsets):
+                boundary = len(p)
+                k = 0
+                straddles = False
+                for s, e in offs:
+                    if e <= boundary:
+                        k += 1
+                    elif s < boundary:
+                        straddles = True
+                        break
+                    else:
+                        break
+                prompt_len.append(None if straddles else k)
+        else:
+            ids_batch = tok(full, add_special_tokens=True, return_attention_mask=False)["input_ids"]
+            prompt_len = [None] * len(p_batch)
+        alone = [i for i, n in enumerate(prompt_len) if n is None]
+        if alone:
+            enc_p = tok([p_batch[i] for i in alone], add_special_tokens=True, return_attention_mask=False)["input_ids"]
+            for i, ids in zip(alone, enc_p):
+                prompt_len[i] = len(ids)
+            out.prompts_tokenized_alone += len(alone)
+
+        for j, ids in enumerate(ids_batch):
+            src = source_offset + start + j
+            n_prompt = prompt_len[j]
+            assert n_prompt is not None
+            if len(ids) > max_length:
+                if on_overflow == "error":
+                    raise DataError(
+                        f"record {src} is {len(ids)} tokens long, over --max-length {max_length}",
+                        hint="raise --max-length, or use --on-overflow truncate or drop",
+                    )
+                if on_overflow == "drop":
+                    out.dropped["too_long"] += 1
+                    out.dropped_examples.append((src, "too_long"))
+                    continue
+                # Hugging Face truncation, as Stanford's tokenizer(..., truncation=True, max_length=512) does it.
+                original = len(ids)
+                ids = tok(full[j], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+                n_prompt = min(n_prompt, max_length)
+                out.truncated += 1
+                out.truncated_tokens += original - len(ids)
+            arr = np.asarray(ids, dtype=np.int32)
+            targets = np.ones(len(arr), dtype=np.uint8)
+            if mask_inputs:
+                targets[:n_prompt] = 0
+            # position 0 is never predicted, so only targets[1:] train anything
+            if not targets[1:].any():
+                out.dropped["no_trained_tokens"] += 1
+                out.dropped_examples.append((src, "no_trained_tokens"))
+                continue
+            out.input_ids.append(arr)
+            out.targets.append(targets)
+            out.source_index.append(src)
+            out.prompt_lengths.append(n_prompt)
+        if progress is not None:
+            progress(len(p_batch))
+    return out

@@ -1,0 +1,27 @@
+"""Option aliases shared by the commands (one help text per concept)."""
+
+from typing import Annotated, Optional
+
+import typer
+
+RunDirOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--run-dir",
+        help="Run directory, a local path or gs://bucket/path. Default: $ALPACA_RUN_DIR, else ./alpaca-run.",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[str],
+    typer.Option("--config", "-c", help="YAML config file (local or remote). Flags override it.", show_default=False),
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="Override one config key, e.g. --set optimizer.beta2=0.95 (repeatable). Beats --config, loses to flags.",
+        show_default=False,
+    ),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
