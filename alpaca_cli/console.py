@@ -42,3 +42,42 @@ class BarProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+def step_progress_factory():
+    """A factory for a live training line on stderr (step/total, loss, examples/s, tokens/s, ETA), or None when
+    stderr is not a terminal (training then logs a line every 10 s)."""
+    if not sys.stderr.isatty():
+        return None
+    return LiveStepProgress
+
+
+class LiveStepProgress:
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=stderr,
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=start, info="compiling...")
+
+    def update(self, step: int, loss: float, ex_per_s: float, tok_per_s: float, eta_s: float) -> None:
+        from alpaca_cli.core.hooks import format_eta
+
+        self._progress.update(
+            self._task,
+            completed=step,
+            info=f"loss {loss:.4f}  {ex_per_s:.1f} ex/s  {tok_per_s:,.0f} tok/s  ETA {format_eta(eta_s)}",
+        )
+
+    def message(self, text: str) -> None:
+        self._progress.console.print(text)
+
+    def close(self) -> None:
+        self._progress.stop()

@@ -1,6 +1,108 @@
-"""placeholder"""
-EXAMPLES = ""
+"""`alpaca inspect`: prepared examples as the model sees them, trained tokens set apart from masked ones."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from alpaca_cli.options import RunDirOpt
+
+EXAMPLES = """\b
+Examples:
+  alpaca inspect --run-dir runs/x                       the first 3 examples, trained tokens in green
+  alpaca inspect --run-dir runs/x --index 17 --count 2  from source record 17
+  alpaca inspect --run-dir runs/x --json > labels.jsonl one {"index", "input_ids", "labels"} per example
+"""
 
 
-def inspect() -> None:
-    """TODO"""
+def inspect(
+    run_dir: RunDirOpt = None,
+    index: Annotated[
+        Optional[int],
+        typer.Option("--index", "-i", help="Start at source record N (the `index` in --json).", min=0, show_default=False),
+    ] = None,
+    count: Annotated[
+        Optional[int],
+        typer.Option(
+            "--count", "-n", help="How many examples. Default: 3, or all with --json.", min=1, show_default=False
+        ),
+    ] = None,
+    json_: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="One JSON object per line: index (source record), input_ids, labels (-100 where not trained).",
+        ),
+    ] = False,
+) -> None:
+    """Show prepared examples with trained tokens set apart (or as JSON labels)."""
+    import json
+    import sys
+
+    from alpaca_cli import console, rundir
+    from alpaca_cli.core import cache as cachemod
+
+    run = rundir.open_run(run_dir)
+    run.require("prepare")
+    prepared = cachemod.open_cache(run.cache_dir)
+    sources = prepared.source_indices()
+    start = 0 if index is None else int(sources.searchsorted(index))
+    if index is not None and (start >= len(sources) or sources[start] != index):
+        shown = f"; the next prepared one is record {sources[start]}" if start < len(sources) else ""
+        console.stderr.print(f"record {index} is not in the prepared data (dropped or out of range){shown}")
+    n = count if count is not None else (len(sources) - start if json_ else 3)
+    positions = range(start, min(len(sources), start + n))
+
+    if json_:
+        out = sys.stdout
+        for chunk_start in range(positions.start, positions.stop, 1024):
+            chunk = range(chunk_start, min(positions.stop, chunk_start + 1024))
+            for row in prepared.rows(chunk):
+                ids = row["input_ids"]
+                obj = {
+                    "index": int(row["source_index"][0]),
+                    "input_ids": ids.tolist(),
+                    "labels": cachemod.labels(ids, row["targets"]).tolist(),
+                }
+                out.write(json.dumps(obj) + "\n")
+        return
+
+    from transformers import AutoTokenizer
+
+    tok = _load_run_tokenizer(run, AutoTokenizer)
+    for row in prepared.rows(positions):
+        console.stdout.print(render_example(tok, row))
+
+
+def _load_run_tokenizer(run, AutoTokenizer):
+    from alpaca_cli import io
+
+    with io.local_dir(run.tokenizer_dir) as local:
+        return AutoTokenizer.from_pretrained(local)
+
+
+def render_example(tok, row) -> "object":
+    """Rich Text: masked tokens dim, trained tokens bold green, token boundaries kept exact (decoded per run)."""
+    import numpy as np
+    from rich.text import Text
+
+    ids, targets = row["input_ids"], row["targets"].astype(bool)
+    trained = int(targets[1:].sum())
+    text = Text()
+    text.append(
+        f"── record {int(row['source_index'][0])}: {len(ids)} tokens, {trained} trained "
+        f"(dim = masked, green = trained) ──\n",
+        style="bold",
+    )
+    # decode runs of equal mask value; decoding the prefix up to each boundary keeps SentencePiece spaces exact
+    edges = [0] + [i for i in range(1, len(ids)) if targets[i] != targets[i - 1]] + [len(ids)]
+    decoded_prefix = ""
+    for a, b in zip(edges[:-1], edges[1:]):
+        full = tok.decode(ids[:b].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        piece = full[len(decoded_prefix) :] if full.startswith(decoded_prefix) else tok.decode(ids[a:b].tolist())
+        decoded_prefix = full
+        text.append(piece, style="bold green" if targets[a] else "dim")
+    text.append("\n")
+    del np
+    return text

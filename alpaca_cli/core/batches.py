@@ -1,0 +1,160 @@
+"""Rows for the trainer: packed examples with per-example attention and positions, and the loss over them.
+
+A row holds whole examples back to back. Every token carries its example's segment id (attention never crosses
+examples) and its position within the example (so absolute-position models such as GPT-2 see what they would see
+alone). The loss weight of position i is that of predicting token i+1: the target flag of token i+1 when it belongs
+to the same example, else 0. This is Stanford's `labels` shifted by one, done here rather than in Levanter's
+SupervisedDataset, whose mask is off by one (it skips the first response token and trains on EOS -> next example).
+
+Weights are divided by the number of trained tokens in the whole optimizer step, and the loss is their sum: the
+step's loss is the mean over its trained tokens however the step is split over devices, hosts or microbatches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional, Sequence
+
+import equinox as eqx
+import haliax as hax
+import jax.numpy as jnp
+import numpy as np
+from levanter.data import AsyncDataset
+
+from alpaca_cli.core.cache import PreparedCache
+
+
+class PackedRow(eqx.Module):
+    tokens: hax.NamedArray
+    """[position] int32 token ids (pad id after the last example)."""
+    weights: hax.NamedArray
+    """[position] float32 loss weight of predicting token i+1 from position i."""
+    segment_ids: hax.NamedArray
+    """[position] int32 index of the example within the row, -1 for padding."""
+    pos_ids: hax.NamedArray
+    """[position] int32 position within the example."""
+
+
+def build_row(
+    examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, scale: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Numpy arrays (tokens, weights, segment_ids, pos_ids) for one row holding `examples` (ids, targets)."""
+    tokens = np.full(seq_len, pad_id, dtype=np.int32)
+    weights = np.zeros(seq_len, dtype=np.float32)
+    segments = np.full(seq_len, -1, dtype=np.int32)
+    positions = np.zeros(seq_len, dtype=np.int32)
+    at = 0
+    for seg, (ids, targets) in enumerate(examples):
+        n = len(ids)
+        if at + n > seq_len:
+            raise ValueError(f"row overflow: {at + n} tokens > {seq_len}")
+        tokens[at : at + n] = ids
+        # position i predicts token i+1 of the same example; the example's last position predicts nothing
+        weights[at : at + n - 1] = targets[1:n].astype(np.float32) * scale
+        segments[at : at + n] = seg
+        positions[at : at + n] = np.arange(n, dtype=np.int32)
+        at += n
+    return tokens, weights, segments, positions
+
+
+class PackedRows(AsyncDataset[PackedRow]):
+    """The plan's rows as a Levanter AsyncDataset (read from the token cache on demand)."""
+
+    def __init__(
+        self,
+        cache: PreparedCache,
+        rows: Sequence[np.ndarray],
+        Pos: hax.Axis,
+        pad_id: int,
+        step_tokens: Optional[np.ndarray] = None,
+        rows_per_step: int = 1,
+    ):
+        super().__init__()
+        self.cache = cache
+        self.rows = list(rows)
+        self.Pos = Pos
+        self.pad_id = int(pad_id)
+        self.step_tokens = step_tokens
+        self.rows_per_step = rows_per_step
+
+    async def async_len(self) -> int:
+        return len(self.rows)
+
+    async def final_length_is_known(self) -> bool:
+        return True
+
+    def is_finite(self) -> bool:
+        return True
+
+    async def current_len(self) -> Optional[int]:
+        return len(self.rows)
+
+    def scale_for_row(self, index: int) -> float:
+        if self.step_tokens is None:
+            return 1.0
+        n = int(self.step_tokens[index // self.rows_per_step])
+        return 1.0 / n if n else 0.0
+
+    async def get_batch(self, indices: Sequence[int]) -> Sequence[PackedRow]:
+        wanted = sorted({int(e) for i in indices for e in self.rows[i]})
+        store = self.cache.store
+        fetched = await store.get_batch(wanted) if wanted else []
+        by_id = {e: (f["input_ids"], f["targets"]) for e, f in zip(wanted, fetched)}
+        out = []
+        for i in indices:
+            arrays = build_row([by_id[int(e)] for e in self.rows[i]], self.Pos.size, self.pad_id, self.scale_for_row(i))
+            out.append(
+                PackedRow(*(hax.named(a, self.Pos) for a in arrays))  # numpy-backed; the loader stacks on CPU
+            )
+        return out
+
+    def get_rows_sync(self, indices: Sequence[int]) -> Sequence[PackedRow]:
+        return asyncio.run(self.get_batch(indices))
+
+
+def make_loss_fn(real_vocab: int, accum_steps: int = 1):
+    """Levanter-style loss: sum of weighted next-token cross-entropy (the weights already hold 1/step tokens).
+
+    accum_steps: Levanter's microbatching averages the microbatches' losses and gradients; multiplying by their
+    number here turns that average back into the step's sum.
+    """
+    from levanter.layers.attention import AttentionMask
+    from levanter.models.loss import maybe_fused_next_token_loss
+
+    def loss_fn(model, row: PackedRow, *, key=None):
+        attn_mask = AttentionMask.causal().with_segment_ids(row.segment_ids)
+        activations = model.activations(row.tokens, attn_mask, key=key, pos_ids=row.pos_ids)
+        aux = 0.0
+        if isinstance(activations, tuple):
+            activations, aux = activations
+        per_token = token_losses(model, activations, row.tokens, row.weights > 0, real_vocab, maybe_fused_next_token_loss)
+        loss = hax.sum(per_token * row.weights).scalar() * accum_steps
+        return loss + aux, {}
+
+    return loss_fn
+
+
+def token_losses(model, activations, tokens, mask, real_vocab: int, fused_loss=None):
+    """Per-position cross-entropy of predicting the next token (0 where mask is False)."""
+    Vocab = model.Vocab
+    if Vocab.size == real_vocab and fused_loss is not None:
+        return fused_loss(
+            model.Pos,
+            model.Embed,
+            Vocab,
+            activations,
+            model.get_lm_head(),
+            tokens,
+            loss_mask=mask,
+            reduction=None,
+            block_size=model.config.cross_entropy_block_size,
+            dtype=jnp.float32,
+        )
+    # The vocabulary was padded for sharding: padded ids must not take probability mass.
+    logits = hax.dot(activations, model.get_lm_head(), axis=model.Embed).astype(jnp.float32)
+    logits = hax.where(hax.arange(Vocab) < real_vocab, logits, -1e30)
+    Pos = tokens.resolve_axis(model.Pos.name)
+    target = hax.roll(tokens, -1, Pos)
+    lse = hax.nn.logsumexp(logits, Vocab)
+    picked = hax.sum(logits * hax.nn.one_hot(target, Vocab, dtype=logits.dtype), Vocab)
+    return hax.where(mask, lse - picked, 0.0)

@@ -1,0 +1,233 @@
+"""Trainer hooks (Levanter's callback framework): metrics.jsonl and progress, manifest updates, held-out loss."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable, Optional
+
+import numpy as np
+from levanter.callbacks import Callback, StepInfo
+
+from alpaca_cli import io
+from alpaca_cli.core import distributed
+from alpaca_cli.core.plan import Plan
+from alpaca_cli.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+
+class StepProgress:
+    """Progress display protocol; the default logs a line every 10 s (the command shows a live line instead)."""
+
+    def __init__(self, total: int, start: int):
+        self.total, self.start_step = total, start
+        self._last = 0.0
+
+    def update(self, step: int, loss: float, ex_per_s: float, tok_per_s: float, eta_s: float) -> None:
+        now = time.time()
+        if now - self._last >= 10 or step == self.total:
+            self._last = now
+            logger.info(
+                "step %d/%d  loss %.4f  %.1f examples/s  %.0f tokens/s  ETA %s",
+                step, self.total, loss, ex_per_s, tok_per_s, format_eta(eta_s),
+            )
+
+    def message(self, text: str) -> None:
+        logger.info(text)
+
+    def close(self) -> None:
+        pass
+
+
+def format_eta(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class MetricsHook(Callback):
+    """One JSON object per optimizer step in RUN/metrics.jsonl, and the live progress line.
+
+    `step` counts optimizer updates from 1. After a resume, lines past the resumed step (from the interrupted
+    attempt) are dropped, so the file always describes one uninterrupted run.
+    """
+
+    def __init__(self, run: RunDir, plan: Plan, lr_schedule, start_step: int, progress_factory=None):
+        self.run = run
+        self.plan = plan
+        self.lr_schedule = lr_schedule
+        self.start_step = start_step
+        self.records: dict[int, dict] = {}
+        self.losses_this_run: list[float] = []
+        self._progress_factory = progress_factory or StepProgress
+        self._progress = None
+        self._t_start = None
+        self._written: dict[int, dict] | None = None  # what the file holds (None: rewrite it on the next flush)
+        self._examples = np.array(
+            [sum(len(r) for r in plan.rows[s * plan.rows_per_step : (s + 1) * plan.rows_per_step]) for s in range(plan.steps)]
+        )
+        self._tokens = plan.step_real_tokens
+        if start_step > 0 and io.exists(run.metrics_path):
+            for line in io.read_text(run.metrics_path).splitlines():
+                if line.strip():
+                    rec = json.loads(line)
+                    if rec.get("step", 0) <= start_step:
+                        self.records[rec["step"]] = rec
+
+    def start(self) -> None:
+        self._t_start = time.time()
+        self._progress = self._progress_factory(self.plan.steps, self.start_step)
+
+    def on_step(self, info: StepInfo, force: bool = False):
+        step = info.step + 1  # updates done
+        if step in self.records and force:
+            return
+        loss = float(info.loss)
+        rec = {
+            "step": step,
+            "loss": loss,
+            "step_seconds": round(float(info.step_duration), 6),
+            "loss_tokens": int(self.plan.step_tokens[info.step]),
+            "examples": int(self._examples[info.step]),
+            "tokens": int(self._tokens[info.step]),
+            "learning_rate": float(self.lr_schedule(info.step)),
+            "time": round(time.time(), 3),
+        }
+        self.records[step] = rec
+        if not force:
+            self.losses_this_run.append(loss)
+        done = len(self.losses_this_run)
+        elapsed = time.time() - (self._t_start or time.time())
+        steps_this_run = range(self.start_step, step)
+        ex = float(sum(self._examples[s] for s in steps_this_run))
+        tok = float(sum(self._tokens[s] for s in steps_this_run))
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.plan.steps - step) / rate if rate > 0 else float("inf")
+        if self._progress is not None:
+            self._progress.update(step, loss, ex / elapsed if elapsed else 0.0, tok / elapsed if elapsed else 0.0, eta)
+        # every step: after a kill, the lines up to the checkpoint that training resumes from must be on disk
+        self.flush()
+
+    def add(self, step: int, **fields) -> None:
+        rec = dict(self.records.get(step, {"step": step}))
+        rec.update(fields)
+        self.records[step] = rec  # a new object, so flush() rewrites the file
+
+    def message(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.message(text)
+        else:
+            logger.info(text)
+
+    def flush(self) -> None:
+        """Write what is new. Local files get appended lines; object stores get the whole file again."""
+        if not distributed.is_writer() or not self.records:
+            return
+        steps = sorted(self.records)
+        if io.is_remote(self.run.metrics_path) or self._written is None or any(
+            self.records[k] is not self._written.get(k) for k in steps if k in self._written
+        ):
+            text = "".join(json.dumps(self.records[k]) + "\n" for k in steps)
+            io.write_text_atomic(self.run.metrics_path, text)
+        else:
+            new = [k for k in steps if k not in self._written]
+            if new:
+                with open(self.run.metrics_path, "a") as f:
+                    f.write("".join(json.dumps(self.records[k]) + "\n" for k in new))
+        self._written = {k: self.records[k] for k in steps}
+
+    def stop(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.flush()
+
+    @property
+    def last_loss(self) -> Optional[float]:
+        if not self.records:
+            return None
+        return self.records[max(self.records)].get("loss")
+
+
+class ManifestHook(Callback):
+    """Records progress (step, loss, last checkpoint) in the manifest every minute and at the end."""
+
+    def __init__(self, run: RunDir, plan: Plan, metrics: MetricsHook, every_seconds: float = 60.0):
+        self.run, self.plan, self.metrics = run, plan, metrics
+        self.every = every_seconds
+        self._last = time.time()
+
+    def on_step(self, info: StepInfo, force: bool = False):
+        if not force and time.time() - self._last < self.every:
+            return
+        self._last = time.time()
+        self.metrics.flush()
+        from alpaca_cli.core.train import _latest_checkpoint
+
+        last = _latest_checkpoint(self.run)
+        self.run.update_stage(
+            "train",
+            progress={
+                "step": info.step + 1,
+                "total_steps": self.plan.steps,
+                "loss": float(info.loss),
+                "last_checkpoint": self.run.relative(last) if last else None,
+            },
+        )
+
+
+class EvalHook(Callback):
+    """Token-mean loss on the held-out rows, logged to metrics.jsonl (`val_loss`) and the tracker."""
+
+    def __init__(self, trainer, dataset, real_vocab: int, metrics: MetricsHook, batch_rows: int):
+        import haliax as hax
+        import jax.numpy as jnp
+
+        from alpaca_cli.core.batches import token_losses
+
+        self.trainer, self.dataset, self.metrics = trainer, dataset, metrics
+        self.Batch = hax.Axis(trainer.config.batch_axis, batch_rows)
+        self._done: set[int] = set()
+        mp = trainer.mp
+
+        @hax.named_jit(axis_resources=trainer.compute_axis_mapping)
+        def sums(model, row):
+            from levanter.layers.attention import AttentionMask
+
+            model = mp.cast_to_compute(model)
+            mask = AttentionMask.causal().with_segment_ids(row.segment_ids)
+            act = model.activations(row.tokens, mask, key=None, pos_ids=row.pos_ids)
+            if isinstance(act, tuple):
+                act = act[0]
+            from levanter.models.loss import maybe_fused_next_token_loss
+
+            per_token = token_losses(model, act, row.tokens, row.weights > 0, real_vocab, maybe_fused_next_token_loss)
+            return hax.sum(per_token * row.weights).scalar(), hax.sum(row.weights).scalar().astype(jnp.float32)
+
+        self._sums = sums
+
+    def evaluate(self, model) -> float:
+        total, count = 0.0, 0.0
+        loader = self.trainer.data_loader(self.dataset, self.Batch)
+        for batch in loader:
+            s, c = self._sums(model, batch)
+            total += float(s)
+            count += float(c)
+        return total / count if count else float("nan")
+
+    def on_step(self, info: StepInfo, force: bool = False):
+        step = info.step + 1
+        if step in self._done:
+            return
+        self._done.add(step)
+        val = self.evaluate(info.eval_model)
+        import levanter
+
+        levanter.tracker.log({"eval/loss": val}, step=info.step)
+        self.metrics.add(step, val_loss=val)
+        self.metrics.message(f"step {step}: held-out loss {val:.4f}")

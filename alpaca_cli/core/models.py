@@ -1,0 +1,190 @@
+"""Base models: find the checkpoint, pick Levanter's model class from its config.json, convert it.
+
+Levanter's `HFCheckpointConverter.from_hf` probes other model types on the Hub and fails offline, and model configs
+carry Hub ids as their default reference checkpoint. Here the converter is always built for the config class that
+the checkpoint's `model_type` names, with our tokenizer object and the checkpoint itself as reference, so a local
+folder loads with no Hub access.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+from alpaca_cli import io
+from alpaca_cli.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Hugging Face `model_type` -> Levanter's LmConfig choice name.
+MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "mixtral": "mixtral",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
+    "qwen2": "qwen",
+    "qwen3": "qwen3",
+    "gpt2": "gpt2",
+}
+_IGNORE_PREFIX = {"gpt2": "transformer"}
+
+DEMO_MODEL = "demo"
+
+
+@dataclass
+class BaseModel:
+    """A base checkpoint made ready to read: `ref` is a local folder or a Hub id."""
+
+    spec: str
+    ref: str
+    hf_config: object
+    model_type: str
+
+    @property
+    def is_local(self) -> bool:
+        return os.path.isdir(self.ref)
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = self.hf_config
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def lev_config_class(self):
+        from levanter.models.lm_model import LmConfig
+
+        return LmConfig.get_choice_class(MODEL_TYPES[self.model_type])
+
+    def lev_config(self, seq_len: int):
+        """Levanter's config for this checkpoint, with the training row length."""
+        cfg = self.lev_config_class().from_hf_config(self.hf_config)
+        changes = {"seq_len": seq_len}
+        fields = {f.name for f in dataclasses.fields(cfg)}
+        if "reference_checkpoint" in fields:
+            changes["reference_checkpoint"] = self.ref
+        return dataclasses.replace(cfg, **changes)
+
+    def converter(self, tokenizer):
+        from levanter.compat.hf_checkpoints import HFCheckpointConverter
+
+        return HFCheckpointConverter(
+            self.lev_config_class(),
+            reference_checkpoint=self.ref,
+            HfConfigClass=type(self.hf_config),
+            tokenizer=tokenizer,
+            trust_remote_code=False,
+            ignore_prefix=_IGNORE_PREFIX.get(self.model_type),
+        )
+
+
+@contextlib.contextmanager
+def open_base_model(spec: str) -> Iterator[BaseModel]:
+    """Resolve a base model (Hub id, local folder, gs:// folder, or `demo`) and read its config.json."""
+    from alpaca_cli.core import demo_model
+
+    if spec == DEMO_MODEL:
+        with _open_ref(spec, demo_model.ensure_demo_model()) as bm:
+            yield bm
+        return
+    if io.is_remote(spec):
+        if not io.exists(io.join(spec, "config.json")):
+            raise ConfigError(f"--model {spec}: no config.json there; expected a Hugging Face checkpoint folder")
+        logger.info("Copying %s to local disk", spec)
+        with io.local_dir(spec) as local, _open_ref(spec, local) as bm:
+            yield bm
+        return
+    path = os.path.expanduser(spec)
+    if os.path.exists(path):
+        if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+            raise ConfigError(f"--model {spec}: expected a Hugging Face checkpoint folder with a config.json")
+        with _open_ref(spec, os.path.abspath(path)) as bm:
+            yield bm
+        return
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ConfigError(f"--model {spec}: no such folder")
+    with _open_ref(spec, spec) as bm:  # a Hub id
+        yield bm
+
+
+@contextlib.contextmanager
+def _open_ref(spec: str, ref: str) -> Iterator[BaseModel]:
+    hf_config = read_hf_config(spec, ref)
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(
+            f"--model {spec}: model_type {model_type!r} has no Levanter converter; "
+            f"supported: {', '.join(sorted(MODEL_TYPES))}"
+        )
+    yield BaseModel(spec=spec, ref=ref, hf_config=hf_config, model_type=model_type)
+
+
+def read_hf_config(spec: str, ref: str):
+    from transformers import AutoConfig
+
+    if os.path.isdir(ref):
+        try:
+            with open(os.path.join(ref, "config.json")) as f:
+                json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"--model {spec}: unreadable config.json ({e})") from None
+    try:
+        return AutoConfig.from_pretrained(ref, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"--model {spec}: cannot read its config ({first[:300]})",
+            hint="pass a local Hugging Face folder, or check the id, your network and HF_TOKEN for gated models",
+        ) from None
+
+
+def check_vocab(base: BaseModel, tokenizer, added: dict) -> None:
+    """The prepared tokenizer must be the model's own plus what prepare added (e.g. [PAD]).
+
+    Checked by size (every id the tokenizer produces needs an embedding row; checkpoints may pad their matrix by a
+    few hundred rows) and, when the checkpoint folder has a tokenizer, token by token.
+    """
+    base_len = len(tokenizer) - len(added)
+    hint = "prepare the run with this model's tokenizer: alpaca prepare --tokenizer <the model> --overwrite"
+    what = f"{len(tokenizer)} tokens" + (f", with {', '.join(added.values())} added" if added else "")
+    if base_len > base.vocab_size or base.vocab_size - base_len > 1024:
+        raise ConfigError(
+            f"the model's vocabulary ({base.vocab_size} tokens) does not fit the prepared tokenizer ({what})", hint=hint
+        )
+    if base.is_local and any(
+        os.path.exists(os.path.join(base.ref, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    ):
+        from transformers import AutoTokenizer
+
+        try:
+            own = AutoTokenizer.from_pretrained(base.ref)
+        except Exception:  # noqa: BLE001 - an unreadable tokenizer in the model folder is not ours to judge
+            return
+        prepared = {t: i for t, i in tokenizer.get_vocab().items() if t not in added.values()}
+        if own.get_vocab() != prepared:
+            raise ConfigError(
+                f"the prepared tokenizer ({what}) is not the tokenizer of --model {base.spec}", hint=hint
+            )
+
+
+def local_mesh():
+    """A one-device mesh with Levanter's axis names, for conversions outside the trainer."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("replica", "data", "model"))

@@ -1,0 +1,486 @@
+"""`alpaca train`: full fine-tuning on the prepared cache with Levanter's Trainer, resumable, on any mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from alpaca_cli import config as cfgmod
+from alpaca_cli import io
+from alpaca_cli.core import cache as cachemod
+from alpaca_cli.core import distributed
+from alpaca_cli.core.models import check_vocab, open_base_model
+from alpaca_cli.core.plan import Plan, make_plan, split_validation
+from alpaca_cli.errors import ConfigError, StageError
+from alpaca_cli.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+TP_AXES = ["mlp", "heads", "kv_head"]  # Levanter's names: MLP hidden, attention heads, and (GQA) kv heads
+
+
+@dataclass
+class TrainResult:
+    status: str  # "trained", "already_trained" or "planned"
+    plan: dict[str, Any]
+    steps_run: int = 0
+    final_checkpoint: str | None = None
+    final_loss: float | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+# -- planning -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """What train needs from the prepare stage."""
+
+    cache: cachemod.PreparedCache
+    tokenizer: object
+    added: dict[str, str]
+    fingerprint: str
+    prompts: dict
+    lengths: np.ndarray
+    trained: np.ndarray
+
+
+def load_prepared(run: RunDir) -> Prepared:
+    from transformers import AutoTokenizer
+
+    st = run.require("prepare")
+    prepared_cache = cachemod.open_cache(run.cache_dir)
+    with io.local_dir(run.tokenizer_dir) as local:
+        tok = AutoTokenizer.from_pretrained(local)
+    stats = json.loads(io.read_text(run.stats_path))
+    return Prepared(
+        cache=prepared_cache,
+        tokenizer=tok,
+        added=stats.get("added_tokens", {}),
+        fingerprint=st["fingerprint"],
+        prompts=st["config"]["prompts"],
+        lengths=prepared_cache.lengths(),
+        trained=prepared_cache.trained_tokens(),
+    )
+
+
+def _mesh_shape(cfg, n_devices: int) -> tuple[int, int]:
+    tp = cfg.tensor_parallel
+    if n_devices % tp:
+        raise ConfigError(f"--tensor-parallel {tp} does not divide the {n_devices} devices")
+    return n_devices // tp, tp
+
+
+def _row_multiple(cfg, dp: int) -> int:
+    pdp = cfg.trainer.per_device_parallelism
+    return dp * (pdp if pdp and pdp > 0 else 1)
+
+
+def _check_shapes(cfg, lev_config, base, dp: int) -> None:
+    problems = []
+    tp = cfg.tensor_parallel
+    ctx = base.context_length
+    if ctx is not None and cfg.seq_len > ctx:
+        problems.append(f"--seq-len {cfg.seq_len} is longer than the model's context ({ctx} tokens)")
+    if tp > 1:
+        for name, attr in (("kv heads", "num_kv_heads"), ("attention heads", "num_heads"), ("MLP width", "intermediate_dim")):
+            value = getattr(lev_config, attr, None)
+            if value is not None and value % tp:
+                problems.append(f"--tensor-parallel {tp} does not divide the model's {name} ({value})")
+    hidden = getattr(lev_config, "hidden_dim", None)
+    if hidden is not None and hidden % dp:
+        problems.append(
+            f"the model's hidden size {hidden} does not divide over the {dp} data-parallel (FSDP) devices; "
+            "use --tensor-parallel to make fewer"
+        )
+    if problems:
+        raise ConfigError(problems)
+
+
+def parameter_count(lev_config, vocab: int) -> int:
+    import equinox as eqx
+    import haliax as hax
+    import jax
+
+    shape = eqx.filter_eval_shape(lev_config.build, hax.Axis("vocab", vocab), key=jax.random.PRNGKey(0))
+    leaves = [x for x in jax.tree_util.tree_leaves(shape) if hasattr(x, "shape") and hasattr(x, "dtype")]
+    return int(sum(np.prod(x.shape) for x in leaves))
+
+
+def plan_summary(
+    cfg, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, lev_config, mp, vocab: int
+) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    param_bytes = jnp.dtype(mp.param_dtype).itemsize
+    compute_bytes = jnp.dtype(mp.compute_dtype).itemsize
+    # params + grads in param dtype + Adam's two moments in float32, all sharded over every device (FSDP x TP)
+    state_bytes = params * (2 * param_bytes + 8) / n_devices
+    hidden = getattr(lev_config, "hidden_dim", 0) or 0
+    layers = getattr(lev_config, "num_layers", 0) or 0
+    rows_per_device = plan.rows_per_step / dp
+    pdp = cfg.trainer.per_device_parallelism
+    micro_rows = pdp if pdp and pdp > 0 else rows_per_device
+    # with gradient checkpointing: one residual stream per layer, one layer's working set, float32 logits and grads
+    act_bytes = micro_rows * cfg.seq_len * (hidden * compute_bytes * (layers + 16) + 8 * vocab) / tp
+    return {
+        "devices": n_devices,
+        "hosts": n_hosts,
+        "platform": jax.devices()[0].platform,
+        "mesh": {"data_parallel_fsdp": dp, "tensor_parallel": tp},
+        "parameters": params,
+        "seq_len": cfg.seq_len,
+        "pack": cfg.pack,
+        "batch_size_examples": cfg.batch_size,
+        "rows_per_step": plan.rows_per_step,
+        "examples_per_step": round(plan.examples_per_step, 2),
+        "steps": plan.steps,
+        "epochs": plan.epochs,
+        "train_examples": plan.train_examples,
+        "val_examples": int(len(plan.val_examples)),
+        "trained_tokens": plan.trained_tokens,
+        "real_tokens": plan.real_tokens,
+        "padding_fraction": round(plan.padding_fraction, 4),
+        "precision": str(mp),
+        "optimizer": {
+            "learning_rate": cfg.optimizer.learning_rate,
+            "weight_decay": cfg.optimizer.weight_decay,
+            "warmup": cfg.optimizer.warmup,
+            "lr_schedule": str(cfg.optimizer.lr_schedule),
+        },
+        "memory_per_device_gib": {
+            "model_and_optimizer": round(state_bytes / 2**30, 3),
+            "activations_estimate": round(act_bytes / 2**30, 3),
+        },
+    }
+
+
+def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
+    key = {
+        "prepared": prepared_fp,
+        "model": cfg.model_name_or_path,
+        "seq_len": cfg.seq_len,
+        "pack": cfg.pack,
+        "batch_size": cfg.batch_size,
+        "epochs": cfg.epochs,
+        "steps": cfg.steps,
+        "seed": cfg.trainer.seed,
+        "max_segments": cfg.max_segments_per_row,
+        "val_fraction": cfg.val_fraction,
+        "rows_per_step": plan.rows_per_step,
+        "plan_steps": plan.steps,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+
+
+def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_plan=None) -> TrainResult:
+    """Plan, then (unless dry_run) train or resume. Returns what was done.
+
+    on_plan(summary) is called with the plan before any weights are loaded.
+    """
+    distributed.initialize()
+    import jax
+
+    prepared = load_prepared(run)
+    if cfg.prompts is not None and cfgmod.encode(cfg.prompts) != prepared.prompts:
+        raise ConfigError(
+            "the config's prompts differ from the templates this run was prepared with",
+            hint="drop `prompts` from the train config, or re-run alpaca prepare --prompts with them",
+        )
+
+    n_devices = jax.device_count()
+    dp, tp = _mesh_shape(cfg, n_devices)
+    row_multiple = _row_multiple(cfg, dp)
+    seed = cfg.trainer.seed
+
+    train_ids, val_ids = split_validation(len(prepared.lengths), cfg.val_fraction, seed)
+    plan = make_plan(
+        prepared.lengths,
+        prepared.trained,
+        seq_len=cfg.seq_len,
+        pack=cfg.pack,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        steps=cfg.steps,
+        row_multiple=row_multiple,
+        seed=seed,
+        max_segments=cfg.max_segments_per_row,
+        train_ids=train_ids,
+        val_ids=val_ids,
+    )
+
+    with open_base_model(cfg.model_name_or_path) as base:
+        check_vocab(base, prepared.tokenizer, prepared.added)
+        lev_config = base.lev_config(cfg.seq_len)
+        _check_shapes(cfg, lev_config, base, dp)
+        params = parameter_count(lev_config, len(prepared.tokenizer))
+        summary = plan_summary(
+            cfg, plan, n_devices=n_devices, n_hosts=jax.process_count(), dp=dp, tp=tp, params=params,
+            lev_config=lev_config, mp=cfg.trainer.mp, vocab=len(prepared.tokenizer),
+        )
+        summary["model"] = cfg.model_name_or_path
+        summary["model_type"] = base.model_type
+        fingerprint = plan_fingerprint(prepared.fingerprint, cfg, plan)
+        if dry_run:
+            return TrainResult("planned", summary)
+
+        previous = run.stage("train")
+        if previous is not None and previous.get("plan_fingerprint") not in (None, fingerprint):
+            raise StageError(
+                f"run {run.url} was trained with a different plan (model, data, batch size, steps, seq len, "
+                "seed or device count changed); resume it with the same settings and devices, or use a new --run-dir"
+            )
+        if previous is not None and previous.get("status") == "complete":
+            final = (previous.get("outputs") or {}).get("final_checkpoint")
+            if final and io.exists(io.join(run.resolve(final), "metadata.json")):
+                return TrainResult(
+                    "already_trained", summary, final_checkpoint=run.resolve(final),
+                    final_loss=(previous.get("summary") or {}).get("final_loss"),
+                )
+
+        if previous is None or previous.get("status") != "running":
+            run.start_stage(
+                "train",
+                config=cfgmod.encode(cfg),
+                inputs={"prepared": prepared.fingerprint, "model": cfg.model_name_or_path},
+            )
+        run.update_stage("train", plan=summary, plan_fingerprint=fingerprint, status="running")
+        run.write_config("train", cfgmod.dump(cfg))
+        if on_plan is not None:
+            on_plan(summary)
+        try:
+            return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory)
+        except BaseException as e:
+            if not isinstance(e, KeyboardInterrupt):
+                run.fail_stage("train", f"{type(e).__name__}: {e}")
+            raise
+
+
+def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):
+    from levanter.checkpoint import CheckpointerConfig
+    from levanter.distributed import DistributedConfig, RayConfig
+
+    tc = cfg.trainer
+    tp_axes = list(tc.tensor_parallel_axes or [])
+    for axis in TP_AXES:
+        if axis not in tp_axes:
+            tp_axes.append(axis)
+    return dataclasses.replace(
+        tc,
+        id=run.name,
+        train_batch_size=plan.rows_per_step,
+        num_train_steps=plan.steps,
+        model_axis_size=cfg.tensor_parallel,
+        tensor_parallel_axes=tp_axes if cfg.tensor_parallel > 1 else tc.tensor_parallel_axes,
+        checkpointer=CheckpointerConfig(
+            base_path=run.checkpoints_dir,
+            save_interval=datetime.timedelta(minutes=cfg.checkpoint_minutes),
+            keep=[dict(every=cfg.checkpoint_every)],
+            append_run_id_to_base_path=False,
+        ),
+        log_dir=Path(log_dir),
+        tracker=trackers,
+        require_accelerator=False,
+        ray=RayConfig(auto_start_cluster=False),
+        distributed=DistributedConfig(initialize_jax_distributed=False),  # done by distributed.initialize()
+        log_jaxprs=False,
+        log_xla_hlo=False,
+        steps_per_eval=cfg.eval_every,
+    )
+
+
+def _trackers(cfg, run: RunDir, log_dir: str):
+    from levanter.tracker.tracker import NoopConfig
+
+    trackers = []
+    if cfg.wandb_project:
+        from levanter.tracker.wandb import WandbConfig
+
+        os.environ.setdefault("WANDB_DIR", log_dir)  # W&B writes ./wandb otherwise
+        trackers.append(
+            WandbConfig(project=cfg.wandb_project, name=run.name, id=_wandb_id(run), resume="allow", save_code=False)
+        )
+    if cfg.tensorboard_dir:
+        from levanter.tracker.tensorboard import TensorboardConfig
+
+        trackers.append(TensorboardConfig(logdir=cfg.tensorboard_dir))
+    if not trackers:
+        return NoopConfig()
+    return trackers[0] if len(trackers) == 1 else tuple(trackers)
+
+
+def _wandb_id(run: RunDir) -> str:
+    # stable across resumes of the same run directory
+    return "alpaca-" + hashlib.sha1(run.url.encode()).hexdigest()[:12]
+
+
+def _log_dir(run: RunDir) -> str:
+    if io.is_remote(run.url):
+        return tempfile.mkdtemp(prefix="alpaca-logs-")
+    os.makedirs(run.logs_dir, exist_ok=True)
+    return run.logs_dir
+
+
+def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory) -> TrainResult:
+    import haliax as hax
+    import jax
+    import jax.random as jrandom
+    import levanter
+    from haliax.partitioning import round_axis_for_partitioning
+    from levanter.trainer import Trainer
+
+    from alpaca_cli.core.batches import PackedRows, make_loss_fn
+    from alpaca_cli.core.hooks import EvalHook, MetricsHook, ManifestHook
+
+    tok = prepared.tokenizer
+    log_dir = _log_dir(run)
+    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run, log_dir))
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
+    trainer_config.initialize()
+    _tame_console_logging(verbose)
+    levanter.tracker.log_configuration(cfg)
+
+    accum = 1
+    pdp = trainer_config.per_device_parallelism
+    if pdp and pdp > 0:
+        accum = plan.rows_per_step // (pdp * trainer_config.data_axis_size)
+    optimizer = cfg.optimizer.build(plan.steps)
+    real_vocab = len(tok)
+    loss_fn = make_loss_fn(real_vocab, accum_steps=max(1, accum))
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    Pos = lev_config.Pos
+
+    with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
+        param_mapping = trainer.parameter_axis_mapping
+        Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
+        if Vocab.size != real_vocab:
+            logger.info("Vocabulary padded from %d to %d for sharding (masked out of the loss)", real_vocab, Vocab.size)
+        _, model_key, training_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 3)
+
+        state = trainer.initial_state(training_key, model_init=lambda: lev_config.build(Vocab, key=model_key))
+        start_step = int(state.step)
+        if start_step == 0:
+            logger.info("Loading base weights from %s", cfg.model_name_or_path)
+            state = dataclasses.replace(state, model=None)
+            model = load_base_weights(base, lev_config, tok, Vocab, param_mapping, trainer.mp)
+            state = dataclasses.replace(state, model=model)
+        else:
+            logger.info("Resuming from the checkpoint after step %d of %d", start_step, plan.steps)
+
+        if start_step >= plan.steps:
+            final = _latest_checkpoint(run)
+            _finish(run, plan, final, None)
+            return TrainResult("already_trained", summary, final_checkpoint=final)
+
+        dataset = PackedRows(
+            prepared.cache, plan.rows, Pos, pad_id, step_tokens=plan.step_tokens, rows_per_step=plan.rows_per_step
+        )
+        checkpointer = trainer.config.checkpointer.create(trainer.run_id)
+        metrics = MetricsHook(run, plan, cfg.optimizer.lr_scheduler(plan.steps), start_step, progress_factory)
+        manifest_hook = ManifestHook(run, plan, metrics, every_seconds=60.0)
+        trainer.add_hook(metrics, every=1)
+        trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
+        trainer.add_hook(checkpointer.on_step, every=1)
+        trainer.add_hook(manifest_hook, every=1)
+        if len(plan.val_examples):
+            from alpaca_cli.core.plan import pack_rows
+
+            val_rows = pack_rows(plan.val_examples, prepared.lengths, cfg.seq_len, cfg.max_segments_per_row)
+            val_rows += [np.zeros(0, np.int64)] * ((-len(val_rows)) % trainer_config.data_axis_size)
+            val_dataset = PackedRows(prepared.cache, val_rows, Pos, pad_id)
+            eval_hook = EvalHook(trainer, val_dataset, real_vocab, metrics, batch_rows=trainer_config.data_axis_size)
+            trainer.add_hook(eval_hook, every=cfg.eval_every)
+        loader = trainer.data_loader(dataset).iter_from_step(start_step)
+
+        metrics.start()
+        info = trainer.train(state, loader)  # runs every hook once more (forced) at the end
+        metrics.stop()
+        checkpointer.wait_until_finished()
+        final = _latest_checkpoint(run)
+        if final is None or _checkpoint_step(final) != info.step:
+            # Levanter's forced end-of-training save can be skipped; make sure the final state is on disk
+            checkpointer.save_checkpoint(info, f"step-{info.step}")
+            checkpointer.wait_until_finished()
+            final = _latest_checkpoint(run)
+        distributed.barrier("final-checkpoint")
+        metrics.flush()
+        _finish(run, plan, final, info.loss)
+        return TrainResult(
+            "trained", summary, steps_run=plan.steps - start_step, final_checkpoint=final,
+            final_loss=float(info.loss), losses=list(metrics.losses_this_run),
+        )
+
+
+def _tame_console_logging(verbose: bool) -> None:
+    """Levanter's init_logging sends every library's INFO lines to the console; keep them in the log file and
+    show ours (and everyone's warnings) on stderr, unless --verbose."""
+    import jax
+
+    jax.config.update("jax_logging_level", None)  # drop JAX's own stderr handler; its records reach ours
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            if not verbose:
+                handler.addFilter(
+                    lambda r: r.levelno >= logging.WARNING or r.name.startswith("alpaca_cli")
+                )
+    root.setLevel(logging.INFO)
+    # Levanter warns "Unknown leaf type <class 'NoneType'>" for every empty optional field of the trainer state
+    # when restoring a checkpoint (levanter/tensorstore_serialization.py, _sharding_from_leaf); it is harmless.
+    logging.getLogger("levanter.tensorstore_serialization").addFilter(
+        lambda r: "Unknown leaf type <class 'NoneType'>" not in r.getMessage()
+    )
+
+
+def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):
+    """The base checkpoint as a Levanter model: vocabulary resized to the tokenizer (new rows = mean of the old
+    ones in embeddings and LM head, as Stanford), padded for sharding if needed, parameters in param dtype."""
+    import haliax as hax
+
+    converter = base.converter(tok)
+    model = converter.load_pretrained(
+        lev_config.model_type, ref=base.ref, config=lev_config, axis_mapping=param_mapping, dtype=mp.param_dtype,
+        resize_vocab_to_match_tokenizer=True,
+    )
+    if model.Vocab.size != Vocab.size:
+        model = hax.named_jit(lambda m: m.resize_vocab(Vocab.size), axis_resources=param_mapping)(model)
+    return hax.named_jit(mp.cast_to_param, axis_resources=param_mapping)(model)
+
+
+def _latest_checkpoint(run: RunDir) -> str | None:
+    from levanter.checkpoint import discover_latest_checkpoint
+
+    if not io.exists(run.checkpoints_dir):
+        return None
+    return discover_latest_checkpoint(run.checkpoints_dir)
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(json.loads(io.read_text(io.join(path, "metadata.json")))["step"])
+
+
+def _finish(run: RunDir, plan: Plan, final: str | None, loss) -> None:
+    rel = run.relative(final) if final else None
+    run.complete_stage(
+        "train",
+        outputs={"final_checkpoint": rel, "last_checkpoint": rel, "metrics": run.relative(run.metrics_path)},
+        summary={"steps": plan.steps, "final_loss": None if loss is None else float(loss)},
+    )
+    run.update_stage("train", progress={"step": plan.steps, "total_steps": plan.steps, "loss": None if loss is None else float(loss), "last_checkpoint": rel})
