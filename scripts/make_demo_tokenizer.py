@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 
 from alpaca_cli.config import STANFORD_PROMPT_INPUT, STANFORD_PROMPT_NO_INPUT  # noqa: E402
 
-OUT = os.path.join(ROOT, "alpaca_cli", "assets", "demo_tokenizer")
+OUT = os.environ.get("OUT") or os.path.join(ROOT, "alpaca_cli", "assets", "demo_tokenizer")
 VOCAB = int(os.environ.get("VOCAB", "640"))
 
 

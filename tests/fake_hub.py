@@ -4,8 +4,8 @@ It speaks enough of the Hub protocol for the real ``huggingface_hub`` client (0.
 releases) to run ``whoami``, ``create_repo``, ``delete_repo``, ``create_branch``/``delete_branch``,
 ``upload_folder``/``upload_file``/``create_commit`` (regular files inline, large or binary files through the LFS batch
 API and a presigned-style PUT), ``model_info``/``repo_info``/``repo_exists``, ``list_repo_files``/``list_repo_tree``,
-``list_repo_refs``, ``list_repo_commits``, ``get_paths_info``, ``update_repo_settings(private=...)``, ``hf_hub_download``
-and ``snapshot_download``.
+``list_repo_refs``, ``list_repo_commits``, ``get_paths_info``, ``update_repo_settings(private=...)``,
+``hf_hub_download`` and ``snapshot_download``. Checked with huggingface_hub 0.36.2, 1.33.0 and 2.4.0.
 
 Usage::
 
@@ -49,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Dict, List, Optional, Tuple
+from typing import Self
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files of 10 MiB and more in LFS whatever their name
@@ -58,10 +58,41 @@ LFS_SIZE_THRESHOLD = 10 * 1024 * 1024  # the Hub stores files of 10 MiB and more
 DEFAULT_GITATTRIBUTES = "".join(
     f"{pattern} filter=lfs diff=lfs merge=lfs -text\n"
     for pattern in (
-        "*.7z", "*.arrow", "*.bin", "*.bz2", "*.ckpt", "*.ftz", "*.gz", "*.h5", "*.joblib", "*.lfs.*",
-        "*.mlmodel", "*.model", "*.msgpack", "*.npy", "*.npz", "*.onnx", "*.ot", "*.parquet", "*.pb", "*.pickle",
-        "*.pkl", "*.pt", "*.pth", "*.rar", "*.safetensors", "saved_model/**/*", "*.tar.*", "*.tar", "*.tflite",
-        "*.tgz", "*.wasm", "*.xz", "*.zip", "*.zst", "*tfevents*",
+        "*.7z",
+        "*.arrow",
+        "*.bin",
+        "*.bz2",
+        "*.ckpt",
+        "*.ftz",
+        "*.gz",
+        "*.h5",
+        "*.joblib",
+        "*.lfs.*",
+        "*.mlmodel",
+        "*.model",
+        "*.msgpack",
+        "*.npy",
+        "*.npz",
+        "*.onnx",
+        "*.ot",
+        "*.parquet",
+        "*.pb",
+        "*.pickle",
+        "*.pkl",
+        "*.pt",
+        "*.pth",
+        "*.rar",
+        "*.safetensors",
+        "saved_model/**/*",
+        "*.tar.*",
+        "*.tar",
+        "*.tflite",
+        "*.tgz",
+        "*.wasm",
+        "*.xz",
+        "*.zip",
+        "*.zst",
+        "*tfevents*",
     )
 ).encode()
 
@@ -111,11 +142,11 @@ class _Blob:
 @dataclass
 class _Commit:
     oid: str
-    parent: Optional[str]
+    parent: str | None
     title: str
     message: str
     date: str
-    files: Dict[str, _Blob]
+    files: dict[str, _Blob]
 
 
 @dataclass
@@ -124,8 +155,8 @@ class _Repo:
     repo_id: str
     private: bool
     created_at: str
-    branches: Dict[str, str] = field(default_factory=dict)  # branch name -> commit oid
-    commits: Dict[str, _Commit] = field(default_factory=dict)  # oid -> commit
+    branches: dict[str, str] = field(default_factory=dict)  # branch name -> commit oid
+    commits: dict[str, _Commit] = field(default_factory=dict)  # oid -> commit
 
     @property
     def key(self) -> str:
@@ -135,12 +166,12 @@ class _Repo:
 class _HubError(Exception):
     """An HTTP error answer, with the Hub's X-Error-Code / X-Error-Message headers."""
 
-    def __init__(self, status: int, message: str, code: Optional[str] = None, extra: Optional[dict] = None):
+    def __init__(self, status: int, message: str, code: str | None = None, extra: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.extra = status, message, code, extra or {}
 
 
-def _private_from(payload: dict) -> Optional[bool]:
+def _private_from(payload: dict) -> bool | None:
     """`private` (huggingface_hub < 1.x) or `visibility` (newer releases) of a create/settings payload."""
     if payload.get("visibility") is not None:
         return payload["visibility"] != "public"
@@ -157,26 +188,29 @@ class FakeHub:
     endpoint: str
     token: str
     user: str
-    requests: List[Tuple[str, str, Dict[str, str], bytes]]
+    requests: list[tuple[str, str, dict[str, str], bytes]]
 
     def __init__(self, token: str = "hf_test_token", user: str = "tester", orgs=(), gitattributes: bool = True):
         self.token, self.user, self.orgs = token, user, tuple(orgs)
         self.gitattributes = gitattributes
         self.requests = []
         self._lock = threading.RLock()
-        self._repos: Dict[str, _Repo] = {}  # key: "owner/name" for models, "datasets/owner/name", "spaces/..."
-        self._lfs: Dict[str, bytes] = {}  # sha256 hex -> content (one content-addressed store for all repos)
-        self._uploads: Dict[str, Tuple[str, int]] = {}  # upload nonce -> (sha256, size)
+        self._repos: dict[str, _Repo] = {}  # key: "owner/name" for models, "datasets/owner/name", "spaces/..."
+        self._lfs: dict[str, bytes] = {}  # sha256 hex -> content (one content-addressed store for all repos)
+        self._uploads: dict[str, tuple[str, int]] = {}  # upload nonce -> (sha256, size)
         self._counter = 0
-        self._server: Optional[ThreadingHTTPServer] = None
-        self._thread: Optional[threading.Thread] = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
         self.endpoint = ""
 
     # ----------------------------------------------------------------------------------------------------- lifecycle
 
     @classmethod
-    def start(cls, token: str = "hf_test_token", user: str = "tester", orgs=(), gitattributes: bool = True) -> "FakeHub":
-        """Start a threaded server on 127.0.0.1 on a random free port and return the hub."""
+    def start(cls, token: str = "hf_test_token", user: str = "tester", orgs=(), gitattributes: bool = True) -> FakeHub:
+        """Start a threaded server on 127.0.0.1 on a random free port and return the hub.
+
+        `orgs`: extra namespaces the user may write to; `gitattributes=False`: new repos start empty.
+        """
         hub = cls(token=token, user=user, orgs=orgs, gitattributes=gitattributes)
         handler = type("FakeHubHandler", (_Handler,), {"hub": hub})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -197,13 +231,13 @@ class FakeHub:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> "FakeHub":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def env(self) -> Dict[str, str]:
+    def env(self) -> dict[str, str]:
         """Environment for a client process (huggingface_hub reads HF_ENDPOINT at import time)."""
         return {
             "HF_ENDPOINT": self.endpoint,
@@ -216,14 +250,14 @@ class FakeHub:
 
     # ----------------------------------------------------------------------------------------------- inspection API
 
-    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> Dict[str, bytes]:
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
         """What the repo holds at `revision` (a branch or commit oid): path -> bytes. KeyError if unknown."""
         with self._lock:
             repo = self._repos[URL_PREFIX[repo_type] + repo_id]
             oid = repo.branches.get(revision, revision)
             return {path: blob.data for path, blob in repo.commits[oid].files.items()}
 
-    def repos(self) -> Dict[str, dict]:
+    def repos(self) -> dict[str, dict]:
         """repo key ("owner/name", or "datasets/owner/name"...) -> {"type", "private", "branches": {name: oid}}."""
         with self._lock:
             return {
@@ -231,23 +265,31 @@ class FakeHub:
                 for key, r in self._repos.items()
             }
 
-    def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> List[dict]:
+    def commits(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> list[dict]:
         """History of `revision`, newest first: [{"oid", "title", "message", "parent", "files"}]."""
         with self._lock:
             repo = self._repos[URL_PREFIX[repo_type] + repo_id]
-            oid: Optional[str] = repo.branches.get(revision, revision)
+            oid: str | None = repo.branches.get(revision, revision)
             out = []
             while oid is not None:
                 c = repo.commits[oid]
-                out.append({"oid": c.oid, "title": c.title, "message": c.message, "parent": c.parent,
-                            "files": sorted(c.files)})
+                out.append(
+                    {
+                        "oid": c.oid,
+                        "title": c.title,
+                        "message": c.message,
+                        "parent": c.parent,
+                        "files": sorted(c.files),
+                    }
+                )
                 oid = c.parent
             return out
 
     # ------------------------------------------------------------------------------------------------------ helpers
 
-    def _new_commit(self, repo: _Repo, parent: Optional[str], title: str, message: str,
-                    files: Dict[str, _Blob]) -> _Commit:
+    def _new_commit(
+        self, repo: _Repo, parent: str | None, title: str, message: str, files: dict[str, _Blob]
+    ) -> _Commit:
         self._counter += 1
         digest = hashlib.sha1()
         for part in (repo.key, parent or "", title, message, str(self._counter), str(time.time())):
@@ -267,7 +309,7 @@ class FakeHub:
         return repo.commits[oid]
 
     @staticmethod
-    def _is_lfs(files: Dict[str, _Blob], path: str, size: int, sample: bytes) -> bool:
+    def _is_lfs(files: dict[str, _Blob], path: str, size: int, sample: bytes) -> bool:
         if size == 0:
             return False
         if size >= LFS_SIZE_THRESHOLD or b"\0" in sample[:512]:
@@ -298,7 +340,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "FakeHub/1.0"
     timeout = 60  # idle keep-alive connections do not pin a thread forever
 
-    def log_message(self, format, *args):  # noqa: A002 - silence the default stderr access log
+    def log_message(self, format, *args):
         pass
 
     # ---------------------------------------------------------------------------------------------------- plumbing
@@ -318,8 +360,13 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
 
-    def _send(self, status: int, body: bytes = b"", headers: Optional[dict] = None,
-              content_type: str = "application/json; charset=utf-8") -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers: dict | None = None,
+        content_type: str = "application/json; charset=utf-8",
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -329,7 +376,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD" and body:
             self.wfile.write(body)
 
-    def _json(self, obj, status: int = 200, headers: Optional[dict] = None) -> None:
+    def _json(self, obj, status: int = 200, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), headers)
 
     def _dispatch(self) -> None:
@@ -349,7 +396,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._json({"error": e.message, **e.extra}, e.status, headers)
         except (ValueError, KeyError) as e:  # malformed request bodies
             self._json({"error": f"Bad request: {e!r}"}, 400, {"X-Error-Message": "Bad request"})
-        except Exception as e:  # a FakeHub bug: answer 500 rather than drop the connection
+        except Exception as e:  # noqa: BLE001 - a FakeHub bug: answer 500 rather than drop the connection
             self._json({"error": f"FakeHub internal error: {e!r}"}, 500, {"X-Error-Message": "Internal error"})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = _dispatch
@@ -419,7 +466,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._resolve_file(repo_type, repo_id, unquote(seg[3]), unquote("/".join(seg[4:])))
         raise _HubError(404, f"FakeHub: no route for {method} {self.path}")
 
-    def _repo_api(self, repo_type: str, repo_id: str, rest: List[str]) -> None:
+    def _repo_api(self, repo_type: str, repo_id: str, rest: list[str]) -> None:
         method = self.command
         action = rest[0] if rest else ""
         arg = unquote(rest[1]) if len(rest) > 1 else None
@@ -454,21 +501,25 @@ class _Handler(BaseHTTPRequestHandler):
     def _whoami(self) -> None:
         self._require_auth()
         hub = self.hub
-        self._json({
-            "type": "user",
-            "id": hashlib.sha1(hub.user.encode()).hexdigest()[:24],
-            "name": hub.user,
-            "fullname": hub.user,
-            "email": f"{hub.user}@example.com",
-            "emailVerified": True,
-            "canPay": False,
-            "isPro": False,
-            "periodEnd": None,
-            "avatarUrl": "",
-            "orgs": [{"type": "org", "name": org, "fullname": org, "roleInOrg": "admin"} for org in hub.orgs],
-            "auth": {"type": "access_token", "accessToken": {"displayName": "fake-hub", "role": "write",
-                                                             "createdAt": _now()}},
-        })
+        self._json(
+            {
+                "type": "user",
+                "id": hashlib.sha1(hub.user.encode()).hexdigest()[:24],
+                "name": hub.user,
+                "fullname": hub.user,
+                "email": f"{hub.user}@example.com",
+                "emailVerified": True,
+                "canPay": False,
+                "isPro": False,
+                "periodEnd": None,
+                "avatarUrl": "",
+                "orgs": [{"type": "org", "name": org, "fullname": org, "roleInOrg": "admin"} for org in hub.orgs],
+                "auth": {
+                    "type": "access_token",
+                    "accessToken": {"displayName": "fake-hub", "role": "write", "createdAt": _now()},
+                },
+            }
+        )
 
     def _repo_url(self, repo: _Repo) -> str:
         return f"{self.hub.endpoint}/{repo.key}"
@@ -488,8 +539,9 @@ class _Handler(BaseHTTPRequestHandler):
             key = URL_PREFIX[repo_type] + repo_id
             if key in self.hub._repos:
                 existing = self.hub._repos[key]
-                raise _HubError(409, f"You already created this {repo_type} repo",
-                                extra={"url": self._repo_url(existing)})
+                raise _HubError(
+                    409, f"You already created this {repo_type} repo", extra={"url": self._repo_url(existing)}
+                )
             repo = _Repo(repo_type, repo_id, _private_from(payload) or False, _now())
             files = {".gitattributes": _Blob(DEFAULT_GITATTRIBUTES, False)} if self.hub.gitattributes else {}
             repo.branches["main"] = self.hub._new_commit(repo, None, "initial commit", "", files).oid
@@ -525,8 +577,11 @@ class _Handler(BaseHTTPRequestHandler):
                 entry = commit.files[path].entry(path)
                 sibling.update(size=entry["size"], blobId=entry["oid"])
                 if "lfs" in entry:
-                    sibling["lfs"] = {"sha256": entry["lfs"]["oid"], "size": entry["size"],
-                                      "pointerSize": entry["lfs"]["pointerSize"]}
+                    sibling["lfs"] = {
+                        "sha256": entry["lfs"]["oid"],
+                        "size": entry["size"],
+                        "pointerSize": entry["lfs"]["pointerSize"],
+                    }
             siblings.append(sibling)
         info = {
             "_id": hashlib.sha1(repo.key.encode()).hexdigest()[:24],
@@ -557,7 +612,7 @@ class _Handler(BaseHTTPRequestHandler):
         for file_path in sorted(commit.files):
             if not file_path.startswith(prefix):
                 continue
-            relative = file_path[len(prefix):].split("/")
+            relative = file_path[len(prefix) :].split("/")
             if len(relative) > 1:  # the folders on the way
                 depth = len(relative) - 1 if recursive else 1
                 for i in range(1, depth + 1):
@@ -595,17 +650,26 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _refs(self, repo_type: str, repo_id: str) -> None:
         repo = self._repo(repo_type, repo_id)
-        branches = [{"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
-                    for name, oid in sorted(repo.branches.items())]
+        branches = [
+            {"name": name, "ref": f"refs/heads/{name}", "targetCommit": oid}
+            for name, oid in sorted(repo.branches.items())
+        ]
         self._json({"branches": branches, "converts": [], "tags": [], "pullRequests": []})
 
     def _list_commits(self, repo_type: str, repo_id: str, revision: str) -> None:
         repo = self._repo(repo_type, repo_id)
-        commit: Optional[_Commit] = self.hub._resolve(repo, revision)
+        commit: _Commit | None = self.hub._resolve(repo, revision)
         out = []
         while commit is not None:
-            out.append({"id": commit.oid, "title": commit.title, "message": commit.message, "date": commit.date,
-                        "authors": [{"user": self.hub.user, "avatar": ""}]})
+            out.append(
+                {
+                    "id": commit.oid,
+                    "title": commit.title,
+                    "message": commit.message,
+                    "date": commit.date,
+                    "authors": [{"user": self.hub.user, "avatar": ""}],
+                }
+            )
             commit = repo.commits[commit.parent] if commit.parent else None
         self._json(out)
 
@@ -672,8 +736,11 @@ class _Handler(BaseHTTPRequestHandler):
                         "verify": {"href": verify, "header": {}},
                     }
             objects.append(entry)
-        self._send(200, json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(),
-                   content_type="application/vnd.git-lfs+json")
+        self._send(
+            200,
+            json.dumps({"transfer": "basic", "objects": objects, "hash_algo": "sha256"}).encode(),
+            content_type="application/vnd.git-lfs+json",
+        )
 
     def _lfs_put(self, nonce: str) -> None:
         with self.hub._lock:
@@ -733,11 +800,18 @@ class _Handler(BaseHTTPRequestHandler):
                     del files[p]
             else:
                 raise _HubError(400, f"Unknown commit operation {key!r}")
-        commit = self.hub._new_commit(repo, head.oid, header.get("summary") or "", header.get("description") or "",
-                                      files)
+        commit = self.hub._new_commit(
+            repo, head.oid, header.get("summary") or "", header.get("description") or "", files
+        )
         repo.branches[revision] = commit.oid
-        self._json({"success": True, "commitOid": commit.oid, "hookOutput": "",
-                    "commitUrl": f"{self._repo_url(repo)}/commit/{commit.oid}"})
+        self._json(
+            {
+                "success": True,
+                "commitOid": commit.oid,
+                "hookOutput": "",
+                "commitUrl": f"{self._repo_url(repo)}/commit/{commit.oid}",
+            }
+        )
 
     # ---------------------------------------------------------------------------------------------------- download
 
@@ -750,20 +824,24 @@ class _Handler(BaseHTTPRequestHandler):
             raise _HubError(404, f"Entry not found: {path}", "EntryNotFound", {})
         data = blob.data
         etag = f'"{blob.sha256 if blob.lfs else blob.oid}"'
-        headers = {"ETag": etag, "X-Repo-Commit": commit.oid, "Accept-Ranges": "bytes",
-                   "Content-Disposition": f"attachment; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}"}
+        headers = {
+            "ETag": etag,
+            "X-Repo-Commit": commit.oid,
+            "Accept-Ranges": "bytes",
+            "Content-Disposition": f"attachment; filename*=UTF-8''{quote(path.rsplit('/', 1)[-1])}",
+        }
         if blob.lfs:
             headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(len(data))})
         status = 200
         range_header = self.headers.get("Range", "")
         if range_header.startswith("bytes=") and "," not in range_header:
-            first, _, last = range_header[len("bytes="):].partition("-")
+            first, _, last = range_header[len("bytes=") :].partition("-")
             total = len(data)
             start = int(first) if first else max(total - int(last), 0)
             end = int(last) if (first and last) else total - 1
-            if start >= total and total > 0:
+            if start >= total > 0:
                 raise _HubError(416, "Requested range not satisfiable", extra={})
             end = min(end, total - 1)
             headers["Content-Range"] = f"bytes {start}-{end}/{total}"
-            data, status = data[start:end + 1], 206
+            data, status = data[start : end + 1], 206
         self._send(status, data, headers, content_type="application/octet-stream")

@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import pytest
-
 from fake_hub import LFS_SIZE_THRESHOLD, FakeHub
 
 TOKEN = "hf_fake_SECRET_token_0123456789"
@@ -26,8 +25,14 @@ def run_client(hub: FakeHub, script: str, tmp_path, *, token: bool = True, extra
     if not token:
         env.pop("HF_TOKEN")
     env.update(extra_env or {})
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 0, f"client failed:\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -77,7 +82,9 @@ def pushed(tmp_path_factory):
     write_tree(src, source)
     server = FakeHub.start(token=TOKEN, user=USER)
     try:
-        out = run_client(server, f"""
+        out = run_client(
+            server,
+            f"""
             import json
             from huggingface_hub import HfApi, snapshot_download
             api = HfApi()
@@ -95,19 +102,25 @@ def pushed(tmp_path_factory):
                 "files": sorted(api.list_repo_files(repo_id)),
                 "exists": api.repo_exists(repo_id), "missing": api.repo_exists("{USER}/nope"),
             }}))
-            """, tmp)
+            """,
+            tmp,
+        )
         yield server, source, out, dst
     finally:
         server.stop()
 
 
 def test_whoami(hub, tmp_path):
-    out = run_client(hub, """
+    out = run_client(
+        hub,
+        """
         import json
         from huggingface_hub import HfApi
         me = HfApi().whoami()
         print(json.dumps({"name": me["name"], "role": me["auth"]["accessToken"]["role"]}))
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert out == {"name": USER, "role": "write"}
 
 
@@ -134,7 +147,7 @@ def test_commit_recorded(pushed):
 def test_large_file_goes_through_lfs(pushed):
     server, source, out, _ = pushed
     assert out["lfs"] == ["model.safetensors"]
-    puts = [r for r in server.requests if r[0] == "PUT"]
+    puts = [r for r in server.requests if r[0] == "PUT" and r[1].startswith("/_fakehub/lfs-upload/")]
     assert len(puts) == 1 and puts[0][3] == source["model.safetensors"]
     assert any(r[1].endswith(".git/info/lfs/objects/batch") for r in server.requests)
     (commit_body,) = [r[3] for r in server.requests if r[0] == "POST" and "/commit/" in r[1]]
@@ -157,7 +170,8 @@ def test_token_only_in_authorization_header(pushed):
                 assert TOKEN not in value, (method, path, name)
     assert authorized > 0
     # The LFS content goes to an upload URL that carries no credentials.
-    assert all("authorization" not in {k.lower() for k in r[2]} for r in server.requests if r[0] == "PUT")
+    lfs_puts = [r for r in server.requests if r[0] == "PUT" and "lfs-upload" in r[1]]
+    assert lfs_puts and all("authorization" not in {k.lower() for k in r[2]} for r in lfs_puts)
 
 
 def test_upload_to_new_branch(hub, tmp_path):
@@ -165,7 +179,9 @@ def test_upload_to_new_branch(hub, tmp_path):
     source = {"weights/tokenizer.model": b"\x00\x01tokenizer", "notes.txt": b"branch only\n"}
     write_tree(src, source)
     branch = "exports/step-10"  # a slash, quoted in URLs
-    out = run_client(hub, f"""
+    out = run_client(
+        hub,
+        f"""
         import json
         from huggingface_hub import HfApi, snapshot_download
         from huggingface_hub.errors import RevisionNotFoundError
@@ -189,7 +205,9 @@ def test_upload_to_new_branch(hub, tmp_path):
             "branches": sorted(b.name for b in api.list_repo_refs(repo_id).branches),
             "titles": [c.title for c in api.list_repo_commits(repo_id, revision="{branch}")],
         }}))
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert out["missing_branch"] == "RevisionNotFoundError"
     assert read_tree(dst) == source
     assert out["main"] == [".gitattributes"]
@@ -222,16 +240,19 @@ def test_requests_without_valid_token_are_rejected(hub, tmp_path):
         attempt("whoami_bad_token", lambda: api.whoami(token="hf_wrong"))
         print(json.dumps(statuses))
         """
-    run_client(hub, f"""
+    run_client(
+        hub,
+        f"""
         import json
         from huggingface_hub import HfApi
         HfApi().create_repo("{USER}/owned", private=True)
         HfApi().create_repo("{USER}/public", private=False)
         print("{{}}")
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     out = run_client(hub, script, tmp_path, token=False)
-    assert out == {"create": 401, "upload": 401, "read_private": 401, "read_public": "ok",
-                   "whoami_bad_token": 401}
+    assert out == {"create": 401, "upload": 401, "read_private": 401, "read_public": "ok", "whoami_bad_token": 401}
     assert set(hub.repos()) == {f"{USER}/owned", f"{USER}/public"}
     assert hub.files(f"{USER}/owned").keys() == {".gitattributes"}
 

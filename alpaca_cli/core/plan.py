@@ -1,9 +1,9 @@
 """The training plan: which examples go into which row of which step, decided once, deterministically.
 
 Each epoch shuffles the examples (seeded by the run's seed and the epoch, as Stanford's Trainer reshuffles every
-epoch); with packing, Levanter's `pack_documents` then fills rows greedily in that order. The number of rows per step
-is chosen so that a step sees about `batch_size` examples: packing must not turn Stanford's 128 examples per step
-into 1,000 at the same learning rate. The final step is filled up with empty rows, which weigh nothing.
+epoch), and every optimizer step takes the next `batch_size` examples: packing changes how a step's examples are laid
+out in rows, never how many there are, so Stanford's 128 examples per step stay 128 at the same learning rate.
+Empty rows (to give every step the same shape) weigh nothing.
 
 Everything here is numpy over example lengths, so a plan can be printed (`--dry-run`) before JAX starts, and every
 host of a pod computes the same one.
@@ -77,6 +77,24 @@ def pack_rows(ids: np.ndarray, lengths: np.ndarray, seq_len: int, max_segments: 
     return [ids[r.start : r.stop] for r in ranges]
 
 
+def pack_step(ids: np.ndarray, lengths: np.ndarray, seq_len: int, max_segments: int) -> list[np.ndarray]:
+    """One step's examples into as few rows as first-fit-decreasing finds (order within a row: by length)."""
+    order = sorted(ids.tolist(), key=lambda e: -int(lengths[e]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for e in order:
+        n = int(lengths[e])
+        for i in range(len(rows)):
+            if room[i] >= n and len(rows[i]) < max_segments:
+                rows[i].append(e)
+                room[i] -= n
+                break
+        else:
+            rows.append([e])
+            room.append(seq_len - n)
+    return [np.asarray(r, dtype=np.int64) for r in rows]
+
+
 def make_plan(
     lengths: np.ndarray,
     trained: np.ndarray,
@@ -92,7 +110,13 @@ def make_plan(
     train_ids: np.ndarray | None = None,
     val_ids: np.ndarray | None = None,
 ) -> Plan:
-    """Plan the whole run. row_multiple: rows per step must divide over the data-parallel devices (x microbatch)."""
+    """Plan the whole run. row_multiple: rows per step must divide over the data-parallel devices (x microbatch).
+
+    The examples of all epochs form one stream (each epoch a fresh permutation); every step takes the next
+    batch_size of them, as an unpacked run would. With packing, each step's examples are packed into rows, and
+    every step gets the same number of rows: the most any step needs, rounded up to row_multiple (empty rows weigh
+    nothing). The plan's padding fraction shows what that costs; a shorter --seq-len lowers it.
+    """
     lengths = np.asarray(lengths, dtype=np.int64)
     trained = np.asarray(trained, dtype=np.int64)
     ids_all = np.arange(len(lengths), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
@@ -105,62 +129,45 @@ def make_plan(
             f"{too_long} prepared example(s) are longer than --seq-len {seq_len} (longest {int(lengths[ids_all].max())})",
             hint="raise --seq-len, or prepare with a --max-length no larger than it",
         )
+    if not pack and batch_size % row_multiple:
+        raise ConfigError(
+            f"batch size {batch_size} does not divide over the {row_multiple} data-parallel slots "
+            f"(devices / tensor parallel x per-device rows) with --no-pack",
+            hint=f"use a multiple of {row_multiple}",
+        )
 
-    def epoch_order(epoch: int, count: int) -> np.ndarray:
-        perm = np.random.default_rng([seed, epoch]).permutation(n)
-        return ids_all[perm[:count]]
-
-    def epoch_rows(epoch: int, count: int) -> list[np.ndarray]:
-        order = epoch_order(epoch, count)
-        if pack:
-            return pack_rows(order, lengths, seq_len, max_segments)
-        return [order[i : i + 1] for i in range(len(order))]
-
-    # rows per step, from the first epoch's packing density
-    first = epoch_rows(0, n)
-    if pack:
-        per_row = n / len(first)
-        want = max(1, round(batch_size / per_row))
-        rows_per_step = max(row_multiple, int(round(want / row_multiple)) * row_multiple)
+    # the example stream
+    if steps:
+        total = steps * batch_size
     else:
-        if batch_size % row_multiple:
-            raise ConfigError(
-                f"batch size {batch_size} does not divide over the {row_multiple} data-parallel slots "
-                f"(devices / tensor parallel x per-device rows) with --no-pack",
-                hint=f"use a multiple of {row_multiple}",
-            )
+        total = max(1, int(round(epochs * n)))
+    stream_parts = []
+    epoch = 0
+    while sum(len(x) for x in stream_parts) < total:
+        stream_parts.append(ids_all[np.random.default_rng([seed, epoch]).permutation(n)])
+        epoch += 1
+    stream = np.concatenate(stream_parts)[:total]
+    if steps is None:
+        steps = math.ceil(total / batch_size)
+    step_examples = [stream[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+    if pack:
+        packed = [pack_step(ex, lengths, seq_len, max_segments) for ex in step_examples]
+        need = max(len(p) for p in packed)
+        rows_per_step = max(row_multiple, math.ceil(need / row_multiple) * row_multiple)
+    else:
+        packed = [[ex[i : i + 1] for i in range(len(ex))] for ex in step_examples]
         rows_per_step = batch_size
 
-    rows: list[np.ndarray] = []
-    if steps:
-        needed = steps * rows_per_step
-        epoch = 0
-        rows.extend(first)
-        while len(rows) < needed:
-            epoch += 1
-            rows.extend(epoch_rows(epoch, n))
-        covered = _epochs_covered(rows[:needed], n)
-        rows = rows[:needed]
-    else:
-        whole = int(math.floor(epochs))
-        frac = epochs - whole
-        for epoch in range(whole):
-            rows.extend(first if epoch == 0 else epoch_rows(epoch, n))
-        if frac > 0:
-            count = max(1, int(round(frac * n)))
-            rows.extend(epoch_rows(whole, count) if whole > 0 else _partial_first(first, count))
-        steps = max(1, math.ceil(len(rows) / rows_per_step))
-        covered = epochs
     empty = np.zeros(0, dtype=np.int64)
-    rows.extend([empty] * (steps * rows_per_step - len(rows)))
-
+    rows: list[np.ndarray] = []
     step_tokens = np.zeros(steps, dtype=np.int64)
     step_real = np.zeros(steps, dtype=np.int64)
-    for i, r in enumerate(rows):
-        if len(r):
-            step_tokens[i // rows_per_step] += int(trained[r].sum())
-            step_real[i // rows_per_step] += int(lengths[r].sum())
-    real = int(step_real.sum())
+    for s, step_rows in enumerate(packed):
+        rows.extend(step_rows)
+        rows.extend([empty] * (rows_per_step - len(step_rows)))
+        step_tokens[s] = int(trained[step_examples[s]].sum())
+        step_real[s] = int(lengths[step_examples[s]].sum())
     return Plan(
         seq_len=seq_len,
         pack=pack,
@@ -170,25 +177,9 @@ def make_plan(
         rows=rows,
         step_tokens=step_tokens,
         step_real_tokens=step_real,
-        epochs=round(float(covered), 4),
+        epochs=round(total / n, 4),
         train_examples=n,
-        real_tokens=real,
+        real_tokens=int(step_real.sum()),
         trained_tokens=int(step_tokens.sum()),
         val_examples=np.asarray(val_ids if val_ids is not None else np.zeros(0, np.int64), dtype=np.int64),
     )
-
-
-def _partial_first(first: list[np.ndarray], count: int) -> list[np.ndarray]:
-    """The first `count` examples of epoch 0 (a run of less than one epoch), keeping epoch 0's packing."""
-    out, seen = [], 0
-    for r in first:
-        if seen >= count:
-            break
-        take = r[: count - seen]
-        out.append(take)
-        seen += len(take)
-    return out
-
-
-def _epochs_covered(rows: list[np.ndarray], n: int) -> float:
-    return sum(len(r) for r in rows) / n

@@ -21,6 +21,7 @@ from alpaca_cli import config as cfgmod
 from alpaca_cli import io
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import distributed
+from alpaca_cli.core.checkpoints import save_base_files
 from alpaca_cli.core.models import check_vocab, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import ConfigError, StageError
@@ -261,6 +262,7 @@ def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_
                 inputs={"prepared": prepared.fingerprint, "model": cfg.model_name_or_path},
             )
         run.update_stage("train", plan=summary, plan_fingerprint=fingerprint, status="running")
+        save_base_files(run, base)
         run.write_config("train", cfgmod.dump(cfg))
         if on_plan is not None:
             on_plan(summary)
@@ -371,6 +373,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
         if Vocab.size != real_vocab:
             logger.info("Vocabulary padded from %d to %d for sharding (masked out of the loss)", real_vocab, Vocab.size)
+        run.update_stage("train", vocab_trained=Vocab.size)
         _, model_key, training_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 3)
 
         state = trainer.initial_state(training_key, model_init=lambda: lev_config.build(Vocab, key=model_key))

@@ -1,0 +1,232 @@
+"""alpaca train, through the installed CLI: the loss is the right one, sharding and resume change nothing, it learns."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from helpers import ALPACA, cli_env, error_line, make_tiny_llama, run_cli
+from stanford_reference import preprocess
+from test_prepare import read_records, stanford_tokenizer
+
+F32 = ["--precision", "p=f32,c=f32"]
+
+
+@pytest.fixture(scope="module")
+def prepared_template(tmp_path_factory, fixture_data, tokenizer_dir):
+    """A run prepared once from the awkward fixture (max length 128); tests copy it."""
+    path = str(tmp_path_factory.mktemp("prepared") / "run")
+    run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", path, "--max-length", "128", "-q"])
+    return path
+
+
+@pytest.fixture
+def prepared(prepared_template, tmp_path):
+    dst = str(tmp_path / "run")
+    shutil.copytree(prepared_template, dst)
+    return dst
+
+
+def metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def torch_loss_stanford(model_dir, tokenizer, records, max_length):
+    """Independent computation: transformers (torch, float32) with Stanford's embedding resize and labels;
+    the token mean over every label that is not -100."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():  # Stanford's smart_tokenizer_and_embedding_resize: new rows = mean of the old ones
+        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            emb[old:] = emb[:old].mean(dim=0, keepdim=True)
+    ids, labels = preprocess(records, tokenizer, model_max_length=max_length)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in zip(ids, labels):
+            y = torch.tensor(y[1:])
+            if (y != -100).sum() == 0:
+                continue
+            logits = model(torch.tensor([x])).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item()
+            count += int((y != -100).sum())
+    return total / count, count
+
+
+def test_first_step_loss_equals_transformers_on_stanford_labels(prepared, tiny_model_dir, fixture_data, tokenizer_dir):
+    """All examples in one packed step, float32: the loss Levanter computes on our rows equals the token-mean
+    cross-entropy of transformers on Stanford's labels, one example at a time. This pins the loss mask (no
+    off-by-one), the EOS target, the isolation of packed examples and the mean-initialised [PAD] rows."""
+    run_cli(["train", "--run-dir", prepared, "--model", tiny_model_dir, "--seq-len", "256", "--batch-size", "64",
+             "--epochs", "1", *F32, "-q"])
+    m = metrics(prepared)
+    assert len(m) == 1
+    tok = stanford_tokenizer(tokenizer_dir)
+    expected, count = torch_loss_stanford(tiny_model_dir, tok, read_records(fixture_data), 128)
+    assert m[0]["loss_tokens"] == count
+    assert m[0]["examples"] == 15 and m[0]["step"] == 1
+    assert abs(m[0]["loss"] - expected) < 1e-4, (m[0]["loss"], expected)
+    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
+    assert manifest["stages"]["train"]["status"] == "complete"
+    assert manifest["stages"]["train"]["outputs"]["final_checkpoint"] == "checkpoints/step-0"
+    for key in ("step_seconds", "loss_tokens", "loss", "step"):
+        assert key in m[0]
+
+
+def test_tensor_parallel_on_four_devices_matches_one_device(prepared_template, tmp_path, tiny_model_dir):
+    args = ["--model", tiny_model_dir, "--seq-len", "256", "--batch-size", "8", "--steps", "4",
+            "--learning-rate", "1e-3", *F32, "-q"]
+    one, four = str(tmp_path / "one"), str(tmp_path / "four")
+    shutil.copytree(prepared_template, one)
+    shutil.copytree(prepared_template, four)
+    run_cli(["train", "--run-dir", one, *args], env=cli_env(devices=1))
+    plan = json.loads(run_cli(["train", "--run-dir", four, *args, "--tensor-parallel", "2", "--dry-run", "--json"],
+                              env=cli_env(devices=4)).stdout)
+    assert plan["devices"] == 4 and plan["mesh"] == {"data_parallel_fsdp": 2, "tensor_parallel": 2}
+    run_cli(["train", "--run-dir", four, *args, "--tensor-parallel", "2"], env=cli_env(devices=4))
+    a, b = metrics(one), metrics(four)
+    assert [r["loss_tokens"] for r in a] == [r["loss_tokens"] for r in b]
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
+
+
+def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, tokenizer):
+    """In-process, 4 CPU devices: with --tensor-parallel 2, attention and MLP weights are split over 'model'."""
+    import dataclasses
+
+    import haliax as hax
+    import jax
+    from levanter.trainer import TrainerConfig
+
+    from alpaca_cli import config as cfgmod
+    from alpaca_cli.core.models import open_base_model
+    from alpaca_cli.core.train import TP_AXES, load_base_weights
+
+    assert jax.device_count() == 4
+    cfg = cfgmod.load_config(cfgmod.TrainConfig, None, ["tensor_parallel=2", "seq_len=256"])
+    tc = dataclasses.replace(TrainerConfig(), model_axis_size=2, tensor_parallel_axes=TP_AXES, fsdp_axis="embed")
+    with hax.partitioning.set_mesh(tc.device_mesh), open_base_model(tiny_model_dir) as base:
+        lev = base.lev_config(256)
+        tok = tokenizer
+        Vocab = hax.Axis("vocab", len(tok))
+        model = load_base_weights(base, lev, tok, Vocab, tc.parameter_axis_mapping, tc.mp)
+        attn = model.transformer.layers.stacked.self_attn
+        for w in (attn.q_proj.weight, attn.k_proj.weight, model.transformer.layers.stacked.mlp.gate_proj.weight):
+            spec = w.array.sharding.spec
+            assert "model" in jax.tree_util.tree_leaves(tuple(spec)), (w.axes, spec)
+    del cfg
+
+
+def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path, tiny_model_dir):
+    args = ["--model", tiny_model_dir, "--seq-len", "256", "--batch-size", "4", "--epochs", "6",
+            "--learning-rate", "3e-3", "--checkpoint-every", "5", "-q"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    shutil.copytree(prepared_template, straight)
+    shutil.copytree(prepared_template, killed)
+    run_cli(["train", "--run-dir", straight, *args])
+
+    proc = subprocess.Popen([ALPACA, "train", "--run-dir", killed, *args], env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    marker = os.path.join(killed, "checkpoints", "step-10", "metadata.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker):
+        assert proc.poll() is None and time.time() < deadline, "training ended before its checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    manifest = json.load(open(os.path.join(killed, "manifest.json")))
+    assert manifest["stages"]["train"]["status"] == "running"  # nothing claims the run is complete
+    out = run_cli(["train", "--run-dir", killed, *args[:-1]])
+    assert "Resuming from the checkpoint after step" in out.stderr
+    a, b = metrics(straight), metrics(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, len(a) + 1))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]  # identical batches, identical losses
+
+    again = run_cli(["train", "--run-dir", killed, *args])
+    assert again.returncode == 0 and "already trained" in again.stdout
+
+
+def test_it_learns_the_responses(tmp_path, tokenizer_dir):
+    """A few examples, many steps: the loss on the responses falls and teacher-forced argmax reproduces them."""
+    import haliax as hax
+    import jax.numpy as jnp
+    from transformers import AutoTokenizer
+
+    from alpaca_cli.core import cache as cachemod
+    from alpaca_cli.core.checkpoints import find_checkpoint, load_model
+    from alpaca_cli.core.models import local_mesh
+    from alpaca_cli.rundir import open_run
+
+    records = read_records(os.path.join(os.path.dirname(__file__), "assets", "alpaca_awkward.jsonl"))[:6]
+    data = str(tmp_path / "few.jsonl")
+    with open(data, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    model_dir = make_tiny_llama(str(tmp_path / "m"), tokenizer_dir, hidden_dim=64, intermediate_dim=128)
+    run = str(tmp_path / "run")
+    run_cli(["prepare", "--data", data, "--tokenizer", tokenizer_dir, "--run-dir", run, "-q"])
+    run_cli(["train", "--run-dir", run, "--model", model_dir, "--seq-len", "256", "--batch-size", "6", "--steps", "80",
+             "--learning-rate", "1e-2", "--warmup", "0.05", *F32, "-q"])
+    m = metrics(run)
+    assert m[-1]["loss"] < 0.05 < m[0]["loss"] / 20
+
+    r = open_run(run)
+    tok = AutoTokenizer.from_pretrained(r.tokenizer_dir)
+    with hax.partitioning.set_mesh(local_mesh()):
+        model, lev, _ = load_model(r, find_checkpoint(r), tokenizer=tok)
+        prepared_cache = cachemod.open_cache(r.cache_dir)
+        for row in prepared_cache.rows(range(len(prepared_cache))):
+            ids, targets = row["input_ids"], row["targets"].astype(bool)
+            x = hax.named(jnp.asarray(ids), "position")
+            logits = _logits(model, x)
+            predicted = np.asarray(logits).argmax(-1)[:-1]
+            trained = targets[1:]
+            assert (predicted[trained] == ids[1:][trained]).all()
+
+
+def _logits(model, x):
+    import haliax as hax
+    from levanter.layers.attention import AttentionMask
+
+    act = model.activations(x, AttentionMask.causal(), key=None)
+    return hax.dot(act, model.get_lm_head(), axis=model.Embed).array
+
+
+BAD = [
+    (lambda r, m: ["train", "--run-dir", r + "-none", "--model", m], "no run at .*; run `alpaca prepare --run-dir"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", r + "/no-such-model"], "--model .*no-such-model: no such folder"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--set", "trainer.nope=1"], "unknown config key: .*nope"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "1024"], "longer than the model's context"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "64"], "longer than --seq-len 64"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--no-pack", "--batch-size", "6"],
+     "batch size 6 does not divide over the 4"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--tensor-parallel", "3"],
+     "--tensor-parallel 3 does not divide the 4 devices"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_clear_line(prepared, tiny_model_dir, args, message):
+    import re
+
+    proc = run_cli(args(prepared, tiny_model_dir), env=cli_env(devices=4), check=False, timeout=120)
+    assert proc.returncode == 1
+    assert re.search(message, error_line(proc)), error_line(proc)
+    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
+    assert "train" not in manifest["stages"]  # nothing was started
+
+
+def test_vocabulary_mismatch_is_refused(prepared, tmp_path):
+    other = make_tiny_llama(str(tmp_path / "other"), os.path.join(os.path.dirname(__file__), "assets", "tok400"))
+    proc = run_cli(["train", "--run-dir", prepared, "--model", other, "--seq-len", "256"], check=False, timeout=120)
+    assert proc.returncode == 1
+    assert "does not fit the prepared tokenizer" in error_line(proc)
