@@ -51,6 +51,11 @@ def _setup_logging(verbose: bool) -> None:
     root_logger.handlers[:] = [handler]
     root_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     logging.getLogger("alpaca_cli").setLevel(logging.INFO)
+    # Levanter warns "Unknown leaf type <class 'NoneType'>" for every empty optional field of a state it restores
+    # from a checkpoint (levanter/tensorstore_serialization.py, _sharding_from_leaf); the warning is harmless.
+    logging.getLogger("levanter.tensorstore_serialization").addFilter(
+        lambda r: "Unknown leaf type <class 'NoneType'>" not in r.getMessage()
+    )
 
 
 for _module in (prepare, inspect, train, export, generate, status):

@@ -1,6 +1,98 @@
-"""placeholder"""
-EXAMPLES = ""
+"""`alpaca export`: the trained checkpoint as a Hugging Face checkpoint, optionally verified and pushed to the Hub."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from alpaca_cli.options import ConfigOpt, RunDirOpt, SetOpt
+
+EXAMPLES = """\b
+Examples:
+  alpaca export --run-dir runs/llama2-alpaca --verify
+  alpaca export --run-dir runs/llama2-alpaca --push-to-hub --repo-id me/llama2-alpaca --private
+  alpaca export --run-dir gs://bucket/runs/alpaca --output gs://bucket/exports/alpaca --dtype bfloat16
+  alpaca export --run-dir runs/x --step 499                    a kept checkpoint instead of the final one
+The Hub token comes from HF_TOKEN or `huggingface-cli login`; it is never printed or stored.
+"""
 
 
-def export() -> None:
-    """TODO"""
+def export(
+    run_dir: RunDirOpt = None,
+    output: Annotated[
+        Optional[str], typer.Option(help="Where to write the checkpoint (local or gs://). Default: RUN/hf.", show_default=False)
+    ] = None,
+    step: Annotated[
+        Optional[int],
+        typer.Option(help="Export RUN/checkpoints/step-N instead of the final checkpoint.", show_default=False),
+    ] = None,
+    dtype: Annotated[
+        Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the base model's.", show_default=False)
+    ] = None,
+    max_shard_size: Annotated[
+        Optional[str], typer.Option(help="Largest safetensors file, e.g. 5GB (default).", show_default=False)
+    ] = None,
+    push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="Upload the export to the Hugging Face Hub.")] = False,
+    repo_id: Annotated[
+        Optional[str], typer.Option(help="Hub repo. Default: <your user>/<run name>.", show_default=False)
+    ] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")] = False,
+    revision: Annotated[
+        Optional[str], typer.Option(help="Branch to upload to (created if missing). Default: main.", show_default=False)
+    ] = None,
+    commit_message: Annotated[Optional[str], typer.Option(help="Hub commit message.", show_default=False)] = None,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Load the export with transformers (torch) and compare logits with Levanter's.")
+    ] = False,
+    verify_tolerance: Annotated[
+        Optional[float],
+        typer.Option(help="Largest allowed |logit difference|. Default: 1e-4 (float32), 5e-2 (16-bit).", show_default=False),
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Write the trained model as a Hugging Face checkpoint (and push it to the Hub)."""
+    from alpaca_cli import config as cfgmod
+    from alpaca_cli import console, rundir
+    from alpaca_cli.core import distributed
+
+    cfg = cfgmod.load_config(
+        cfgmod.ExportConfig,
+        config,
+        set_,
+        {
+            "output": output,
+            "step": step,
+            "dtype": dtype,
+            "max_shard_size": max_shard_size,
+            "push_to_hub": push_to_hub or None,
+            "repo_id": repo_id,
+            "private": private or None,
+            "revision": revision,
+            "commit_message": commit_message,
+            "verify": verify or None,
+            "verify_tolerance": verify_tolerance,
+        },
+    )
+    distributed.initialize()
+    from alpaca_cli.core import export as core
+
+    run = rundir.open_run(run_dir, writer=distributed.is_writer())
+    result = core.export(cfg, run)
+    if result is None:  # another host of the pod did the writing
+        return
+    mb = 1024 * 1024
+    console.stderr.print(
+        f"exported step-{result.step} as {result.dtype}: {result.weight_bytes / mb:,.1f} MiB of weights, "
+        f"peak host memory {result.peak_rss_bytes / mb:,.0f} MiB, {result.seconds:.1f} s"
+    )
+    if result.verify is not None:
+        v = result.verify
+        console.stderr.print(
+            f"verify: largest |logit difference| {v.max_abs_diff:.3g} (tolerance {v.tolerance:g}) over {v.examples} "
+            f"examples; loss on their {v.tokens} trained tokens: transformers {v.torch_loss:.5f}, Levanter {v.levanter_loss:.5f}"
+        )
+    typer.echo(result.path)
+    if result.repo_url:
+        typer.echo(result.repo_url)

@@ -445,11 +445,6 @@ def _tame_console_logging(verbose: bool) -> None:
                     lambda r: r.levelno >= logging.WARNING or r.name.startswith("alpaca_cli")
                 )
     root.setLevel(logging.INFO)
-    # Levanter warns "Unknown leaf type <class 'NoneType'>" for every empty optional field of the trainer state
-    # when restoring a checkpoint (levanter/tensorstore_serialization.py, _sharding_from_leaf); it is harmless.
-    logging.getLogger("levanter.tensorstore_serialization").addFilter(
-        lambda r: "Unknown leaf type <class 'NoneType'>" not in r.getMessage()
-    )
 
 
 def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):

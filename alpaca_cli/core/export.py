@@ -1,0 +1,416 @@
+"""`alpaca export`: a trained checkpoint -> a Hugging Face checkpoint (safetensors, config, tokenizer, generation
+config, model card), optionally verified against Levanter and uploaded to the Hub.
+
+Levanter's converter writes the weights shard by shard (one shard on the host at a time) but its config.json is
+built from Levanter's model config: the training seq_len becomes max_position_embeddings, every default is
+written, and `begin_suppress_tokens` stops generation from ever starting with EOS. The config written here is the
+base model's own config.json with only the vocabulary size, dtype and special-token ids changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from alpaca_cli import __version__, io
+from alpaca_cli.config import ExportConfig
+from alpaca_cli.core import distributed
+from alpaca_cli.core.checkpoints import base_dir, find_checkpoint, load_model, open_run_base
+from alpaca_cli.errors import AlpacaError, ConfigError, StageError
+from alpaca_cli.rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+PROMPTS_FILE = "alpaca_prompts.json"  # the templates, so `alpaca generate --from-export` formats prompts the same way
+
+
+@dataclass
+class VerifyResult:
+    max_abs_diff: float
+    tolerance: float
+    examples: int
+    tokens: int
+    torch_loss: float
+    levanter_loss: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+@dataclass
+class ExportResult:
+    path: str
+    dtype: str
+    step: int
+    files: list[str]
+    weight_bytes: int
+    peak_rss_bytes: int
+    seconds: float
+    repo_url: str | None = None
+    repo_id: str | None = None
+    commit: str | None = None
+    verify: VerifyResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_token(cfg: ExportConfig) -> str | None:
+    """HF_TOKEN or the huggingface_hub login; only needed (and checked before any work) with --push-to-hub."""
+    if not cfg.push_to_hub:
+        return None
+    from huggingface_hub import get_token
+
+    token = get_token()
+    if not token:
+        raise ConfigError(
+            "--push-to-hub needs a Hugging Face token",
+            hint="set HF_TOKEN, or run `huggingface-cli login` (the token is never written anywhere by alpaca)",
+        )
+    return token
+
+
+def export(cfg: ExportConfig, run: RunDir, *, progress=None) -> ExportResult:
+    t0 = time.time()
+    token = resolve_token(cfg)
+    if cfg.verify:
+        _require_torch()
+    dtype_name = _resolve_dtype(cfg, run)
+    checkpoint = find_checkpoint(run, cfg.step)
+    out_url = io.normalize(cfg.output) if cfg.output else run.export_dir
+    _check_writable(out_url)
+    import humanfriendly
+
+    try:
+        max_shard = humanfriendly.parse_size(cfg.max_shard_size)
+    except humanfriendly.InvalidSize:
+        raise ConfigError(f"--max-shard-size {cfg.max_shard_size!r} is not a size like 5GB") from None
+
+    result = None
+    if distributed.is_writer():
+        run.start_stage("export", config=_encode(cfg), inputs={"checkpoint": run.relative(checkpoint.path), "step": checkpoint.step})
+        try:
+            result = _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, progress)
+        except BaseException as e:
+            run.fail_stage("export", f"{type(e).__name__}: {e}")
+            raise
+        result.seconds = time.time() - t0
+        outputs = {"path": run.relative(out_url), "dtype": dtype_name, "step": checkpoint.step, "files": result.files}
+        if result.repo_url:
+            outputs.update(repo_id=result.repo_id, repo_url=result.repo_url, commit=result.commit, revision=cfg.revision or "main")
+        summary = {"weight_bytes": result.weight_bytes, "peak_rss_bytes": result.peak_rss_bytes}
+        if result.verify is not None:
+            summary.update(verify_max_abs_diff=result.verify.max_abs_diff, verify_tolerance=result.verify.tolerance)
+        run.complete_stage("export", outputs=outputs, summary=summary)
+    distributed.barrier("export")
+    return result  # type: ignore[return-value]  (None on processes other than the writer)
+
+
+def _encode(cfg: ExportConfig) -> dict:
+    from alpaca_cli import config as cfgmod
+
+    return cfgmod.encode(cfg)
+
+
+def _require_torch() -> None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "--verify needs torch to load the export with transformers", hint="pip install 'alpaca-cli[torch]'"
+        ) from None
+
+
+def _resolve_dtype(cfg: ExportConfig, run: RunDir) -> str:
+    if cfg.dtype:
+        if cfg.dtype.lower() not in DTYPES:
+            raise ConfigError(f"--dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
+        return DTYPES[cfg.dtype.lower()]
+    try:
+        base_cfg = json.loads(io.read_text(io.join(base_dir(run), "config.json")))
+    except FileNotFoundError:
+        base_cfg = {}
+    name = base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "float32"
+    return DTYPES.get(str(name).replace("torch.", ""), "float32")
+
+
+def _check_writable(url: str) -> None:
+    if io.is_remote(url):
+        return
+    parent = os.path.dirname(url.rstrip("/")) or "."
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    if not os.access(probe, os.W_OK) or (os.path.exists(url) and not os.path.isdir(url)):
+        raise ConfigError(f"--output {url}: not a writable directory location")
+
+
+def _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, progress) -> ExportResult:
+    import haliax as hax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from transformers import AutoTokenizer
+
+    with io.local_dir(run.tokenizer_dir) as local_tok:
+        tok = AutoTokenizer.from_pretrained(local_tok)
+    # this process's devices only: other hosts of a pod wait at the barrier
+    devices = np.array(jax.local_devices())
+    mesh = Mesh(devices.reshape(1, -1, 1), ("replica", "data", "model"))
+    mapping = {"embed": "data"}  # FSDP over the local devices: no device holds the whole model
+    staging = tempfile.mkdtemp(prefix="alpaca-export-")
+    try:
+        with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
+            model, lev_config, base_hf_config = load_model(run, checkpoint, tokenizer=tok, axis_mapping=mapping, mesh=mesh)
+            with open_run_base(run) as base:
+                converter = base.converter(tok)
+                converter.save_pretrained(
+                    model, staging, save_tokenizer=True, max_shard_size=max_shard, dtype=jnp.dtype(dtype_name),
+                    save_reference_code=False,
+                )
+            _write_configs(run, staging, tok, dtype_name)
+            _write_model_card(run, staging, checkpoint, dtype_name)
+            weight_bytes = sum(
+                os.path.getsize(os.path.join(staging, f)) for f in os.listdir(staging) if f.endswith(".safetensors")
+            )
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            verify = None
+            if cfg.verify:
+                verify = verify_export(staging, model, run, tok, dtype_name, cfg)
+                if not verify.ok:
+                    raise AlpacaError(
+                        f"--verify: the export's logits differ from Levanter's by {verify.max_abs_diff:.3g} "
+                        f"(tolerance {verify.tolerance:g}); the export at {out_url} was not written"
+                    )
+        files = sorted(os.listdir(staging))
+        _publish(staging, out_url)
+        result = ExportResult(path=out_url, dtype=dtype_name, step=checkpoint.step, files=files,
+                              weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
+        if cfg.push_to_hub:
+            source = out_url if not io.is_remote(out_url) else staging
+            result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token)
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _publish(staging: str, out_url: str) -> None:
+    """Put the finished folder in place. Locally the old export (if any) is swapped out only once the new one is
+    complete; on object stores the files are uploaded and any stale file of an earlier export is removed."""
+    if io.is_remote(out_url):
+        old = set(io.listdir(out_url))
+        io.upload_dir(staging, out_url)
+        fs, path = io.fs_and_path(out_url)
+        for name in old - set(os.listdir(staging)):
+            fs.rm(f"{path}/{name}", recursive=True)
+        return
+    parent = os.path.dirname(out_url.rstrip("/"))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    shutil.copytree(staging, tmp, dirs_exist_ok=True)
+    if os.path.exists(out_url):
+        trash = tempfile.mkdtemp(prefix=".export-old-", dir=parent)
+        os.replace(out_url, os.path.join(trash, "old"))
+        os.replace(tmp, out_url)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_url)
+
+
+def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
+    base_cfg = json.loads(io.read_text(io.join(base_dir(run), "config.json")))
+    cfg = dict(base_cfg)
+    cfg["vocab_size"] = len(tok)
+    cfg.pop("begin_suppress_tokens", None)
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        cfg["dtype"] = dtype_name
+    else:
+        cfg["torch_dtype"] = dtype_name
+    for name in ("bos", "eos", "pad"):
+        value = getattr(tok, f"{name}_token_id")
+        if value is not None:
+            cfg[f"{name}_token_id"] = value
+    import transformers
+
+    cfg["transformers_version"] = transformers.__version__
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2, sort_keys=True)
+
+    gen_path = io.join(base_dir(run), "generation_config.json")
+    gen = json.loads(io.read_text(gen_path)) if io.exists(gen_path) else {}
+    gen.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    gen = {k: v for k, v in gen.items() if v is not None}
+    gen["transformers_version"] = transformers.__version__
+    with open(os.path.join(folder, "generation_config.json"), "w") as f:
+        json.dump(gen, f, indent=2, sort_keys=True)
+
+    prompts = run.require("prepare")["config"]["prompts"]
+    with open(os.path.join(folder, PROMPTS_FILE), "w") as f:
+        json.dump(prompts, f, indent=2)
+
+
+def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> None:
+    prep = run.require("prepare")
+    train = run.require("train")
+    pcfg, tcfg = prep["config"], train["config"]
+    data = prep["inputs"]["data"]
+    data_desc = (
+        f"[{data['id']}](https://huggingface.co/datasets/{data['id']}) (split `{data.get('split')}`, revision `{data['revision']}`)"
+        if data.get("kind") == "hub"
+        else f"`{os.path.basename(pcfg['data'])}` (sha256 `{data.get('sha256')}`)"
+    )
+    base = tcfg["model_name_or_path"]
+    plan = train.get("plan") or {}
+    final_loss = (train.get("summary") or {}).get("final_loss")
+    opt = tcfg.get("optimizer") or {}
+    prompts = pcfg["prompts"]
+    hub_base = base if ("/" in base and not os.path.exists(base) and "://" not in base) else None
+    front = ["---", "library_name: transformers", "tags:", "- alpaca", "- instruction-tuning", "- levanter"]
+    if hub_base:
+        front += [f"base_model: {hub_base}"]
+    front += ["---", ""]
+    example = prompts["prompt_no_input"].format(instruction="Give three tips for staying healthy.")
+    lines = front + [
+        f"# {run.name}",
+        "",
+        f"Instruction-tuned from `{base}` the way Stanford Alpaca was, with alpaca {__version__} on Levanter.",
+        "",
+        "## How to prompt it",
+        "",
+        "Format the request with the template below (the first one when there is an input, the second when there is "
+        "none), then let the model continue; it ends its answer with the EOS token.",
+        "",
+        "With an input:",
+        "",
+        "```text",
+        prompts["prompt_input"],
+        "```",
+        "",
+        "Without an input:",
+        "",
+        "```text",
+        prompts["prompt_no_input"],
+        "```",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        'tok = AutoTokenizer.from_pretrained("<this folder or repo>")',
+        'model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")',
+        f"prompt = {example!r}",
+        'ids = tok(prompt, return_tensors="pt").input_ids',
+        "out = model.generate(ids, max_new_tokens=256)",
+        "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "## Training",
+        "",
+        f"- Base model: `{base}`",
+        f"- Data: {data_desc}; {prep['summary'].get('examples')} examples kept of {prep['summary'].get('records_read')} "
+        f"records (max length {pcfg['max_length']} tokens, overflow: {pcfg['on_overflow']}, "
+        f"{'prompt tokens masked out of the loss' if pcfg['mask_inputs'] else 'every token trained'})",
+        f"- Data fingerprint: `{prep.get('fingerprint')}`",
+        f"- Recipe: {plan.get('steps')} steps of {tcfg['trainer'].get('train_batch_size')} examples "
+        f"({plan.get('epochs')} epochs), AdamW lr {opt.get('learning_rate')}, weight decay {opt.get('weight_decay')}, "
+        f"warmup {opt.get('warmup')}, {opt.get('lr_schedule')} schedule, precision {tcfg['trainer'].get('mp')}, "
+        f"rows of {tcfg.get('seq_len')} tokens {'packed' if tcfg.get('pack') else 'padded'}",
+        f"- Final training loss: {final_loss:.4f}" if isinstance(final_loss, (int, float)) else "- Final training loss: n/a",
+        f"- Checkpoint: `step-{checkpoint.step}`, exported as {dtype_name}",
+        f"- alpaca version: {__version__}",
+        "",
+    ]
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("\n".join(lines))
+
+
+def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg: ExportConfig) -> VerifyResult:
+    """Load the export with transformers (torch) and compare its logits with Levanter's on prepared examples."""
+    import haliax as hax
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    from levanter.layers.attention import AttentionMask
+    from transformers import AutoModelForCausalLM
+
+    from alpaca_cli.core import cache as cachemod
+
+    tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else (1e-4 if dtype_name == "float32" else 5e-2)
+    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=getattr(torch, dtype_name))
+    hf = hf.float().eval()  # compare in float32: the export's rounding, not torch's bf16 kernels, is what we test
+    prepared = cachemod.open_cache(run.cache_dir)
+    n = min(cfg.verify_examples, len(prepared))
+    rows = prepared.rows(range(n))
+
+    # Levanter side: the trained model rounded to the export dtype, computed in float32 at full precision
+    lev = jax.tree_util.tree_map(
+        lambda x: x.astype(dtype_name).astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, lev_model
+    )
+
+    @hax.named_jit
+    def logits_fn(model, ids):
+        act = model.activations(ids, AttentionMask.causal(), key=None)
+        return hax.dot(act, model.get_lm_head(), axis=model.Embed)
+
+    max_diff = 0.0
+    t_loss = l_loss = 0.0
+    count = 0
+    with jax.default_matmul_precision("float32"):
+        for row in rows:
+            ids = row["input_ids"]
+            Pos = lev.Pos.resize(len(ids))
+            lev_logits = np.asarray(logits_fn(lev, hax.named(jnp.asarray(ids, dtype=jnp.int32), Pos)).array, dtype=np.float64)
+            with torch.no_grad():
+                hf_logits = hf(torch.tensor([ids.tolist()])).logits[0].double().numpy()
+            max_diff = max(max_diff, float(np.abs(lev_logits - hf_logits).max()))
+            targets = row["targets"].astype(bool)[1:]
+            t_loss += _nll(hf_logits, ids, targets)
+            l_loss += _nll(lev_logits, ids, targets)
+            count += int(targets.sum())
+    return VerifyResult(max_abs_diff=max_diff, tolerance=tolerance, examples=n, tokens=count,
+                        torch_loss=t_loss / max(count, 1), levanter_loss=l_loss / max(count, 1))
+
+
+def _nll(logits, ids, targets) -> float:
+    """Summed next-token negative log-likelihood over the trained positions."""
+    import numpy as np
+
+    z = logits[:-1] - logits[:-1].max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]][targets].sum())
+
+
+def push(folder: str, run: RunDir, cfg: ExportConfig, token: str | None) -> tuple[str, str, str | None]:
+    """Create the repo if needed and upload the folder; returns (repo_id, url, commit oid)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi(token=token)
+    try:
+        repo_id = cfg.repo_id or f"{api.whoami()['name']}/{run.name}"
+        url = api.create_repo(repo_id, private=cfg.private, exist_ok=True, repo_type="model")
+        if cfg.revision and cfg.revision != "main":
+            api.create_branch(repo_id, branch=cfg.revision, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=folder, repo_id=repo_id, revision=cfg.revision,
+            commit_message=cfg.commit_message or f"alpaca export of {run.name}",
+        )
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        raise AlpacaError(
+            f"upload to the Hub failed ({status}: {_redact(str(e).splitlines()[0], token)})",
+            hint="check --repo-id, that your token may write there, and your network",
+        ) from None
+    return repo_id, str(url), getattr(info, "oid", None)
+
+
+def _redact(text: str, token: str | None) -> str:
+    return text.replace(token, "***") if token else text
