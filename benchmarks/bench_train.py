@@ -474,6 +474,7 @@ def write_hf_expected(cache, stream: np.ndarray, path: str) -> list[int]:
 def run_levanter(m: Method, prepared: str, workdir: str, model_dir: str, a, env: dict) -> Result:
     res = Result(m)
     run_dir = os.path.join(workdir, f"run-{m.key}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a kept --workdir: train afresh, never resume
     shutil.copytree(prepared, run_dir)
     cmd = [ALPACA]
     if a.verbose_levanter:
@@ -512,6 +513,13 @@ def run_levanter(m: Method, prepared: str, workdir: str, model_dir: str, a, env:
 
 def run_hf(m: Method, workdir: str, model_dir: str, source_indices: list[int], expected: str, a, env: dict) -> Result:
     res = Result(m)
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:  # the subprocess gets this process's PYTHONPATH
+        res.error = ("transformers' Trainer needs accelerate>=0.26, which this environment lacks: "
+                     "pip install 'accelerate>=0.26' (or pip install --no-deps --target DIR accelerate "
+                     "and run this script with PYTHONPATH=DIR)")
+        return res
     spec = {
         "model": model_dir,
         "data": a.data,
@@ -639,6 +647,9 @@ def main(argv=None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--max-positions", type=int, default=2048, help="the base model's context (default 2048)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the HF Trainer (default 2)")
+    p.add_argument("--nopack-rows-per-pass", type=int, default=8,
+                   help="--per-device-rows for the --no-pack run (gradient accumulation; default 8: 32 rows of "
+                        "2048 in one pass need ~42 GB, more than this 24 GB machine has); 0: all rows in one pass")
     p.add_argument("--levanter-args", default="", help="extra arguments for every `alpaca train` (space-separated)")
     p.add_argument("--verbose-levanter", action="store_true", help="run `alpaca --verbose train` (logs in the workdir)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per method before it is killed")
@@ -662,8 +673,9 @@ def main(argv=None) -> int:
             for s in [int(x) for x in a.packed_seq_lens.split(",") if x.strip()]:
                 methods.append(Method(f"packed{s}", f"alpaca train (packed, {s})", "levanter", s, True, extra))
         elif key == "nopack":
+            rows = ["--per-device-rows", str(a.nopack_rows_per_pass)] if a.nopack_rows_per_pass else []
             methods.append(Method("nopack", f"alpaca train --no-pack ({a.seq_len}, tutorial)", "levanter",
-                                  a.seq_len, False, extra))
+                                  a.seq_len, False, extra + rows))
         elif key == "hf":
             methods.append(Method("hf", "HF Trainer, Stanford train.py (torch)", "hf"))
         else:

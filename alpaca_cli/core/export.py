@@ -144,12 +144,11 @@ def _resolve_dtype(cfg: ExportConfig, run: RunDir) -> str:
 def _check_writable(url: str) -> None:
     if io.is_remote(url):
         return
-    parent = os.path.dirname(url.rstrip("/")) or "."
-    probe = parent
+    probe = os.path.dirname(url.rstrip("/")) or "."
     while not os.path.exists(probe):
         probe = os.path.dirname(probe) or "."
-    if not os.access(probe, os.W_OK) or (os.path.exists(url) and not os.path.isdir(url)):
-        raise ConfigError(f"--output {url}: not a writable directory location")
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK) or (os.path.exists(url) and not os.path.isdir(url)):
+        raise ConfigError(f"--output {url}: cannot create a folder there ({probe} is not a writable directory)")
 
 
 def _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, progress) -> ExportResult:
