@@ -56,6 +56,8 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("levanter.tensorstore_serialization").addFilter(
         lambda r: "Unknown leaf type <class 'NoneType'>" not in r.getMessage()
     )
+    # ...and "No checkpoints found in ..." as a warning at the start of every fresh run.
+    logging.getLogger("levanter.checkpoint").addFilter(lambda r: "No checkpoints found in" not in r.getMessage())
 
 
 for _module in (prepare, inspect, train, export, generate, status):

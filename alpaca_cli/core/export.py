@@ -343,7 +343,7 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
     from alpaca_cli.core import cache as cachemod
 
     tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else (1e-4 if dtype_name == "float32" else 5e-2)
-    hf = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=getattr(torch, dtype_name))
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name))
     hf = hf.float().eval()  # compare in float32: the export's rounding, not torch's bf16 kernels, is what we test
     prepared = cachemod.open_cache(run.cache_dir)
     n = min(cfg.verify_examples, len(prepared))
