@@ -25,3 +25,22 @@ SetOpt = Annotated[
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+CoordinatorOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Multi-host without TPU/SLURM detection: coordinator host:port (process 0's).",
+        show_default=False,
+        envvar="ALPACA_COORDINATOR_ADDRESS",
+        rich_help_panel="Multi-host",
+    ),
+]
+NumProcessesOpt = Annotated[
+    Optional[int],
+    typer.Option(help="Multi-host: number of processes.", show_default=False, envvar="ALPACA_NUM_PROCESSES",
+                 rich_help_panel="Multi-host"),
+]
+ProcessIdOpt = Annotated[
+    Optional[int],
+    typer.Option(help="Multi-host: this process's index (0 writes the shared files).", show_default=False,
+                 envvar="ALPACA_PROCESS_ID", rich_help_panel="Multi-host"),
+]

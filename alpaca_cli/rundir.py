@@ -161,6 +161,7 @@ class RunDir:
             "outputs": {},
             "summary": {},
             "versions": package_versions(),
+            "writer": _writer_info(),
         }
         self.save()
 
@@ -190,6 +191,20 @@ class RunDir:
     def write_config(self, stage: str, text: str) -> None:
         if self.writer:
             io.write_text_atomic(self.config_path(stage), text)
+
+
+def _writer_info() -> dict[str, Any]:
+    """Which process wrote the stage (process 0 of N on a pod)."""
+    import socket
+
+    from alpaca_cli.core import distributed
+
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "process_index": distributed.process_index(),
+        "process_count": distributed.process_count(),
+    }
 
 
 def _empty_manifest() -> dict[str, Any]:

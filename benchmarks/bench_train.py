@@ -425,11 +425,15 @@ def run_logged(cmd: list[str], log_path: str, env: dict, timeout: float) -> tupl
     t0 = time.perf_counter()
     busy0, own0 = busy_cpu_seconds(), children_cpu_seconds()
     with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-            rc = proc.returncode
+            rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = -999
+        finally:  # timeout, Ctrl-C or SIGTERM: never leave the command running
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     wall = time.perf_counter() - t0
     own = children_cpu_seconds() - own0
     others = max(0.0, busy_cpu_seconds() - busy0 - own)
@@ -695,6 +699,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind (and kill the running command) on `kill`
     if a.hf_worker:
         hf_worker(a.hf_worker)
         return 0

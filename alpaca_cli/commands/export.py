@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import ConfigOpt, RunDirOpt, SetOpt
+from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, SetOpt
 
 EXAMPLES = """\b
 Examples:
@@ -51,6 +51,9 @@ def export(
     ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
 ) -> None:
     """Write the trained model as a Hugging Face checkpoint (and push it to the Hub)."""
     from alpaca_cli import config as cfgmod
@@ -75,7 +78,7 @@ def export(
             "verify_tolerance": verify_tolerance,
         },
     )
-    distributed.initialize()
+    distributed.initialize(coordinator_address, num_processes, process_id)
     from alpaca_cli.core import export as core
 
     run = rundir.open_run(run_dir, writer=distributed.is_writer())

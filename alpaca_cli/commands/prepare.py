@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import ConfigOpt, QuietOpt, RunDirOpt, SetOpt
+from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt, SetOpt
 
 EXAMPLES = """\b
 Examples:
@@ -70,6 +70,9 @@ def prepare(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
 ) -> None:
     """Tokenize Alpaca-style data into a Levanter cache with Stanford's loss mask."""
     from alpaca_cli import config as cfgmod
@@ -98,9 +101,19 @@ def prepare(
         },
     )
     cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
-    run = rundir.open_run(run_dir, create=True)
-    result = core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet))
-    print_stats(result.stats, reused=result.reused, run_url=run.url)
+    from alpaca_cli.core import distributed
+
+    distributed.initialize(coordinator_address, num_processes, process_id)
+    run = rundir.open_run(run_dir, create=True, writer=distributed.is_writer())
+    # one process prepares the shared cache; the others wait for it and get its outcome (or its error)
+    result = distributed.on_writer(
+        lambda: core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet)),
+        encode=lambda r: {"reused": r.reused, "stats": r.stats, "cache_dir": r.cache_dir,
+                          "fingerprint": r.fingerprint, "seconds": r.seconds},
+        decode=lambda d: core.PrepareResult(**d),
+    )
+    if distributed.is_writer():
+        print_stats(result.stats, reused=result.reused, run_url=run.url)
 
 
 def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:

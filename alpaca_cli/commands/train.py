@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import ConfigOpt, QuietOpt, RunDirOpt, SetOpt
+from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt, SetOpt
 
 EXAMPLES = """\b
 Examples:
@@ -109,16 +109,9 @@ def train(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit (no weights are loaded).")] = False,
     json_: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as one JSON object.")] = False,
-    coordinator_address: Annotated[
-        Optional[str],
-        typer.Option(help="Multi-host GPU: coordinator host:port (else SLURM or TPU detection).", show_default=False, envvar="ALPACA_COORDINATOR_ADDRESS"),
-    ] = None,
-    num_processes: Annotated[
-        Optional[int], typer.Option(help="Multi-host GPU: number of processes.", show_default=False, envvar="ALPACA_NUM_PROCESSES")
-    ] = None,
-    process_id: Annotated[
-        Optional[int], typer.Option(help="Multi-host GPU: this process's index.", show_default=False, envvar="ALPACA_PROCESS_ID")
-    ] = None,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,

@@ -1,44 +1,66 @@
-"""Multi-process JAX: initialisation, the one writer, and barriers. On one host all of this is a no-op.
+"""Multi-process JAX: initialisation, the one writer, barriers and broadcasts. On one host all of this is a no-op.
 
-On a TPU pod slice JAX finds its peers by itself; on GPU clusters SLURM's environment, or the coordinator address,
-process count and process id (flags or ALPACA_COORDINATOR_ADDRESS / ALPACA_NUM_PROCESSES / ALPACA_PROCESS_ID),
-say how. Exactly one process (index 0) writes the shared files: manifest, cache, metrics, export, Hub upload.
+On a TPU pod slice JAX finds its peers by itself and on SLURM Levanter reads the environment; elsewhere (a GPU
+cluster with another launcher, or several processes on one machine) the coordinator address, process count and
+process id come from flags or ALPACA_COORDINATOR_ADDRESS / ALPACA_NUM_PROCESSES / ALPACA_PROCESS_ID.
+Exactly one process (index 0) writes the shared files: manifest, cache, metrics, export, Hub upload.
+
+If a process dies, JAX's coordination service notices its missing heartbeats and stops the others:
+ALPACA_HEARTBEAT_TIMEOUT (seconds, default 100) bounds how long they wait.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
 _initialized = False
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
 def initialize(
     coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None
 ) -> None:
-    """Initialise jax.distributed once per process (Levanter's DistributedConfig does the detection)."""
+    """Initialise jax.distributed once per process (no-op on a single host without a cluster)."""
     global _initialized
     if _initialized:
         return
-    coordinator_address = coordinator_address or os.environ.get("ALPACA_COORDINATOR_ADDRESS")
-    if num_processes is None and os.environ.get("ALPACA_NUM_PROCESSES"):
-        num_processes = int(os.environ["ALPACA_NUM_PROCESSES"])
-    if process_id is None and os.environ.get("ALPACA_PROCESS_ID"):
-        process_id = int(os.environ["ALPACA_PROCESS_ID"])
+    coordinator_address = coordinator_address or os.environ.get("ALPACA_COORDINATOR_ADDRESS") or None
+    num_processes = num_processes if num_processes is not None else _env_int("ALPACA_NUM_PROCESSES")
+    process_id = process_id if process_id is not None else _env_int("ALPACA_PROCESS_ID")
 
     import jax
-    from levanter.distributed import DistributedConfig
 
-    if coordinator_address and (jax.config.jax_platforms or "").startswith("cpu") or os.environ.get(
-        "JAX_PLATFORMS", ""
-    ).startswith("cpu"):
-        # collectives between CPU processes (tests, and CPU-only clusters) go through gloo
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    DistributedConfig(
-        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
-    ).initialize()
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            from alpaca_cli.errors import ConfigError
+
+            raise ConfigError(
+                "--coordinator-address needs --num-processes and --process-id "
+                "(or ALPACA_NUM_PROCESSES and ALPACA_PROCESS_ID)"
+            )
+        if (os.environ.get("JAX_PLATFORMS") or "").startswith("cpu"):
+            # collectives between CPU processes (the tests, and CPU-only clusters) go through gloo
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            initialization_timeout=int(os.environ.get("ALPACA_INIT_TIMEOUT", "300")),
+            heartbeat_timeout_seconds=int(os.environ.get("ALPACA_HEARTBEAT_TIMEOUT", "100")),
+        )
+        logger.info("process %d of %d (coordinator %s)", process_id, num_processes, coordinator_address)
+    else:
+        from levanter.distributed import DistributedConfig
+
+        DistributedConfig().initialize()  # TPU pod slices and SLURM are detected here
     _initialized = True
 
 
@@ -69,3 +91,42 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def broadcast(obj: Any, timeout_s: float = 6 * 3600) -> Any:
+    """Process 0's value of a JSON-able object, on every process."""
+    if process_count() <= 1:
+        return obj
+    from levanter.utils.jax_utils import multihost_broadcast_sync
+
+    return multihost_broadcast_sync(obj, is_source=is_writer(), timeout=timeout_s)
+
+
+def on_writer(fn: Callable[[], Any], encode: Callable[[Any], Any] = lambda x: x, decode: Callable[[Any], Any] = lambda x: x):
+    """Run fn on process 0 only; every process gets its (encoded/decoded) result, or raises the same error."""
+    from alpaca_cli import errors
+
+    if process_count() <= 1:
+        return fn()
+    outcome: dict = {}
+    result = None
+    if is_writer():
+        try:
+            result = fn()
+            outcome = {"ok": encode(result)}
+        except errors.AlpacaError as e:
+            outcome = {"error": e.message, "hint": e.hint, "type": type(e).__name__}
+            broadcast(outcome)
+            raise
+        except BaseException as e:
+            broadcast({"error": f"process 0 failed: {type(e).__name__}: {e}", "hint": None, "type": "AlpacaError"})
+            raise
+    outcome = broadcast(outcome)
+    if "error" in outcome:
+        cls = getattr(errors, outcome["type"], errors.AlpacaError)
+        err = cls.__new__(cls)
+        errors.AlpacaError.__init__(err, outcome["error"], outcome.get("hint"))
+        if isinstance(err, errors.ConfigError):
+            err.problems = [outcome["error"]]
+        raise err
+    return result if is_writer() else decode(outcome["ok"])

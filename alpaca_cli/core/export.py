@@ -93,8 +93,7 @@ def export(cfg: ExportConfig, run: RunDir, *, progress=None) -> ExportResult:
     except humanfriendly.InvalidSize:
         raise ConfigError(f"--max-shard-size {cfg.max_shard_size!r} is not a size like 5GB") from None
 
-    result = None
-    if distributed.is_writer():
+    def work() -> ExportResult:
         run.start_stage("export", config=_encode(cfg), inputs={"checkpoint": run.relative(checkpoint.path), "step": checkpoint.step})
         try:
             result = _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, progress)
@@ -109,8 +108,11 @@ def export(cfg: ExportConfig, run: RunDir, *, progress=None) -> ExportResult:
         if result.verify is not None:
             summary.update(verify_max_abs_diff=result.verify.max_abs_diff, verify_tolerance=result.verify.tolerance)
         run.complete_stage("export", outputs=outputs, summary=summary)
-    distributed.barrier("export")
-    return result  # type: ignore[return-value]  (None on processes other than the writer)
+        return result
+
+    # the writer exports with its own devices; the other hosts of a pod wait for its outcome
+    result = distributed.on_writer(work, encode=lambda r: None, decode=lambda _: None)
+    return result  # None on processes other than the writer
 
 
 def _encode(cfg: ExportConfig) -> dict:

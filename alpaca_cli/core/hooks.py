@@ -81,7 +81,8 @@ class MetricsHook(Callback):
 
     def start(self) -> None:
         self._t_start = time.time()
-        self._progress = self._progress_factory(self.plan.steps, self.start_step)
+        if distributed.is_writer():  # on a pod, one progress line (process 0's), not one per host
+            self._progress = self._progress_factory(self.plan.steps, self.start_step)
 
     def on_step(self, info: StepInfo, force: bool = False):
         step = info.step + 1  # updates done

@@ -182,9 +182,10 @@ def check_vocab(base: BaseModel, tokenizer, added: dict) -> None:
 
 
 def local_mesh():
-    """A one-device mesh with Levanter's axis names, for conversions outside the trainer."""
+    """A one-device mesh with Levanter's axis names, for conversions outside the trainer (this process's own
+    device: on a pod, jax.devices()[0] belongs to process 0)."""
     import jax
     import numpy as np
     from jax.sharding import Mesh
 
-    return Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("replica", "data", "model"))
+    return Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), ("replica", "data", "model"))

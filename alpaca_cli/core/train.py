@@ -24,7 +24,7 @@ from alpaca_cli.core import distributed
 from alpaca_cli.core.checkpoints import save_base_files
 from alpaca_cli.core.models import check_vocab, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
-from alpaca_cli.errors import ConfigError, StageError
+from alpaca_cli.errors import AlpacaError, ConfigError, StageError
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -198,6 +198,8 @@ def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_
     distributed.initialize()
     import jax
 
+    # every process decides from the same manifest: process 0's, as it was when training started
+    run.manifest = distributed.broadcast(run.manifest)
     prepared = load_prepared(run)
     if cfg.prompts is not None and cfgmod.encode(cfg.prompts) != prepared.prompts:
         raise ConfigError(
@@ -271,6 +273,14 @@ def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_
         except BaseException as e:
             if not isinstance(e, KeyboardInterrupt):
                 run.fail_stage("train", f"{type(e).__name__}: {e}")
+            if distributed.process_count() > 1 and isinstance(e, Exception) and not isinstance(e, AlpacaError):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise StageError(
+                    f"training stopped on process {distributed.process_index()} of {distributed.process_count()} "
+                    f"({type(e).__name__}: {first[:200]})",
+                    hint="if another host died or was preempted, run the same command again on every host: "
+                    "training resumes from the last complete checkpoint",
+                ) from e
             raise
 
 
@@ -416,7 +426,8 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         metrics.stop()
         checkpointer.wait_until_finished()
         final = _latest_checkpoint(run)
-        if final is None or _checkpoint_step(final) != info.step:
+        # saving is collective: every process must take the same decision
+        if distributed.broadcast(final is None or _checkpoint_step(final) != info.step):
             # Levanter's forced end-of-training save can be skipped; make sure the final state is on disk
             checkpointer.save_checkpoint(info, f"step-{info.step}")
             checkpointer.wait_until_finished()

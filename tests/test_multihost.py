@@ -1,0 +1,112 @@
+"""Several hosts, simulated: two processes on localhost with two CPU devices each (jax.distributed over gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+from helpers import ALPACA, cli_env, free_port, run_cli
+
+TRAIN = ["--model", "demo", "--seq-len", "256", "--batch-size", "16", "--precision", "p=f32,c=f32", "-q"]
+
+
+def launch(args, port, *, n=2, devices=2, extra=None):
+    procs = []
+    for i in range(n):
+        env = cli_env(devices=devices, ALPACA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", ALPACA_NUM_PROCESSES=n,
+                      ALPACA_PROCESS_ID=i, ALPACA_HEARTBEAT_TIMEOUT=10, **(extra or {}))
+        procs.append(subprocess.Popen([ALPACA, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def wait_all(procs, timeout=600):
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        outs.append((p.returncode, out, err))
+    return outs
+
+
+def read(url):
+    from alpaca_cli import io
+
+    return io.read_text(url)
+
+
+def metrics(run):
+    return [json.loads(line) for line in read(f"{run}/metrics.jsonl").splitlines() if line.strip()]
+
+
+@pytest.mark.entry
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_two_processes_equal_one_process_with_four_devices(where, tmp_path, request):
+    extra = {}
+    if where == "gcs":
+        gcs = request.getfixturevalue("gcs")
+        extra = gcs.env()
+        two, one = f"{gcs.url}/mh/{os.getpid()}/two", f"{gcs.url}/mh/{os.getpid()}/one"
+    else:
+        two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    train = ["train", *TRAIN, "--epochs", "3"]
+
+    outs = wait_all(launch(["prepare", "--data", "demo", "--tokenizer", "demo", "--run-dir", two], free_port(), extra=extra))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert "records read" in outs[0][1] and outs[1][1] == ""  # one process reports, the other only waited
+    outs = wait_all(launch([*train, "--run-dir", two], free_port(), extra=extra))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert "trained 9 steps" in outs[0][1] and outs[1][1] == ""
+
+    run_cli(["prepare", "--data", "demo", "--tokenizer", "demo", "--run-dir", one, "-q"], env=cli_env(devices=4, **extra))
+    run_cli([*train, "--run-dir", one], env=cli_env(devices=4, **extra))
+    a, b = metrics(two), metrics(one)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 10))
+    assert [r["loss_tokens"] for r in a] == [r["loss_tokens"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5 * max(1.0, abs(y["loss"]))
+
+    manifest = json.loads(read(f"{two}/manifest.json"))
+    for stage in ("prepare", "train"):
+        st = manifest["stages"][stage]
+        assert st["status"] == "complete"
+        assert st["writer"]["process_index"] == 0 and st["writer"]["process_count"] == 2
+    assert manifest["stages"]["train"]["plan"]["devices"] == 4 and manifest["stages"]["train"]["plan"]["hosts"] == 2
+    from alpaca_cli import io
+
+    assert io.exists(f"{two}/data/cache/shard_ledger.json")
+    for name in io.listdir(f"{two}/checkpoints"):
+        assert io.exists(f"{two}/checkpoints/{name}/metadata.json")  # every checkpoint complete
+
+
+@pytest.mark.entry
+def test_a_dead_host_stops_the_other_and_both_resume(tmp_path):
+    run = str(tmp_path / "run")
+    wait_all(launch(["prepare", "--data", "demo", "--tokenizer", "demo", "--run-dir", run, "-q"], free_port()))
+    train = ["train", *TRAIN, "--epochs", "40", "--checkpoint-every", "20", "--run-dir", run]
+    procs = launch(train, free_port())
+    marker = os.path.join(run, "checkpoints", "step-20", "metadata.json")
+    deadline = time.time() + 300
+    while not os.path.exists(marker):
+        assert all(p.poll() is None for p in procs) and time.time() < deadline
+        time.sleep(0.1)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    t0 = time.time()
+    out, err = procs[0].communicate(timeout=120)
+    waited = time.time() - t0
+    procs[1].wait()
+    assert procs[0].returncode != 0
+    assert waited < 60, waited  # bounded by ALPACA_HEARTBEAT_TIMEOUT (10 s here), not forever
+    assert ("Error: training stopped on process 0 of 2" in err
+            or "JAX distributed service detected fatal errors" in err), err[-2000:]
+
+    outs = wait_all(launch(train, free_port()))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert "Resuming from the checkpoint after step" in outs[0][2]
+    assert "trained 120 steps" in outs[0][1]
+    steps = [r["step"] for r in metrics(run)]
+    assert steps == list(range(1, 121))
