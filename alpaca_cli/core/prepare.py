@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,12 +15,12 @@ import numpy as np
 
 from alpaca_cli import config as cfgmod
 from alpaca_cli import io
-from alpaca_cli.config import PrepareConfig
+from alpaca_cli.config import PrepareConfig, PromptTemplates
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core.data import load_records
-from alpaca_cli.core.tokenize import load_tokenizer, prefix_stable, tokenize_examples
-from alpaca_cli.errors import StageError
+from alpaca_cli.core.tokenize import Tokenized, load_tokenizer, prefix_stable, tokenize_examples
+from alpaca_cli.errors import DataError, StageError
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ def _differences(old: dict, new: dict) -> str:
 
 
 def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress) -> dict[str, Any]:
-    from levanter.store.cache import CacheMetadata, SerialCacheWriter
+    from levanter.store.cache import CacheMetadata
 
     tok = loaded.tokenizer
     t_tok = time.time()
@@ -157,22 +158,40 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
         io.rm_tree(run.cache_dir)
         io.rm_tree(run.tokenizer_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.stage("prepare")["fingerprint"]})
+    progress.start("Tokenizing", len(prompts))
+    try:
+        tokenized = write_cache(run.cache_dir, prompts, records.outputs, tok, cfg, fast, progress.advance, metadata)
+    finally:
+        progress.stop()
+    seconds_tokenize = time.time() - t_tok
+
+    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
+    stats = compute_stats(tokenized, prompts, records.outputs, tok, loaded.added)
+    stats["records_read"] = len(records)
+    stats["fast_prompt_lengths"] = fast
+    stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
+    return stats
+
+
+def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool, advance, metadata) -> Tokenized:
+    """Tokenize in chunks and write Levanter's cache (SerialCacheWriter: in-process, no Ray). The ledger that
+    marks the cache complete is written only when every row is in."""
+    from levanter.store.cache import SerialCacheWriter
 
     chunk = 8192
-    progress.start("Tokenizing", len(prompts))
-    tokenized = None
-    with SerialCacheWriter(run.cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
+    tokenized = Tokenized()
+    with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
         for start in range(0, len(prompts), chunk):
-            before = 0 if tokenized is None else len(tokenized.input_ids)
-            tokenized = tokenize_examples(
+            before = len(tokenized.input_ids)
+            tokenize_examples(
                 tok,
                 prompts[start : start + chunk],
-                records.outputs[start : start + chunk],
+                outputs[start : start + chunk],
                 max_length=cfg.max_length,
                 on_overflow=cfg.on_overflow,
                 mask_inputs=cfg.mask_inputs,
                 fast_path=fast,
-                progress=progress.advance,
+                progress=advance,
                 source_offset=start,
                 into=tokenized,
             )
@@ -185,23 +204,40 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
                         "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
                     }
                 )
-        if tokenized is None or not tokenized.input_ids:
-            from alpaca_cli.errors import DataError
-
+        if not tokenized.input_ids:
             raise DataError(
                 f"no example is left to train on: all {len(prompts)} records were dropped "
-                f"({_reason_text(tokenized.dropped if tokenized else {})})",
+                f"({_reason_text(tokenized.dropped)})",
                 hint="raise --max-length or use --on-overflow truncate",
             )
-    progress.stop()
-    seconds_tokenize = time.time() - t_tok
+    return tokenized
 
-    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
-    stats = compute_stats(tokenized, prompts, records.outputs, tok, loaded.added)
-    stats["records_read"] = len(records)
-    stats["fast_prompt_lengths"] = fast
-    stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
-    return stats
+
+def prepare_validation(run: RunDir, data: str) -> str:
+    """A held-out file prepared exactly like the run's training data (its tokenizer, templates, max length and
+    mask), into RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
+    from transformers import AutoTokenizer
+    from levanter.store.cache import CacheMetadata
+
+    st = run.require("prepare")
+    pcfg = cfgmod.load_config(PrepareConfig, None, None, {})
+    pcfg = dataclasses.replace(
+        pcfg, **{k: v for k, v in st["config"].items() if k not in ("prompts", "data")}, data=data,
+        prompts=PromptTemplates(**st["config"]["prompts"]),
+    )
+    records = load_records(pcfg)
+    fingerprint = fingerprint_inputs({"val": records.fingerprint, "prepared": st["fingerprint"]})
+    cache_dir = run.path("data", "val", fingerprint[:16])
+    if cachemod.is_complete(cache_dir):
+        return cache_dir
+    with io.local_dir(run.tokenizer_dir) as local:
+        tok = AutoTokenizer.from_pretrained(local)
+    prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
+    io.rm_tree(cache_dir)
+    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})
+    tokenized = write_cache(cache_dir, prompts, records.outputs, tok, pcfg, prefix_stable(tok)[0], None, metadata)
+    logger.info("Prepared %d held-out examples from %s", len(tokenized.input_ids), data)
+    return cache_dir
 
 
 def _reason_text(dropped: dict[str, int]) -> str:

@@ -411,12 +411,14 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
         trainer.add_hook(checkpointer.on_step, every=1)
         trainer.add_hook(manifest_hook, every=1)
-        if len(plan.val_examples):
+        val_source = _validation_source(cfg, run, prepared, plan)
+        if val_source is not None:
             from alpaca_cli.core.plan import pack_rows
 
-            val_rows = pack_rows(plan.val_examples, prepared.lengths, cfg.seq_len, cfg.max_segments_per_row)
+            val_cache, val_lengths, val_ids = val_source
+            val_rows = pack_rows(val_ids, val_lengths, cfg.seq_len, cfg.max_segments_per_row)
             val_rows += [np.zeros(0, np.int64)] * ((-len(val_rows)) % trainer_config.data_axis_size)
-            val_dataset = PackedRows(prepared.cache, val_rows, Pos, pad_id)
+            val_dataset = PackedRows(val_cache, val_rows, Pos, pad_id)
             eval_hook = EvalHook(trainer, val_dataset, real_vocab, metrics, batch_rows=trainer_config.data_axis_size)
             trainer.add_hook(eval_hook, every=cfg.eval_every)
         loader = trainer.data_loader(dataset).iter_from_step(start_step)
@@ -456,6 +458,23 @@ def _tame_console_logging(verbose: bool) -> None:
                     lambda r: r.levelno >= logging.WARNING or r.name.startswith("alpaca_cli")
                 )
     root.setLevel(logging.INFO)
+
+
+def _validation_source(cfg, run: RunDir, prepared: Prepared, plan: Plan):
+    """(cache, lengths, example ids) of the held-out set: a slice of the prepared data, or --val-data."""
+    if len(plan.val_examples):
+        return prepared.cache, prepared.lengths, plan.val_examples
+    if not cfg.val_data:
+        return None
+    from alpaca_cli.core.prepare import prepare_validation
+
+    cache_dir = distributed.on_writer(lambda: prepare_validation(run, cfg.val_data))
+    val_cache = cachemod.open_cache(cache_dir)
+    lengths = val_cache.lengths()
+    too_long = int((lengths > cfg.seq_len).sum())
+    if too_long:
+        raise ConfigError(f"{too_long} example(s) of --val-data are longer than --seq-len {cfg.seq_len}")
+    return val_cache, lengths, np.arange(len(lengths), dtype=np.int64)
 
 
 def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):
