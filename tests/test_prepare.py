@@ -317,3 +317,18 @@ def test_prepare_on_gcs(gcs, fixture_data, tokenizer_dir, tmp_path):
     with pytest.raises(StageError, match="--overwrite"):
         prepare(PrepareConfig(data=data, tokenizer=tokenizer_dir, max_length=128), open_run(url))
     assert open_run(url).stage("prepare")["fingerprint"] == first.fingerprint
+
+
+def test_tokenizer_that_appends_eos_truncates_and_masks_like_stanford(tmp_path, fixture_data, tokenizer_dir):
+    """add_eos_token=True: special tokens after the text. Prompts are tokenized alone (their length includes the
+    appended EOS, as in Stanford's code) and truncation is Hugging Face's, not a slice."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, add_eos_token=True)
+    tok_dir = str(tmp_path / "eos-tokenizer")
+    tok.save_pretrained(tok_dir)
+    assert not prefix_stable(tok)[0]
+    result, run = run_prepare(tmp_path, fixture_data, tok_dir, max_length=64)
+    assert result.stats["truncated"] > 0
+    expected = stanford_examples(read_records(fixture_data), stanford_tokenizer(tok_dir), max_length=64)
+    assert prepared_examples(run.url) == expected

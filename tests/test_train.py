@@ -215,18 +215,35 @@ BAD = [
 
 
 @pytest.mark.parametrize("args,message", BAD)
-def test_bad_input_is_one_clear_line(prepared, tiny_model_dir, args, message):
+def test_bad_input_is_refused_before_anything_starts(prepared, tiny_model_dir, args, message):
+    """In-process (this test process has 4 CPU devices): each mistake is an AlpacaError with one clear message."""
     import re
 
-    proc = run_cli(args(prepared, tiny_model_dir), env=cli_env(devices=4), check=False, timeout=120)
-    assert proc.returncode == 1
-    assert re.search(message, error_line(proc)), error_line(proc)
+    from typer.testing import CliRunner
+
+    from alpaca_cli.errors import AlpacaError
+    from alpaca_cli.main import app
+
+    result = CliRunner().invoke(app, args(prepared, tiny_model_dir))
+    assert result.exit_code == 1 and isinstance(result.exception, AlpacaError), result.output
+    assert re.search(message, result.exception.message), result.exception.message
     manifest = json.load(open(os.path.join(prepared, "manifest.json")))
     assert "train" not in manifest["stages"]  # nothing was started
 
 
-def test_vocabulary_mismatch_is_refused(prepared, tmp_path):
-    other = make_tiny_llama(str(tmp_path / "other"), os.path.join(os.path.dirname(__file__), "assets", "tok400"))
-    proc = run_cli(["train", "--run-dir", prepared, "--model", other, "--seq-len", "256"], check=False, timeout=120)
+def test_a_train_mistake_through_the_console_script_is_one_line(prepared, tiny_model_dir):
+    proc = run_cli(["train", "--run-dir", prepared, "--model", tiny_model_dir, "--seq-len", "64"], check=False)
     assert proc.returncode == 1
-    assert "does not fit the prepared tokenizer" in error_line(proc)
+    assert error_line(proc) == "Error: 7 prepared example(s) are longer than --seq-len 64 (longest 128)"
+
+
+def test_vocabulary_mismatch_is_refused(prepared, tmp_path):
+    from typer.testing import CliRunner
+
+    from alpaca_cli.errors import ConfigError
+    from alpaca_cli.main import app
+
+    other = make_tiny_llama(str(tmp_path / "other"), os.path.join(os.path.dirname(__file__), "assets", "tok400"))
+    result = CliRunner().invoke(app, ["train", "--run-dir", prepared, "--model", other, "--seq-len", "256"])
+    assert result.exit_code == 1 and isinstance(result.exception, ConfigError)
+    assert "does not fit the prepared tokenizer" in result.exception.message

@@ -99,6 +99,16 @@ def hash_folder(path: str) -> str:
     return h.hexdigest()
 
 
+def special_tokens_after_text(tok) -> bool:
+    """Whether the tokenizer's post-processor appends special tokens after the text (e.g. add_eos_token=True)."""
+    for probe in ("a", "Hello world"):
+        with_special = tok(probe)["input_ids"]
+        plain = tok(probe, add_special_tokens=False)["input_ids"]
+        if with_special[len(with_special) - len(plain) :] != plain:
+            return True
+    return False
+
+
 def prefix_stable(tok) -> tuple[bool, str]:
     """Whether tokenize(prompt) is the prefix of tokenize(prompt + rest) that ends at the prompt's last character,
     whenever no token of the full text straddles that boundary.
@@ -108,35 +118,60 @@ def prefix_stable(tok) -> tuple[bool, str]:
     right side. Pre-tokenizers with look-ahead (GPT-2's regex), normalizers that compose characters, word-final
     suffixes and unigram models give no such guarantee, and get the two-tokenization path.
     """
-    if not getattr(tok, "is_fast", False):
-        return False, "slow tokenizer (no offsets)"
     import json
 
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE":
-        return False, f"model type {model.get('type')}"
-    if model.get("dropout") or model.get("ignore_merges") or model.get("end_of_word_suffix"):
+    backend = getattr(tok, "backend_tokenizer", None)
+    if not getattr(tok, "is_fast", False) or backend is None:
+        return False, "slow tokenizer (no offsets)"
+    model = backend.model
+    if type(model).__name__ != "BPE":
+        return False, f"model type {type(model).__name__}"
+    if model.dropout or getattr(model, "ignore_merges", False) or model.end_of_word_suffix:
         return False, "BPE options (dropout, ignore_merges or end_of_word_suffix)"
-    if model.get("continuing_subword_prefix"):
+    if model.continuing_subword_prefix:
         return False, "BPE continuing_subword_prefix"
-    pre = spec.get("pre_tokenizer")
+    # components serialise on their own (cheap); the whole tokenizer's JSON would include the vocabulary
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None
     if pre is not None and not (pre.get("type") == "Metaspace" and pre.get("split") is False):
         return False, f"pre-tokenizer {pre.get('type')}"
-    norm = spec.get("normalizer")
+    norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
     steps = [] if norm is None else (norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm])
     for step in steps:
         if step.get("type") not in ("Prepend", "Replace"):
             return False, f"normalizer {step.get('type')}"
         if step.get("type") == "Replace" and len((step.get("pattern") or {}).get("String", "xx")) != 1:
             return False, "multi-character Replace normalizer"
-    # the post-processor may add special tokens in front (BOS) but nothing behind the text
-    for probe in ("a", "Hello world"):
-        with_special = tok(probe)["input_ids"]
-        plain = tok(probe, add_special_tokens=False)["input_ids"]
-        if with_special[len(with_special) - len(plain) :] != plain:
-            return False, "special tokens added after the text"
+    if special_tokens_after_text(tok):
+        return False, "special tokens added after the text"
     return True, "BPE over one unsplit word"
+
+
+class _Encoder:
+    """Batch encoding straight through the Rust tokenizer when there is one (what PreTrainedTokenizerFast.__call__
+    does, without building its Python dicts); anything else goes through the tokenizer's own __call__."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
+        # With special tokens only in front, keeping the first max_length ids is exactly Hugging Face truncation.
+        self.truncate_by_slicing = not special_tokens_after_text(tok)
+
+    def __call__(self, texts: list[str], offsets: bool = False):
+        if self.backend is None:
+            return self.tok(texts, add_special_tokens=True, return_attention_mask=False)["input_ids"], None
+        b = self.backend
+        b.no_truncation()
+        b.no_padding()
+        split = bool(getattr(self.tok, "split_special_tokens", False))
+        if b.encode_special_tokens != split:
+            b.encode_special_tokens = split
+        encodings = b.encode_batch(texts, add_special_tokens=True)
+        return [e.ids for e in encodings], ([e.offsets for e in encodings] if offsets else None)
+
+    def truncate(self, ids: list[int], text: str, max_length: int) -> list[int]:
+        if self.truncate_by_slicing:
+            return ids[:max_length]
+        return self.tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
 
 
 @dataclass
@@ -180,13 +215,13 @@ def tokenize_examples(
     if fast_path is None:
         fast_path, _ = prefix_stable(tok)
     out = into if into is not None else Tokenized()
+    encoder = _Encoder(tok)
     eos = tok.eos_token
     for start in range(0, len(prompts), batch_size):
         p_batch = prompts[start : start + batch_size]
         full = [p + o + eos for p, o in zip(p_batch, outputs[start : start + batch_size])]
+        ids_batch, offsets = encoder(full, offsets=fast_path)
         if fast_path:
-            enc = tok(full, add_special_tokens=True, return_offsets_mapping=True, return_attention_mask=False)
-            ids_batch, offsets = enc["input_ids"], enc["offset_mapping"]
             prompt_len: list[int | None] = []
             for p, offs in zip(p_batch, offsets):
                 boundary = len(p)
@@ -202,11 +237,10 @@ def tokenize_examples(
                         break
                 prompt_len.append(None if straddles else k)
         else:
-            ids_batch = tok(full, add_special_tokens=True, return_attention_mask=False)["input_ids"]
             prompt_len = [None] * len(p_batch)
         alone = [i for i, n in enumerate(prompt_len) if n is None]
         if alone:
-            enc_p = tok([p_batch[i] for i in alone], add_special_tokens=True, return_attention_mask=False)["input_ids"]
+            enc_p, _ = encoder([p_batch[i] for i in alone])
             for i, ids in zip(alone, enc_p):
                 prompt_len[i] = len(ids)
             out.prompts_tokenized_alone += len(alone)
@@ -227,7 +261,7 @@ def tokenize_examples(
                     continue
                 # Hugging Face truncation, as Stanford's tokenizer(..., truncation=True, max_length=512) does it.
                 original = len(ids)
-                ids = tok(full[j], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+                ids = encoder.truncate(ids, full[j], max_length)
                 n_prompt = min(n_prompt, max_length)
                 out.truncated += 1
                 out.truncated_tokens += original - len(ids)
