@@ -190,3 +190,19 @@ def test_export_bad_input(trained, tmp_path):
     json.dump(manifest, open(os.path.join(prepared_only, "manifest.json"), "w"))
     untrained = run_cli(["export", "--run-dir", prepared_only], check=False)
     assert untrained.returncode == 1 and "no `train` stage; run `alpaca train" in error_line(untrained)
+
+
+def test_large_models_are_written_in_shards_that_transformers_loads(trained):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run, _, _ = trained
+    out = os.path.join(run, "sharded")
+    run_cli(["export", "--run-dir", run, "--output", out, "--max-shard-size", "200KB"])
+    shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert len(shards) > 1 and os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    run_cli(["export", "--run-dir", run])  # the same weights in one file, to compare with
+    whole = AutoModelForCausalLM.from_pretrained(os.path.join(run, "hf"), dtype=torch.float32)
+    split = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -247,3 +247,36 @@ def test_vocabulary_mismatch_is_refused(prepared, tmp_path):
     result = CliRunner().invoke(app, ["train", "--run-dir", prepared, "--model", other, "--seq-len", "256"])
     assert result.exit_code == 1 and isinstance(result.exception, ConfigError)
     assert "does not fit the prepared tokenizer" in result.exception.message
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_then_resume_continues(prepared_template, tmp_path, tiny_model_dir):
+    run = str(tmp_path / "run")
+    shutil.copytree(prepared_template, run)
+    args = ["train", "--run-dir", run, "--model", tiny_model_dir, "--seq-len", "256", "--batch-size", "4",
+            "--epochs", "6", "--checkpoint-every", "1000", "-q"]
+    proc = subprocess.Popen([ALPACA, *args], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    path = os.path.join(run, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(path) and len(open(path).read().splitlines()) >= 5):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    line = [x for x in err.splitlines() if x.startswith("Error: ")][0]
+    import re
+
+    stopped = int(re.search(r"stopped by SIGTERM after step (\d+); its checkpoint \(step-(\d+)\) is saved", line).group(1))
+    assert os.path.exists(os.path.join(run, "checkpoints", f"step-{stopped - 1}", "metadata.json"))
+    resumed = run_cli(args)
+    assert f"Resuming from the checkpoint after step {stopped} of" in resumed.stderr
+
+
+def test_wandb_offline_and_nothing_in_the_working_directory(prepared, tiny_model_dir, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    run_cli(["train", "--run-dir", prepared, "--model", tiny_model_dir, "--seq-len", "256", "--batch-size", "16",
+             "--steps", "2", "--wandb-project", "alpaca-test", "-q"], env=cli_env(WANDB_MODE="offline"), cwd=str(cwd))
+    assert list(cwd.iterdir()) == []  # no ./wandb, ./logs, ./checkpoints
+    offline = [d for d in os.listdir(os.path.join(prepared, "logs", "wandb")) if d.startswith("offline-run")]
+    assert offline, os.listdir(os.path.join(prepared, "logs"))

@@ -113,12 +113,15 @@ def _parse_jsonl(text: str, source: str) -> list[tuple[str, Any]]:
     return rows
 
 
-def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str) -> Records:
+def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, null_is_missing: bool = False) -> Records:
+    """Validated columns. null_is_missing: Arrow tables (Hub datasets) store a field absent from a record as null."""
     ins, inp, out = [], [], []
     fi, fn, fo = cfg.instruction_field, cfg.input_field, cfg.output_field
     for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{source} {where}: a record must be a JSON object, found {type(row).__name__}")
+        if null_is_missing:
+            row = {k: v for k, v in row.items() if v is not None}
         for f, required in ((fi, True), (fn, False), (fo, True)):
             if f not in row:
                 if required:
@@ -179,7 +182,7 @@ def _load_hub(cfg: PrepareConfig) -> Records:
             hint="map yours with --instruction-field / --input-field / --output-field",
         )
     rows = ((f"row {i}", row) for i, row in enumerate(ds))
-    records = _columns(rows, cfg, cfg.data)
+    records = _columns(rows, cfg, cfg.data, null_is_missing=True)
     if not len(records):
         raise DataError(f"--data {cfg.data} (split {cfg.split}): holds no records")
     records.fingerprint = {"kind": "hub", "id": cfg.data, "revision": sha, "split": cfg.split}

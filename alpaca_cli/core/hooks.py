@@ -232,3 +232,45 @@ class EvalHook(Callback):
         levanter.tracker.log({"eval/loss": val}, step=info.step)
         self.metrics.add(step, val_loss=val)
         self.metrics.message(f"step {step}: held-out loss {val:.4f}")
+
+
+class PreemptionHook(Callback):
+    """SIGTERM (how TPU VMs, SLURM and Kubernetes announce a preemption): finish the current step, save a
+    checkpoint, stop. On a pod the decision is collective: any host's SIGTERM stops every host at the same step."""
+
+    def __init__(self, checkpointer):
+        import signal
+        import threading
+
+        self.checkpointer = checkpointer
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        self.requested = True
+
+    def close(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def on_step(self, info: StepInfo, force: bool = False):
+        stop = self.requested
+        if distributed.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
+        if not stop or force:
+            return
+        self.checkpointer.on_step(info, force=True)
+        self.checkpointer.wait_until_finished()
+        from alpaca_cli.errors import StageError
+
+        raise StageError(
+            f"stopped by SIGTERM after step {info.step + 1}; its checkpoint (step-{info.step}) is saved",
+            hint="run the same command again (on every host) to resume",
+        )

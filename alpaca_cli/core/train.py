@@ -320,6 +320,17 @@ def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):
 def _trackers(cfg, run: RunDir, log_dir: str):
     from levanter.tracker.tracker import NoopConfig
 
+    if cfg.tensorboard_dir:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise ConfigError("--tensorboard-dir needs tensorboardX", hint="pip install tensorboardX") from None
+    if cfg.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--wandb-project needs wandb", hint="pip install wandb") from None
+
     trackers = []
     if cfg.wandb_project:
         from levanter.tracker.wandb import WandbConfig
@@ -358,7 +369,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
     from levanter.trainer import Trainer
 
     from alpaca_cli.core.batches import PackedRows, make_loss_fn
-    from alpaca_cli.core.hooks import EvalHook, MetricsHook, ManifestHook
+    from alpaca_cli.core.hooks import EvalHook, ManifestHook, MetricsHook, PreemptionHook
 
     tok = prepared.tokenizer
     log_dir = _log_dir(run)
@@ -411,6 +422,8 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
         trainer.add_hook(checkpointer.on_step, every=1)
         trainer.add_hook(manifest_hook, every=1)
+        preemption = PreemptionHook(checkpointer)
+        trainer.add_hook(preemption, every=1)
         val_source = _validation_source(cfg, run, prepared, plan)
         if val_source is not None:
             from alpaca_cli.core.plan import pack_rows
@@ -424,8 +437,11 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         loader = trainer.data_loader(dataset).iter_from_step(start_step)
 
         metrics.start()
-        info = trainer.train(state, loader)  # runs every hook once more (forced) at the end
-        metrics.stop()
+        try:
+            info = trainer.train(state, loader)  # runs every hook once more (forced) at the end
+        finally:
+            metrics.stop()
+            preemption.close()
         checkpointer.wait_until_finished()
         final = _latest_checkpoint(run)
         # saving is collective: every process must take the same decision
