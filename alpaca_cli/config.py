@@ -164,19 +164,24 @@ def parse_set(items: Sequence[str] | None) -> dict:
     return out
 
 
-def read_config_file(path: str) -> dict:
+def read_yaml(path: str, what: str = "config file") -> Any:
+    """A YAML (or JSON: YAML is a superset) file, local or remote; ConfigError naming `what` on any problem."""
     from alpaca_cli import io
 
     try:
         text = io.read_text(path)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
+        raise ConfigError(f"{what} {path} does not exist") from None
     except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e}") from None
+        raise ConfigError(f"cannot read {what} {path}: {e}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML or JSON: {str(e).splitlines()[0]}") from None
+
+
+def read_config_file(path: str) -> dict:
+    data = read_yaml(path)
     if data is None:
         return {}
     if not isinstance(data, dict):

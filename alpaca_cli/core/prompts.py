@@ -5,8 +5,6 @@ from __future__ import annotations
 import string
 from typing import Mapping
 
-import yaml
-
 from alpaca_cli.config import PromptTemplates
 from alpaca_cli.errors import ConfigError
 
@@ -51,18 +49,9 @@ def validate(templates: PromptTemplates, source: str = "prompts") -> None:
 
 def load_prompts_file(path: str) -> PromptTemplates:
     """A JSON or YAML file with `prompt_input` and `prompt_no_input`, top-level or under `prompts:`."""
-    from alpaca_cli import io
+    from alpaca_cli.config import read_yaml
 
-    try:
-        text = io.read_text(path)
-    except FileNotFoundError:
-        raise ConfigError(f"prompts file {path} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"cannot read prompts file {path}: {e}") from None
-    try:
-        data = yaml.safe_load(text)  # YAML is a superset of JSON
-    except yaml.YAMLError as e:
-        raise ConfigError(f"prompts file {path} is neither JSON nor YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(path, "prompts file")
     if isinstance(data, dict) and "prompts" in data and isinstance(data["prompts"], dict):
         data = data["prompts"]
     if not isinstance(data, dict):
