@@ -3,7 +3,8 @@
 Hugging Face's Trainer (torch, CPU): the same tiny Llama-shaped base model, the same prepared examples, the same
 examples in every optimizer step, one method after another in one invocation.
 
-Run by hand, never by tests:
+Run by hand, never by tests. transformers' Trainer needs accelerate, which the venv lacks; install it anywhere:
+`pip install --no-deps --target /tmp/bench-deps 'accelerate>=0.26'` and run with PYTHONPATH=/tmp/bench-deps.
 
     /work/venv/bin/python benchmarks/bench_train.py                    # 512 examples, batch 32 (16 steps)
     /work/venv/bin/python benchmarks/bench_train.py --examples 64      # a quick run (2 steps)
@@ -27,11 +28,10 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = "/work/shared/data/alpaca_en_demo.json"
 DEFAULT_TOKENIZER = "/work/shared/tokenizers/llama-sp-32k"
 ALPACA = os.path.join(os.path.dirname(sys.executable), "alpaca")

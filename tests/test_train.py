@@ -98,6 +98,14 @@ def test_tensor_parallel_on_four_devices_matches_one_device(prepared_template, t
     assert [r["loss_tokens"] for r in a] == [r["loss_tokens"] for r in b]
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-4)
 
+    # gradient accumulation (one row per forward pass) gives the same steps too: the loss is the step's token mean
+    accum = str(tmp_path / "accum")
+    shutil.copytree(prepared_template, accum)
+    run_cli(["train", "--run-dir", accum, *args, "--per-device-rows", "1"], env=cli_env(devices=1))
+    c = metrics(accum)
+    assert json.load(open(os.path.join(accum, "manifest.json")))["stages"]["train"]["plan"]["rows_per_step"] > 1
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in c], rtol=1e-4)
+
 
 def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, tokenizer):
     """In-process, 4 CPU devices: with --tensor-parallel 2, attention and MLP weights are split over 'model'."""
@@ -211,6 +219,8 @@ BAD = [
      "batch size 6 does not divide over the 4"),
     (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--tensor-parallel", "3"],
      "--tensor-parallel 3 does not divide the 4 devices"),
+    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--tensorboard-dir", r + "/tb"],
+     "--tensorboard-dir needs tensorboardX"),
 ]
 
 

@@ -119,7 +119,6 @@ def make_loss_fn(real_vocab: int, accum_steps: int = 1):
     number here turns that average back into the step's sum.
     """
     from levanter.layers.attention import AttentionMask
-    from levanter.models.loss import maybe_fused_next_token_loss
 
     def loss_fn(model, row: PackedRow, *, key=None):
         attn_mask = AttentionMask.causal().with_segment_ids(row.segment_ids)
@@ -127,34 +126,30 @@ def make_loss_fn(real_vocab: int, accum_steps: int = 1):
         aux = 0.0
         if isinstance(activations, tuple):
             activations, aux = activations
-        per_token = token_losses(model, activations, row.tokens, row.weights > 0, real_vocab, maybe_fused_next_token_loss)
+        per_token = token_losses(model, activations, row.tokens, row.weights > 0, real_vocab)
         loss = hax.sum(per_token * row.weights).scalar() * accum_steps
         return loss + aux, {}
 
     return loss_fn
 
 
-def token_losses(model, activations, tokens, mask, real_vocab: int, fused_loss=None):
-    """Per-position cross-entropy of predicting the next token (0 where mask is False)."""
+def token_losses(model, activations, tokens, mask, real_vocab: int):
+    """Per-position cross-entropy of predicting the next token (0 where mask is False): logsumexp minus the
+    target's logit, picked with a gather.
+
+    Levanter's next_token_loss picks the target through a float one-hot of [positions, vocab] (1.3 GB per 10k
+    positions of a 32k vocabulary), which made the whole step 2.3x slower on CPU; its blockwise variant gave a wrong
+    loss with a block of 16384 over a 32001-token vocabulary (benchmarks/README.md).
+    """
+    import jax
+    import jax.numpy as jnp
+
     Vocab = model.Vocab
-    if Vocab.size == real_vocab and fused_loss is not None:
-        return fused_loss(
-            model.Pos,
-            model.Embed,
-            Vocab,
-            activations,
-            model.get_lm_head(),
-            tokens,
-            loss_mask=mask,
-            reduction=None,
-            block_size=model.config.cross_entropy_block_size,
-            dtype=jnp.float32,
-        )
-    # The vocabulary was padded for sharding: padded ids must not take probability mass.
     logits = hax.dot(activations, model.get_lm_head(), axis=model.Embed).astype(jnp.float32)
-    logits = hax.where(hax.arange(Vocab) < real_vocab, logits, -1e30)
-    Pos = tokens.resolve_axis(model.Pos.name)
-    target = hax.roll(tokens, -1, Pos)
-    lse = hax.nn.logsumexp(logits, Vocab)
-    picked = hax.sum(logits * hax.nn.one_hot(target, Vocab, dtype=logits.dtype), Vocab)
-    return hax.where(mask, lse - picked, 0.0)
+    logits = logits.rearrange((*tokens.axes, Vocab)).array
+    if Vocab.size != real_vocab:  # the vocabulary was padded for sharding: padded ids take no probability mass
+        logits = jnp.where(jnp.arange(Vocab.size) < real_vocab, logits, -1e30)
+    target = hax.roll(tokens, -1, tokens.resolve_axis(model.Pos.name)).array
+    picked = jnp.take_along_axis(logits, target[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    per_token = hax.named(jax.nn.logsumexp(logits, axis=-1) - picked, tokens.axes)
+    return hax.where(mask, per_token, 0.0)

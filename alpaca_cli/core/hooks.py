@@ -205,9 +205,7 @@ class EvalHook(Callback):
             act = model.activations(row.tokens, mask, key=None, pos_ids=row.pos_ids)
             if isinstance(act, tuple):
                 act = act[0]
-            from levanter.models.loss import maybe_fused_next_token_loss
-
-            per_token = token_losses(model, act, row.tokens, row.weights > 0, real_vocab, maybe_fused_next_token_loss)
+            per_token = token_losses(model, act, row.tokens, row.weights > 0, real_vocab)
             return hax.sum(per_token * row.weights).scalar(), hax.sum(row.weights).scalar().astype(jnp.float32)
 
         self._sums = sums

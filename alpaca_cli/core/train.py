@@ -198,6 +198,7 @@ def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_
     distributed.initialize()
     import jax
 
+    _check_tracker_packages(cfg)
     # every process decides from the same manifest: process 0's, as it was when training started
     run.manifest = distributed.broadcast(run.manifest)
     prepared = load_prepared(run)
@@ -317,9 +318,7 @@ def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):
     )
 
 
-def _trackers(cfg, run: RunDir, log_dir: str):
-    from levanter.tracker.tracker import NoopConfig
-
+def _check_tracker_packages(cfg) -> None:
     if cfg.tensorboard_dir:
         try:
             import tensorboardX  # noqa: F401
@@ -330,6 +329,10 @@ def _trackers(cfg, run: RunDir, log_dir: str):
             import wandb  # noqa: F401
         except ImportError:
             raise ConfigError("--wandb-project needs wandb", hint="pip install wandb") from None
+
+
+def _trackers(cfg, run: RunDir, log_dir: str):
+    from levanter.tracker.tracker import NoopConfig
 
     trackers = []
     if cfg.wandb_project:
