@@ -1,9 +1,9 @@
 """The training plan: which examples go into which row of which step, decided once, deterministically.
 
 Each epoch shuffles the examples (seeded by the run's seed and the epoch, as Stanford's Trainer reshuffles every
-epoch), and every optimizer step takes the next `batch_size` examples: packing changes how a step's examples are laid
-out in rows, never how many there are, so Stanford's 128 examples per step stay 128 at the same learning rate.
-Empty rows (to give every step the same shape) weigh nothing.
+epoch), and every optimizer step takes about `batch_size` examples (at most that many): packing changes how a
+step's examples are laid out in rows, not the batch the optimizer sees, so Stanford's 128 examples per step do not
+become 1,000 at the same learning rate. Empty rows (to give every step the same shape) weigh nothing.
 
 Everything here is numpy over example lengths, so a plan can be printed (`--dry-run`) before JAX starts, and every
 host of a pod computes the same one.
@@ -77,22 +77,26 @@ def pack_rows(ids: np.ndarray, lengths: np.ndarray, seq_len: int, max_segments: 
     return [ids[r.start : r.stop] for r in ranges]
 
 
-def pack_step(ids: np.ndarray, lengths: np.ndarray, seq_len: int, max_segments: int) -> list[np.ndarray]:
-    """One step's examples into as few rows as first-fit-decreasing finds (order within a row: by length)."""
-    order = sorted(ids.tolist(), key=lambda e: -int(lengths[e]))
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for e in order:
-        n = int(lengths[e])
-        for i in range(len(rows)):
-            if room[i] >= n and len(rows[i]) < max_segments:
-                rows[i].append(e)
-                room[i] -= n
-                break
-        else:
-            rows.append([e])
-            room.append(seq_len - n)
-    return [np.asarray(r, dtype=np.int64) for r in rows]
+class _StepPacker:
+    """First-fit placement of examples into a step's fixed number of rows."""
+
+    def __init__(self, rows: int, seq_len: int, max_segments: int):
+        self.rows: list[list[int]] = [[] for _ in range(rows)]
+        self.room = [seq_len] * rows
+        self.max_segments = max_segments
+        self.count = 0
+
+    def add(self, example: int, length: int) -> bool:
+        for i, r in enumerate(self.rows):
+            if self.room[i] >= length and len(r) < self.max_segments:
+                r.append(example)
+                self.room[i] -= length
+                self.count += 1
+                return True
+        return False
+
+    def result(self) -> list[np.ndarray]:
+        return [np.asarray(r, dtype=np.int64) for r in self.rows]
 
 
 def make_plan(
@@ -112,10 +116,12 @@ def make_plan(
 ) -> Plan:
     """Plan the whole run. row_multiple: rows per step must divide over the data-parallel devices (x microbatch).
 
-    The examples of all epochs form one stream (each epoch a fresh permutation); every step takes the next
-    batch_size of them, as an unpacked run would. With packing, each step's examples are packed into rows, and
-    every step gets the same number of rows: the most any step needs, rounded up to row_multiple (empty rows weigh
-    nothing). The plan's padding fraction shows what that costs; a shorter --seq-len lowers it.
+    The examples of all epochs form one stream (each epoch a fresh permutation), consumed in order. Without packing
+    every step takes the next batch_size examples. With packing, every step has the same number of rows (enough for
+    batch_size examples of average length, a multiple of row_multiple) and takes the next examples, first-fit into
+    its rows, until it holds batch_size of them or the next one does not fit: about batch_size examples per step,
+    in rows with little padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on
+    many devices.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     trained = np.asarray(trained, dtype=np.int64)
@@ -136,38 +142,63 @@ def make_plan(
             hint=f"use a multiple of {row_multiple}",
         )
 
-    # the example stream
-    if steps:
-        total = steps * batch_size
-    else:
-        total = max(1, int(round(epochs * n)))
-    stream_parts = []
-    epoch = 0
-    while sum(len(x) for x in stream_parts) < total:
-        stream_parts.append(ids_all[np.random.default_rng([seed, epoch]).permutation(n)])
+    # the example stream: every epoch a fresh permutation
+    total = steps * batch_size if steps else max(1, int(round(epochs * n)))
+    parts, epoch = [], 0
+
+    def extend_stream() -> None:
+        nonlocal epoch
+        parts.append(ids_all[np.random.default_rng([seed, epoch]).permutation(n)])
         epoch += 1
-    stream = np.concatenate(stream_parts)[:total]
-    if steps is None:
-        steps = math.ceil(total / batch_size)
-    step_examples = [stream[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+    while sum(len(x) for x in parts) < total:
+        extend_stream()
 
     if pack:
-        packed = [pack_step(ex, lengths, seq_len, max_segments) for ex in step_examples]
-        need = max(len(p) for p in packed)
+        # enough rows for a batch of average examples with 5% to spare, and a multiple of the data-parallel slots
+        need = batch_size * float(lengths[ids_all].mean()) / (0.95 * seq_len)
         rows_per_step = max(row_multiple, math.ceil(need / row_multiple) * row_multiple)
     else:
-        packed = [[ex[i : i + 1] for i in range(len(ex))] for ex in step_examples]
         rows_per_step = batch_size
 
-    empty = np.zeros(0, dtype=np.int64)
     rows: list[np.ndarray] = []
-    step_tokens = np.zeros(steps, dtype=np.int64)
-    step_real = np.zeros(steps, dtype=np.int64)
-    for s, step_rows in enumerate(packed):
+    step_tokens: list[int] = []
+    step_real: list[int] = []
+    consumed = 0
+    stream = np.concatenate(parts)
+    while (steps and len(step_tokens) < steps) or (not steps and consumed < total):
+        if consumed >= len(stream):  # --steps beyond the epochs planned so far
+            extend_stream()
+            stream = np.concatenate(parts)
+        limit = len(stream) if steps else total
+        taken: list[int] = []
+        if pack:
+            packer = _StepPacker(rows_per_step, seq_len, max_segments)
+            while consumed < limit and packer.count < batch_size:
+                e = int(stream[consumed])
+                if not packer.add(e, int(lengths[e])):
+                    break  # the step is full: this example opens the next one
+                taken.append(e)
+                consumed += 1
+                if consumed >= limit and steps and len(step_tokens) + 1 < steps:
+                    extend_stream()
+                    stream = np.concatenate(parts)
+                    limit = len(stream)
+            step_rows = packer.result()
+        else:
+            chunk = stream[consumed : min(limit, consumed + batch_size)]
+            taken = chunk.tolist()
+            consumed += len(chunk)
+            step_rows = [chunk[i : i + 1] for i in range(len(chunk))]
+            step_rows += [np.zeros(0, dtype=np.int64)] * (rows_per_step - len(step_rows))
         rows.extend(step_rows)
-        rows.extend([empty] * (rows_per_step - len(step_rows)))
-        step_tokens[s] = int(trained[step_examples[s]].sum())
-        step_real[s] = int(lengths[step_examples[s]].sum())
+        ex = np.asarray(taken, dtype=np.int64)
+        step_tokens.append(int(trained[ex].sum()))
+        step_real.append(int(lengths[ex].sum()))
+    steps = len(step_tokens)
+    total = consumed
+    step_tokens_a = np.asarray(step_tokens, dtype=np.int64)
+    step_real_a = np.asarray(step_real, dtype=np.int64)
     return Plan(
         seq_len=seq_len,
         pack=pack,
@@ -175,11 +206,11 @@ def make_plan(
         rows_per_step=rows_per_step,
         steps=steps,
         rows=rows,
-        step_tokens=step_tokens,
-        step_real_tokens=step_real,
+        step_tokens=step_tokens_a,
+        step_real_tokens=step_real_a,
         epochs=round(total / n, 4),
         train_examples=n,
-        real_tokens=int(step_real.sum()),
-        trained_tokens=int(step_tokens.sum()),
+        real_tokens=int(step_real_a.sum()),
+        trained_tokens=int(step_tokens_a.sum()),
         val_examples=np.asarray(val_ids if val_ids is not None else np.zeros(0, np.int64), dtype=np.int64),
     )
