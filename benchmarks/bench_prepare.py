@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         off_s, _ = timed(lambda: floor_pass(floor_tok, records, offsets=True), args.repeat)
         floor_offsets = Result(
             "  floor + return_offsets_mapping", n, off_s, load=load_off,
-            note="diagnostic: the one pass alpaca prepare makes (here in one call)",
+            note="diagnostic: offsets as Python lists (prepare asks the Rust encodings instead)",
         )
         say(f"    {off_s:.2f} s")
 

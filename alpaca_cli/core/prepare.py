@@ -248,7 +248,8 @@ def compute_stats(tokenized, prompts, outputs, tok, added: dict[str, str]) -> di
     from levanter.data.packing import pack_documents
 
     lengths = np.array([len(x) for x in tokenized.input_ids], dtype=np.int64)
-    trained = int(sum(int(t[1:].sum()) for t in tokenized.targets))
+    # every target but position 0's (never predicted)
+    trained = int(np.concatenate(tokenized.targets).sum(dtype=np.int64)) - sum(int(t[0]) for t in tokenized.targets)
     total = int(lengths.sum())
     pct = np.percentile(lengths, [50, 90, 99]).tolist()
     packed_rows = len(pack_documents(lengths, PACK_ROW, slice_too_long_examples=True))

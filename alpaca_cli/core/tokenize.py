@@ -157,6 +157,8 @@ class _Encoder:
         self.truncate_by_slicing = not special_tokens_after_text(tok)
 
     def __call__(self, texts: list[str], offsets: bool = False):
+        """The ids of each text, and (with offsets=True, fast tokenizers only) the Rust encodings to ask about
+        characters and tokens."""
         if self.backend is None:
             return self.tok(texts, add_special_tokens=True, return_attention_mask=False)["input_ids"], None
         b = self.backend
@@ -166,7 +168,7 @@ class _Encoder:
         if b.encode_special_tokens != split:
             b.encode_special_tokens = split
         encodings = b.encode_batch(texts, add_special_tokens=True)
-        return [e.ids for e in encodings], ([e.offsets for e in encodings] if offsets else None)
+        return [e.ids for e in encodings], (encodings if offsets else None)
 
     def truncate(self, ids: list[int], text: str, max_length: int) -> list[int]:
         if self.truncate_by_slicing:
@@ -220,22 +222,16 @@ def tokenize_examples(
     for start in range(0, len(prompts), batch_size):
         p_batch = prompts[start : start + batch_size]
         full = [p + o + eos for p, o in zip(p_batch, outputs[start : start + batch_size])]
-        ids_batch, offsets = encoder(full, offsets=fast_path)
+        ids_batch, encodings = encoder(full, offsets=fast_path)
         if fast_path:
+            # The prompt's token count is the index of the token holding the first character after the prompt,
+            # when that token starts exactly there; if it starts earlier it straddles the boundary, and the prompt
+            # is tokenized alone. (Asked of the Rust encoding: building Python offset lists costs more than this.)
             prompt_len: list[int | None] = []
-            for p, offs in zip(p_batch, offsets):
+            for p, enc in zip(p_batch, encodings):
                 boundary = len(p)
-                k = 0
-                straddles = False
-                for s, e in offs:
-                    if e <= boundary:
-                        k += 1
-                    elif s < boundary:
-                        straddles = True
-                        break
-                    else:
-                        break
-                prompt_len.append(None if straddles else k)
+                t = enc.char_to_token(boundary)
+                prompt_len.append(t if t is not None and enc.token_to_chars(t)[0] == boundary else None)
         else:
             prompt_len = [None] * len(p_batch)
         alone = [i for i, n in enumerate(prompt_len) if n is None]
@@ -270,7 +266,7 @@ def tokenize_examples(
             if mask_inputs:
                 targets[:n_prompt] = 0
             # position 0 is never predicted, so only targets[1:] train anything
-            if not targets[1:].any():
+            if len(arr) - (max(n_prompt, 1) if mask_inputs else 1) <= 0:
                 out.dropped["no_trained_tokens"] += 1
                 out.dropped_examples.append((src, "no_trained_tokens"))
                 continue
