@@ -516,7 +516,10 @@ def run_levanter(m: Method, prepared: str, workdir: str, model_dir: str, a, env:
         cmd.append("--verbose")
     cmd += [
         "train", "--run-dir", run_dir, "--model", model_dir,
-        "--steps", str(a.examples // a.batch_size), "--batch-size", str(a.batch_size),
+        # packed steps take about --batch-size examples each (never more), so a fixed step count would train
+        # fewer examples than the others: packed runs train the same examples as one fraction of an epoch
+        *(["--epochs", repr(a.examples / a.train_examples)] if m.pack else ["--steps", str(a.examples // a.batch_size)]),
+        "--batch-size", str(a.batch_size),
         "--seq-len", str(m.seq_len), "--pack" if m.pack else "--no-pack",
         "--precision", "p=f32,c=f32", "--learning-rate", "2e-5", "-q", *m.extra_args,
     ]
@@ -752,6 +755,8 @@ def main(argv=None) -> int:
             build_base_model(model_dir, a.tokenizer, a)
             print(f"setup: write_random_hf_model -> {model_dir}  ({time.perf_counter() - t0:.1f} s)")
         cache, stream, plan = stream_order(prepared, a.examples, a.batch_size)
+        a.train_examples = plan.train_examples
+        assert round(float(repr(a.examples / a.train_examples)) * a.train_examples) == a.examples
         if len(stream) != a.examples:
             print(f"the plan has {len(stream)} examples, not {a.examples}")
             return 1
@@ -793,18 +798,25 @@ def main(argv=None) -> int:
         for r in all_results:
             if not r.ok:
                 continue
-            same = r.trained == want
+            if r.method.kind == "levanter" and r.method.pack:
+                # the same examples in fewer, denser steps: the totals must match the plan's
+                same = sum(r.trained) == plan.trained_tokens and sum(r.real) == plan.real_tokens
+                verdict = (f"the plan's {a.examples} examples in {r.steps} packed steps" if same
+                           else "DIFFERS from the plan's totals")
+            else:
+                same = r.trained == want
+                verdict = "identical to the plan, step by step" if same else "DIFFERS from the plan: " + str(r.trained)
             extra_note = ""
             if r.method.kind == "hf":
                 extra_note = (f"; Stanford labels vs alpaca prepare's: {r.notes['label_mismatches']} of "
                               f"{len(stream)} examples differ; attention {r.notes['attn_implementation']}, "
                               f"torch threads {r.notes['torch_threads']}")
             print(f"  {r.method.label}: {sum(r.trained):,} trained tokens, {sum(r.real):,} real tokens "
-                  f"({'identical to the plan, step by step' if same else 'DIFFERS from the plan: ' + str(r.trained)})"
+                  f"({verdict})"
                   f"; first/last loss {r.losses[0]:.4f}/{r.losses[-1]:.4f}{extra_note}")
 
         print()
-        print(f"trained tokens/s, real tokens/s, row tok/s and s/step: steps 2..{steps} (step 1 left out: it includes "
+        print(f"trained tokens/s, real tokens/s, row tok/s and s/step: steps 2..S (step 1 left out: it includes "
               "JAX's JIT compilation / torch's warm-up), from step_seconds in metrics.jsonl (Levanter: the jitted "
               "step, data loading excluded) and on_step_begin..on_step_end (HF: forward, backward, optimizer; "
               "collation excluded).")
