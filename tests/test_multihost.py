@@ -15,12 +15,18 @@ from helpers import ALPACA, cli_env, free_port, run_cli
 TRAIN = ["--model", "demo", "--seq-len", "256", "--batch-size", "16", "--precision", "p=f32,c=f32", "-q"]
 
 
-def launch(args, port, *, n=2, devices=2, extra=None):
+def launch(args, port, *, n=2, devices=2, extra=None, flags=False):
+    """n processes of `alpaca ARGS` on localhost, told of each other by the environment variables or, with
+    flags=True, by the README's flags (--coordinator-address, --num-processes, --process-id)."""
     procs = []
     for i in range(n):
-        env = cli_env(devices=devices, ALPACA_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", ALPACA_NUM_PROCESSES=n,
-                      ALPACA_PROCESS_ID=i, ALPACA_HEARTBEAT_TIMEOUT=10, **(extra or {}))
-        procs.append(subprocess.Popen([ALPACA, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        where = {"ALPACA_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "ALPACA_NUM_PROCESSES": n, "ALPACA_PROCESS_ID": i}
+        cmd = [ALPACA, *args]
+        if flags:
+            cmd += ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
+            where = {}
+        env = cli_env(devices=devices, ALPACA_HEARTBEAT_TIMEOUT=10, **where, **(extra or {}))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, start_new_session=True))
     return procs
 
@@ -81,6 +87,17 @@ def test_two_processes_equal_one_process_with_four_devices(where, tmp_path, requ
     assert io.exists(f"{two}/data/cache/shard_ledger.json")
     for name in io.listdir(f"{two}/checkpoints"):
         assert io.exists(f"{two}/checkpoints/{name}/metadata.json")  # every checkpoint complete
+
+    # export on both hosts, as the README's GPU-cluster section runs it (flags, not environment variables):
+    # one process writes it, the other waits for it
+    outs = wait_all(launch(["export", "--run-dir", two], free_port(), extra=extra, flags=True))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert "exported step-8" in outs[0][2] and outs[0][1].strip().endswith("/hf")
+    assert outs[1][1] == "" and "exported" not in outs[1][2]
+    st = json.loads(read(f"{two}/manifest.json"))["stages"]["export"]
+    assert st["status"] == "complete" and st["writer"]["process_index"] == 0
+    assert sorted(io.listdir(f"{two}/hf")) == sorted(st["outputs"]["files"])
+    assert "model.safetensors" in st["outputs"]["files"] and "config.json" in st["outputs"]["files"]
 
 
 @pytest.mark.entry

@@ -9,6 +9,7 @@ base model's own config.json with only the vocabulary size, dtype and special-to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -173,10 +174,11 @@ def _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, pr
             model, lev_config, base_hf_config = load_model(run, checkpoint, tokenizer=tok, axis_mapping=mapping, mesh=mesh)
             with open_run_base(run) as base:
                 converter = base.converter(tok)
-                converter.save_pretrained(
-                    model, staging, save_tokenizer=True, max_shard_size=max_shard, dtype=jnp.dtype(dtype_name),
-                    save_reference_code=False,
-                )
+                with _writer_alone_in_save_state_dict():
+                    converter.save_pretrained(
+                        model, staging, save_tokenizer=True, max_shard_size=max_shard, dtype=jnp.dtype(dtype_name),
+                        save_reference_code=False,
+                    )
             _write_configs(run, staging, tok, dtype_name)
             _write_model_card(run, staging, checkpoint, dtype_name)
             weight_bytes = sum(
@@ -201,6 +203,27 @@ def _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, pr
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _writer_alone_in_save_state_dict():
+    """Workaround for haliax 1.4.dev453: `haliax._src.state_dict.save_state_dict` (which Levanter's
+    `save_pretrained` calls for every safetensors shard) ends with `sync_global_devices`, a collective over every
+    process of the pod. Our export runs on the writer's own devices while the other hosts wait for its outcome
+    (`distributed.on_writer`), so that barrier can never complete: a hang on a TPU or GPU pod, and on CPU processes
+    "Gloo context initialization failed: DEADLINE_EXCEEDED" after 30 s. Inside this block the barrier is skipped.
+    Tested by test_multihost.py::test_two_processes_equal_one_process_with_four_devices (the export on two hosts)."""
+    from haliax._src import state_dict as hax_state_dict
+
+    if distributed.process_count() <= 1:
+        yield
+        return
+    barrier = hax_state_dict.sync_global_devices
+    hax_state_dict.sync_global_devices = lambda name: None
+    try:
+        yield
+    finally:
+        hax_state_dict.sync_global_devices = barrier
 
 
 def _publish(staging: str, out_url: str) -> None:
