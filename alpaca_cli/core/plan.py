@@ -142,17 +142,12 @@ def make_plan(
             hint=f"use a multiple of {row_multiple}",
         )
 
-    # the example stream: every epoch a fresh permutation
+    # the example stream: every epoch a fresh permutation. A step never takes more than batch_size examples, so
+    # steps * batch_size examples are enough for --steps; packed steps may take fewer and leave the tail unused.
     total = steps * batch_size if steps else max(1, int(round(epochs * n)))
-    parts, epoch = [], 0
-
-    def extend_stream() -> None:
-        nonlocal epoch
-        parts.append(ids_all[np.random.default_rng([seed, epoch]).permutation(n)])
-        epoch += 1
-
-    while sum(len(x) for x in parts) < total:
-        extend_stream()
+    stream = np.concatenate(
+        [ids_all[np.random.default_rng([seed, epoch]).permutation(n)] for epoch in range(math.ceil(total / n))]
+    )
 
     if pack:
         # enough rows for a batch of average examples with 5% to spare, and a multiple of the data-parallel slots
@@ -165,28 +160,19 @@ def make_plan(
     step_tokens: list[int] = []
     step_real: list[int] = []
     consumed = 0
-    stream = np.concatenate(parts)
-    while (steps and len(step_tokens) < steps) or (not steps and consumed < total):
-        if consumed >= len(stream):  # --steps beyond the epochs planned so far
-            extend_stream()
-            stream = np.concatenate(parts)
-        limit = len(stream) if steps else total
+    while (len(step_tokens) < steps) if steps else (consumed < total):
         taken: list[int] = []
         if pack:
             packer = _StepPacker(rows_per_step, seq_len, max_segments)
-            while consumed < limit and packer.count < batch_size:
+            while consumed < total and packer.count < batch_size:
                 e = int(stream[consumed])
                 if not packer.add(e, int(lengths[e])):
                     break  # the step is full: this example opens the next one
                 taken.append(e)
                 consumed += 1
-                if consumed >= limit and steps and len(step_tokens) + 1 < steps:
-                    extend_stream()
-                    stream = np.concatenate(parts)
-                    limit = len(stream)
             step_rows = packer.result()
         else:
-            chunk = stream[consumed : min(limit, consumed + batch_size)]
+            chunk = stream[consumed : min(total, consumed + batch_size)]
             taken = chunk.tolist()
             consumed += len(chunk)
             step_rows = [chunk[i : i + 1] for i in range(len(chunk))]
