@@ -1,17 +1,19 @@
-"""Stage configurations and the one precedence rule that resolves them.
+"""Stage configurations, their defaults, and the one precedence rule that resolves them.
 
 Precedence, lowest to highest: dataclass defaults < `--config FILE` (YAML) < `--set a.b=v` < typed flags (`--steps`).
 Typed flags are None when not given and then do not count, so a flag default never beats the config file.
 Unknown keys are errors.
 
-TrainConfig nests Levanter's TrainerConfig and OptimizerConfig and lives in `_train_config.py` so that importing
-this module stays cheap (`alpaca --help` must not import JAX); `config.TrainConfig` loads it on first use.
+Every default lives here once, in a module cheap to import: the commands' help text reads them (`default_text`), and
+`train_config.TrainConfig` (which nests Levanter's TrainerConfig and OptimizerConfig, and so imports JAX) builds its
+Levanter parts from `RECIPE_TRAINER` and `RECIPE_OPTIMIZER`.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, TypeVar
 
@@ -36,6 +38,10 @@ STANFORD_PROMPT_NO_INPUT = (
 RECIPE_MODEL = "meta-llama/Llama-2-7b-hf"
 RECIPE_DATA = "tatsu-lab/alpaca"
 ON_OVERFLOW = ("truncate", "drop", "error")
+MAX_LENGTH_LIMIT = 1 << 20
+"""No model trains on examples longer than this (a million tokens); a larger --max-length is a typo."""
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass
@@ -74,13 +80,17 @@ class PrepareConfig:
 
     def __post_init__(self):
         problems = []
-        if self.max_length < 2:
-            problems.append(f"max_length must be at least 2, got {self.max_length}")
+        if not 2 <= self.max_length <= MAX_LENGTH_LIMIT:
+            problems.append(
+                f"max_length (--max-length) must be between 2 and {MAX_LENGTH_LIMIT:,} tokens, got {self.max_length:,}"
+            )
         if self.on_overflow not in ON_OVERFLOW:
-            problems.append(f"on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}")
+            problems.append(
+                f"on_overflow (--on-overflow) must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}"
+            )
         for name in ("instruction_field", "input_field", "output_field"):
             if not getattr(self, name):
-                problems.append(f"{name} must not be empty")
+                problems.append(f"{name} (--{name.replace('_', '-')}) must not be empty")
         if problems:
             raise ConfigError(problems)
 
@@ -109,13 +119,134 @@ class ExportConfig:
     verify_tolerance: Optional[float] = None
     """Largest allowed |logit difference|. Default: 1e-4 for float32 exports, 5e-2 for 16-bit ones."""
 
+    def __post_init__(self):
+        problems = []
+        if self.dtype is not None:
+            self.dtype = EXPORT_DTYPE_ALIASES.get(self.dtype.lower(), self.dtype.lower())
+        if self.dtype is not None and self.dtype not in EXPORT_DTYPES:
+            problems.append(f"dtype (--dtype) must be one of {', '.join(EXPORT_DTYPES)}, got {self.dtype!r}")
+        if self.step is not None and self.step < 0:
+            problems.append(f"step (--step) must be >= 0, got {self.step}")
+        if self.verify_examples < 1:
+            problems.append(f"verify_examples must be >= 1, got {self.verify_examples}")
+        if self.verify_tolerance is not None and not (self.verify_tolerance > 0 and math.isfinite(self.verify_tolerance)):
+            problems.append(f"verify_tolerance (--verify-tolerance) must be a positive number, got {self.verify_tolerance}")
+        if problems:
+            raise ConfigError(problems)
 
-def __getattr__(name: str):
-    if name == "TrainConfig":
-        from alpaca_cli._train_config import TrainConfig
 
-        return TrainConfig
-    raise AttributeError(name)
+# Stanford's recipe for Levanter's parts of the train config: batch 128, parameters in float32 with bfloat16 compute;
+# AdamW(0.9, 0.999, 1e-8) (the Hugging Face Trainer's defaults), lr 2e-5, weight decay 0, warmup 3% of the steps,
+# cosine decay to 0, gradient clipping at 1.0. `trainer.num_train_steps` 0 means "from `epochs`".
+RECIPE_TRAINER: dict[str, Any] = {"train_batch_size": 128, "num_train_steps": 0, "mp": "p=f32,c=bfloat16", "seed": 0}
+RECIPE_OPTIMIZER: dict[str, Any] = {
+    "learning_rate": 2e-5,
+    "weight_decay": 0.0,
+    "warmup": 0.03,
+    "min_lr_ratio": 0.0,
+    "lr_schedule": "cosine",
+    "beta1": 0.9,
+    "beta2": 0.999,
+    "epsilon": 1e-8,
+    "max_grad_norm": 1.0,
+}
+ATTENTION_BACKENDS = ("auto", "flash", "splash", "vanilla")
+
+
+@dataclass
+class TrainOptions:
+    """`alpaca train`'s own settings (train_config.TrainConfig adds Levanter's `trainer` and `optimizer`)."""
+
+    model_name_or_path: str = RECIPE_MODEL
+    """Base model: a Hub id, a local Hugging Face folder, or a gs:// folder (or `demo`, the built-in tiny Llama)."""
+    seq_len: int = 2048
+    """Row length in tokens (at most the model's context length)."""
+    pack: bool = True
+    """Pack several examples per row, attention kept per example. False pads one example per row."""
+    epochs: float = 3.0
+    """Passes over the prepared data (Stanford: 3). Ignored when trainer.num_train_steps > 0."""
+    tensor_parallel: int = 1
+    """Devices per tensor-parallel group (MLP and attention heads, kv heads included, are split over them)."""
+    attention: str = "auto"
+    """Attention kernel: auto (what is known to work with packed rows on the platform), flash (Levanter's JAX
+    flash attention), splash (TPU Pallas kernel) or vanilla (plain softmax attention, memory quadratic in the row)."""
+    attention_block: Optional[int] = None
+    """Block size of flash/splash attention (rows must be a multiple of it). Default: chosen per platform and row."""
+    remat: bool = True
+    """Gradient checkpointing: recompute each layer in the backward pass (less memory; off is ~25% faster)."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every N steps (besides the time-based one and the final one)."""
+    checkpoint_minutes: float = 10.0
+    """Save a checkpoint at least this often, in minutes."""
+    keep_checkpoints: int = 1
+    """Keep the newest N complete checkpoints (older ones are deleted once a newer one is complete); 0 keeps all.
+    The final checkpoint is the newest one."""
+    max_segments_per_row: int = 64
+    """Most examples packed into one row."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of the prepared examples and report their loss."""
+    val_data: Optional[str] = None
+    """A separate file of records for the held-out loss (prepared like the training data)."""
+    eval_every: int = 100
+    """Steps between held-out evaluations."""
+    wandb_project: Optional[str] = None
+    """Log to Weights & Biases under this project (WANDB_MODE=offline is honoured)."""
+    tensorboard_dir: Optional[str] = None
+    """Also write TensorBoard event files here (needs tensorboardX)."""
+    prompts: Optional[PromptTemplates] = None
+    """Accepted so that tutorial YAML files work; must equal the templates the run was prepared with."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings (the subclass adds the Levanter parts' problems and raises)."""
+        p = []
+        if self.seq_len < 8:
+            p.append(f"seq_len (--seq-len) must be at least 8, got {self.seq_len}")
+        if not math.isfinite(self.epochs) or self.epochs < 0:
+            p.append(f"epochs (--epochs) must be a positive number, got {self.epochs}")
+        if self.tensor_parallel < 1:
+            p.append(f"tensor_parallel (--tensor-parallel) must be >= 1, got {self.tensor_parallel}")
+        if self.attention not in ATTENTION_BACKENDS:
+            p.append(f"attention (--attention) must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+        if self.attention_block is not None and self.attention_block < 1:
+            p.append(f"attention_block (--attention-block) must be >= 1, got {self.attention_block}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            p.append(f"val_fraction (--val-fraction) must be in [0, 1), got {self.val_fraction}")
+        if self.val_fraction and self.val_data:
+            p.append("give val_fraction or val_data, not both")
+        if self.checkpoint_every < 1:
+            p.append(f"checkpoint_every (--checkpoint-every) must be >= 1, got {self.checkpoint_every}")
+        if not math.isfinite(self.checkpoint_minutes) or self.checkpoint_minutes <= 0:
+            p.append(f"checkpoint_minutes (--checkpoint-minutes) must be > 0, got {self.checkpoint_minutes}")
+        if self.keep_checkpoints < 0:
+            p.append(f"keep_checkpoints (--keep-checkpoints) must be >= 0, got {self.keep_checkpoints}")
+        if self.max_segments_per_row < 1:
+            p.append(f"max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
+        if self.eval_every < 1:
+            p.append(f"eval_every (--eval-every) must be >= 1, got {self.eval_every}")
+        return p
+
+
+def default_text(cls: type, key: str) -> str:
+    """`Default: X.` for a config key, read from the one place the default lives (for help texts)."""
+    value = default_value(cls, key)
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        value = "on" if value else "off"
+    return f"Default: {value}."
+
+
+def default_value(cls: type, key: str) -> Any:
+    """The default of a (dotted) config key of PrepareConfig, ExportConfig or TrainOptions (`trainer.` and
+    `optimizer.` keys come from the recipe tables)."""
+    head, _, rest = key.partition(".")
+    if cls is TrainOptions and head == "trainer":
+        return RECIPE_TRAINER.get(rest)
+    if cls is TrainOptions and head == "optimizer":
+        return RECIPE_OPTIMIZER.get(rest)
+    f = {f.name: f for f in dataclasses.fields(cls)}[head]
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return default_value(type(value), rest) if rest else value
 
 
 # -- the precedence rule ------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 from rich.console import Console
@@ -44,6 +45,15 @@ class BarProgress:
             self._progress = None
 
 
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 def step_progress_factory():
     """A factory for a live training line on stderr (step/total, loss, examples/s, tokens/s, ETA), or None when
     stderr is not a terminal (training then logs a line every 10 s)."""
@@ -68,8 +78,6 @@ class LiveStepProgress:
         self._task = self._progress.add_task("train", total=total, completed=start, info="compiling...")
 
     def update(self, step: int, loss: float, ex_per_s: float, tok_per_s: float, eta_s: float) -> None:
-        from alpaca_cli.core.hooks import format_eta
-
         self._progress.update(
             self._task,
             completed=step,

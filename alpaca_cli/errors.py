@@ -33,3 +33,40 @@ class StageError(AlpacaError):
 
 class DataError(AlpacaError):
     """The training data cannot be read or a record is malformed."""
+
+
+class InternalError(AlpacaError):
+    """Something alpaca did not expect: a bug, reported in one line (ALPACA_DEBUG=1 shows the traceback)."""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def explain(e: BaseException) -> AlpacaError:
+    """The one-line error a user sees for any exception: handled ones as they are, the file system's and the
+    accelerator's in words that say what to do, anything else as an internal error."""
+    import errno
+
+    if isinstance(e, AlpacaError):
+        return e
+    text = str(e)
+    if isinstance(e, OSError) and e.errno is not None:
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
+            return RunDirError(f"cannot write{where}: {reason}",
+                               hint="use a --run-dir (or --output) you can write to, or fix its permissions")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return RunDirError(f"no space left on the device writing{where}",
+                               hint="free some space (old checkpoints: --keep-checkpoints) or use another --run-dir")
+    if "No space left on device" in text or "ENOSPC" in text:
+        return RunDirError("no space left on the device (while writing a cache or checkpoint)",
+                           hint="free some space (old checkpoints: --keep-checkpoints) or use another --run-dir")
+    if "RESOURCE_EXHAUSTED" in text and ("memory" in text.lower() or "allocat" in text.lower()):
+        return StageError("out of accelerator memory",
+                          hint="lower --per-device-rows or --seq-len, keep --remat on, add devices (FSDP) or "
+                               "--tensor-parallel; `alpaca train --dry-run` estimates the memory")
+    return InternalError(f"internal error: {type(e).__name__}: {_first_line(e)}",
+                         hint="please report it with the traceback (ALPACA_DEBUG=1)")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli import __version__
+from alpaca_cli import __version__, logs
 from alpaca_cli.commands import export, generate, inspect, prepare, status, train
+from alpaca_cli import errors
 from alpaca_cli.errors import AlpacaError
 
 app = typer.Typer(
@@ -40,24 +40,7 @@ def root(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log details (Levanter's too) to stderr.")] = False,
 ) -> None:
     """Stanford-Alpaca-style instruction tuning on Levanter."""
-    _setup_logging(verbose)
-
-
-def _setup_logging(verbose: bool) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
-    root_logger = logging.getLogger()
-    root_logger.handlers[:] = [handler]
-    root_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("alpaca_cli").setLevel(logging.INFO)
-    # Levanter warns "Unknown leaf type <class 'NoneType'>" for every empty optional field of a state it restores
-    # from a checkpoint (levanter/tensorstore_serialization.py, _sharding_from_leaf); the warning is harmless.
-    logging.getLogger("levanter.tensorstore_serialization").addFilter(
-        lambda r: "Unknown leaf type <class 'NoneType'>" not in r.getMessage()
-    )
-    # ...and "No checkpoints found in ..." as a warning at the start of every fresh run.
-    logging.getLogger("levanter.checkpoint").addFilter(lambda r: "No checkpoints found in" not in r.getMessage())
+    logs.setup(verbose)
 
 
 for _module in (prepare, inspect, train, export, generate, status):
@@ -72,17 +55,32 @@ def format_error(e: AlpacaError) -> str:
 
 
 def main() -> None:
-    """Console entry point: handled failures print one line (and a hint) on stderr and exit 1."""
+    """Console entry point, and the one error boundary: every failure is one `Error: ...` line (and a hint) on
+    stderr, never a traceback (ALPACA_DEBUG=1 shows it). Handled failures and bugs exit 1, Ctrl-C 130."""
     try:
         app()
+    except KeyboardInterrupt:
+        if os.environ.get("ALPACA_DEBUG"):
+            raise
+        _print_error(AlpacaError("interrupted", hint="run the same command again to continue"))
+        sys.exit(130)
     except AlpacaError as e:
         if os.environ.get("ALPACA_DEBUG"):
             raise
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False, soft_wrap=True).print(format_error(e), style="red", markup=False)
-        print("(set ALPACA_DEBUG=1 for the traceback)", file=sys.stderr)
+        _print_error(errors.explain(e))
         sys.exit(1)
+    except Exception as e:  # noqa: BLE001 - the boundary: whatever escaped is reported in one line
+        if os.environ.get("ALPACA_DEBUG"):
+            raise
+        _print_error(errors.explain(e))
+        sys.exit(1)
+
+
+def _print_error(e: AlpacaError) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False, soft_wrap=True).print(format_error(e), style="red", markup=False)
+    print("(set ALPACA_DEBUG=1 for the traceback)", file=sys.stderr)
 
 
 if __name__ == "__main__":

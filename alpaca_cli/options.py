@@ -44,3 +44,11 @@ ProcessIdOpt = Annotated[
     typer.Option(help="Multi-host: this process's index (0 writes the shared files).", show_default=False,
                  envvar="ALPACA_PROCESS_ID", rich_help_panel="Multi-host"),
 ]
+
+
+def describe(text: str, cls: type, key: str, *, default: bool = True) -> str:
+    """A flag's help: what it does, its default (read from the config dataclass, never written twice), its key."""
+    from alpaca_cli.config import default_text
+
+    parts = [text, default_text(cls, key) if default else "", f"Config key: {key}."]
+    return " ".join(p for p in parts if p)

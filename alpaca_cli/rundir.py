@@ -2,15 +2,17 @@
 
 ```
 RUN/
-  manifest.json      schema_version, versions, stages{prepare,train,export}: status, times, config, inputs, outputs
+  manifest.json      schema_version, versions, and one typed record per stage (records.py)
   configs/           prepare.yaml train.yaml export.yaml: the resolved configuration of each stage
   tokenizer/         the tokenizer as prepared (with [PAD] when it was added)
   data/cache/        the Levanter token cache (input_ids, targets, source_index)
   data/stats.json    what prepare counted
+  data/val/<fp>/     held-out records (--val-data) prepared like the training data
+  base/              the base model's config.json (and generation_config.json): export and generate need no Hub
   checkpoints/       Levanter checkpoints (step-N/)
   metrics.jsonl      one JSON object per training step
   logs/              log files (local runs)
-  hf/                the exported Hugging Face checkpoint (default export location)
+  hf/                the exported Hugging Face checkpoint (default export directory)
 ```
 
 Every path in the manifest is relative to the run directory, so a run can be copied or moved (e.g. to gs://).
@@ -22,16 +24,33 @@ import datetime as _dt
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Optional, TypeVar
 
 from alpaca_cli import io
 from alpaca_cli.errors import RunDirError
+from alpaca_cli.records import (
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
+    RECORD_TYPES,
+    RUNNING,
+    SCHEMA_VERSION,
+    STAGES,
+    ExportRecord,
+    PrepareRecord,
+    StageRecord,
+    TrainRecord,
+    Writer,
+)
 
-SCHEMA_VERSION = 1
-STAGES = ("prepare", "train", "export")
+R = TypeVar("R", bound=StageRecord)
+
 _MAKES = {"prepare": "alpaca prepare", "train": "alpaca train", "export": "alpaca export"}
+HEARTBEAT_SECONDS = 60.0
+"""How often a running stage refreshes its heartbeat (at most): `status` calls it stale after a few misses."""
 
-RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+__all__ = ["RunDir", "open_run", "read_manifest", "default_run_dir", "now", "STAGES", "SCHEMA_VERSION",
+           "RUNNING", "COMPLETE", "FAILED", "INTERRUPTED"]
 
 
 def default_run_dir() -> str:
@@ -42,11 +61,11 @@ def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions() -> dict[str, Optional[str]]:
     """Versions of what computes the results, read from package metadata (no heavy imports)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out: dict[str, str | None] = {}
+    out: dict[str, Optional[str]] = {}
     for name in ("alpaca-cli", "levanter", "haliax", "jax", "jaxlib", "transformers", "tokenizers"):
         try:
             out[name] = version(name)
@@ -56,12 +75,51 @@ def package_versions() -> dict[str, str | None]:
 
 
 @dataclass
+class Manifest:
+    schema_version: int = SCHEMA_VERSION
+    alpaca_version: str = ""
+    created: str = ""
+    updated: Optional[str] = None
+    stages: dict[str, StageRecord] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        import draccus
+
+        obj = {
+            "schema_version": self.schema_version,
+            "alpaca_version": self.alpaca_version,
+            "created": self.created,
+            "updated": self.updated,
+            "stages": {name: draccus.encode(rec) for name, rec in self.stages.items()},
+        }
+        return json.dumps(obj, indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, obj: dict, path: str) -> "Manifest":
+        import draccus
+
+        stages: dict[str, StageRecord] = {}
+        for name, raw in (obj.get("stages") or {}).items():
+            if name not in RECORD_TYPES:
+                raise RunDirError(f"{path}: unknown stage {name!r}")
+            try:
+                stages[name] = draccus.decode(RECORD_TYPES[name], raw)
+            except Exception as e:  # noqa: BLE001 - draccus' DecodingError names the field
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise RunDirError(f"{path}: the `{name}` record is malformed ({first})",
+                                  hint="restore the manifest, or start a new --run-dir") from None
+        return cls(schema_version=obj["schema_version"], alpaca_version=obj.get("alpaca_version", ""),
+                   created=obj.get("created", ""), updated=obj.get("updated"), stages=stages)
+
+
+@dataclass
 class RunDir:
     """A run directory, local or remote. Only the writer process (process 0 of a pod) changes it."""
 
     url: str
     writer: bool = True
-    manifest: dict[str, Any] = field(default_factory=dict)
+    manifest: Manifest = field(default_factory=lambda: _empty_manifest())
+    _local_logs: Optional[str] = field(default=None, repr=False)
 
     # -- layout -------------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -79,10 +137,6 @@ class RunDir:
         return self.path("tokenizer")
 
     @property
-    def data_dir(self) -> str:
-        return self.path("data")
-
-    @property
     def cache_dir(self) -> str:
         return self.path("data", "cache")
 
@@ -90,9 +144,22 @@ class RunDir:
     def stats_path(self) -> str:
         return self.path("data", "stats.json")
 
+    def val_cache_dir(self, fingerprint: str) -> str:
+        """Held-out records prepared like the training data, one folder per (data, preparation) fingerprint."""
+        return self.path("data", "val", fingerprint[:16])
+
+    @property
+    def base_dir(self) -> str:
+        """The base model's config files (no weights): export and generate rebuild its shape from them."""
+        return self.path("base")
+
     @property
     def checkpoints_dir(self) -> str:
         return self.path("checkpoints")
+
+    def checkpoint_dir(self, step: int) -> str:
+        """Levanter's name for the checkpoint saved after step + 1 optimizer updates."""
+        return self.path("checkpoints", f"step-{step}")
 
     @property
     def metrics_path(self) -> str:
@@ -102,8 +169,22 @@ class RunDir:
     def logs_dir(self) -> str:
         return self.path("logs")
 
+    def local_logs_dir(self) -> str:
+        """Where this process writes log files (Levanter's, W&B's): RUN/logs for a local run, a temporary folder
+        for a remote one (log files are appended to, which object stores cannot do)."""
+        if self._local_logs is None:
+            if io.is_remote(self.url):
+                import tempfile
+
+                self._local_logs = tempfile.mkdtemp(prefix="alpaca-logs-")
+            else:
+                os.makedirs(self.logs_dir, exist_ok=True)
+                self._local_logs = self.logs_dir
+        return self._local_logs
+
     @property
     def export_dir(self) -> str:
+        """The default export directory."""
         return self.path("hf")
 
     @property
@@ -122,70 +203,99 @@ class RunDir:
             return rel
         return self.path(rel)
 
-    # -- manifest -----------------------------------------------------------------------------------------------
-    def reload(self) -> dict[str, Any]:
-        self.manifest = read_manifest(self.url) or _empty_manifest()
-        return self.manifest
+    def load_tokenizer(self):
+        """The tokenizer as prepared (transformers), copied from a remote run directory when needed."""
+        from transformers import AutoTokenizer
 
-    def save(self) -> None:
-        if not self.writer:
-            return
-        self.manifest["updated"] = now()
-        io.write_text_atomic(self.manifest_path, json.dumps(self.manifest, indent=2, sort_keys=False) + "\n")
+        with io.local_dir(self.tokenizer_dir) as local:
+            return AutoTokenizer.from_pretrained(local)
 
-    def stage(self, name: str) -> dict[str, Any] | None:
-        return self.manifest.get("stages", {}).get(name)
+    # -- records ------------------------------------------------------------------------------------------------
+    @property
+    def prepare(self) -> Optional[PrepareRecord]:
+        return self.manifest.stages.get("prepare")  # type: ignore[return-value]
+
+    @property
+    def train(self) -> Optional[TrainRecord]:
+        return self.manifest.stages.get("train")  # type: ignore[return-value]
+
+    @property
+    def export(self) -> Optional[ExportRecord]:
+        return self.manifest.stages.get("export")  # type: ignore[return-value]
+
+    def stage(self, name: str) -> Optional[StageRecord]:
+        return self.manifest.stages.get(name)
 
     def is_complete(self, name: str) -> bool:
         st = self.stage(name)
-        return bool(st) and st.get("status") == COMPLETE
+        return st is not None and st.complete
 
-    def require(self, name: str) -> dict[str, Any]:
+    def require(self, name: str) -> StageRecord:
         """The stage's record, or an error naming the command that makes it."""
         st = self.stage(name)
-        if not st or st.get("status") != COMPLETE:
-            state = "no" if not st else f"an incomplete ({st.get('status')})"
+        if st is None or not st.complete:
+            state = "no" if st is None else f"an incomplete ({st.status})"
             raise RunDirError(
                 f"run {self.url} has {state} `{name}` stage; run `{_MAKES[name]} --run-dir {self.url}` first"
             )
         return st
 
-    def start_stage(self, name: str, *, config: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
-        stages = self.manifest.setdefault("stages", {})
-        stages[name] = {
-            "status": RUNNING,
-            "started": now(),
-            "finished": None,
-            "config": config,
-            "inputs": inputs or {},
-            "outputs": {},
-            "summary": {},
-            "versions": package_versions(),
-            "writer": _writer_info(),
-        }
-        self.save()
+    def require_prepare(self) -> PrepareRecord:
+        return self.require("prepare")  # type: ignore[return-value]
 
-    def update_stage(self, name: str, **fields: Any) -> None:
-        st = self.manifest.setdefault("stages", {}).setdefault(name, {})
-        for key, value in fields.items():
-            if isinstance(value, dict) and isinstance(st.get(key), dict):
-                st[key].update(value)
-            else:
-                st[key] = value
-        self.save()
+    def require_train(self) -> TrainRecord:
+        return self.require("train")  # type: ignore[return-value]
 
-    def complete_stage(self, name: str, *, outputs: dict[str, Any] | None = None, summary: dict | None = None) -> None:
-        self.update_stage(name, status=COMPLETE, finished=now(), outputs=outputs or {}, summary=summary or {})
+    def sync_from_writer(self) -> None:
+        """Make every process of a pod see process 0's manifest (no-op on one process)."""
+        from alpaca_cli import distributed
 
-    def fail_stage(self, name: str, error: str) -> None:
-        st = self.stage(name)
-        if st is None or st.get("status") == COMPLETE:
+        if distributed.process_count() > 1:
+            text = distributed.broadcast(self.manifest.to_json())
+            self.manifest = Manifest.from_json(json.loads(text), self.manifest_path)
+
+    # -- writing ------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.writer:
             return
-        self.update_stage(name, status=FAILED, finished=now(), error=error)
+        self.manifest.updated = now()
+        io.write_text_atomic(self.manifest_path, self.manifest.to_json())
 
-    def drop_stages(self, *names: str) -> None:
-        for name in names:
-            self.manifest.get("stages", {}).pop(name, None)
+    def start_stage(self, name: str, record: R) -> R:
+        """Record a stage as running (by this process, now) and write the manifest."""
+        record.status = RUNNING
+        record.started = record.started or now()
+        record.heartbeat = now()
+        record.finished = None
+        record.error = None
+        record.versions = package_versions()
+        record.writer = _writer()
+        self.manifest.stages[name] = record
+        self.save()
+        return record
+
+    def touch(self, name: str) -> None:
+        """Refresh a running stage's heartbeat (and write whatever else changed in its record)."""
+        st = self.stage(name)
+        if st is not None:
+            st.heartbeat = now()
+        self.save()
+
+    def complete_stage(self, name: str) -> None:
+        st = self.manifest.stages[name]
+        st.status = COMPLETE
+        st.finished = now()
+        st.heartbeat = None
+        self.save()
+
+    def fail_stage(self, name: str, error: str, *, interrupted: bool = False) -> None:
+        """Mark a running stage failed (or interrupted); a complete one stays complete."""
+        st = self.stage(name)
+        if st is None or st.complete:
+            return
+        st.status = INTERRUPTED if interrupted else FAILED
+        st.finished = now()
+        st.error = error
         self.save()
 
     def write_config(self, stage: str, text: str) -> None:
@@ -193,46 +303,70 @@ class RunDir:
             io.write_text_atomic(self.config_path(stage), text)
 
 
-def _writer_info() -> dict[str, Any]:
+def _writer() -> Writer:
     """Which process wrote the stage (process 0 of N on a pod)."""
     import socket
 
-    from alpaca_cli.core import distributed
+    from alpaca_cli import distributed
 
-    return {
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "process_index": distributed.process_index(),
-        "process_count": distributed.process_count(),
-    }
+    return Writer(host=socket.gethostname(), pid=os.getpid(), process_index=distributed.process_index(),
+                  process_count=distributed.process_count())
 
 
-def _empty_manifest() -> dict[str, Any]:
+def liveness(st: StageRecord, *, stale_after_s: float = 5 * HEARTBEAT_SECONDS) -> str:
+    """For a stage whose record says `running`: `running`, or why it is not (its process is gone, or its
+    heartbeat stopped). Other states are returned as they are."""
+    import socket
+
+    if st.status != RUNNING:
+        return st.status
+    if st.writer.host == socket.gethostname() and st.writer.pid and not _pid_alive(st.writer.pid):
+        return f"dead (process {st.writer.pid} on {st.writer.host} is gone)"
+    if st.heartbeat:
+        age = (_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(st.heartbeat)).total_seconds()
+        if age > stale_after_s:
+            return f"stale (no sign of life for {int(age // 60)} min)"
+    return RUNNING
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _empty_manifest() -> Manifest:
     from alpaca_cli import __version__
 
-    return {"schema_version": SCHEMA_VERSION, "alpaca_version": __version__, "created": now(), "stages": {}}
+    return Manifest(schema_version=SCHEMA_VERSION, alpaca_version=__version__, created=now())
 
 
-def read_manifest(url: str) -> dict[str, Any] | None:
-    """The manifest at url, None when there is none; RunDirError when it is unreadable or from the future."""
+def read_manifest(url: str) -> Optional[Manifest]:
+    """The manifest at url, None when there is none; RunDirError when it is unreadable or from another version."""
     path = io.join(url, "manifest.json")
     try:
         text = io.read_text(path)
     except FileNotFoundError:
         return None
+    except NotADirectoryError:
+        raise RunDirError(f"--run-dir {url} is a file, not a directory") from None
     except OSError as e:
         raise RunDirError(f"cannot read {path}: {e}") from e
     try:
-        manifest = json.loads(text)
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise RunDirError(f"{path} is not valid JSON ({e}); restore it or start a new --run-dir") from e
-    version = manifest.get("schema_version")
+    version = obj.get("schema_version") if isinstance(obj, dict) else None
     if version != SCHEMA_VERSION:
         raise RunDirError(
             f"{path} has manifest schema_version {version!r}, this alpaca reads {SCHEMA_VERSION}",
             hint="use the alpaca version that made this run, or start a new --run-dir",
         )
-    return manifest
+    return Manifest.from_json(obj, path)
 
 
 def open_run(url: str | None, *, create: bool = False, writer: bool = True) -> RunDir:
@@ -241,6 +375,8 @@ def open_run(url: str | None, *, create: bool = False, writer: bool = True) -> R
     create=False: the run must exist (have a manifest). create=True: start one if there is none.
     """
     url = io.normalize(url or default_run_dir())
+    if not io.is_remote(url) and os.path.exists(url) and not os.path.isdir(url):
+        raise RunDirError(f"--run-dir {url} is a file, not a directory", hint="give a directory (new or existing)")
     manifest = read_manifest(url)
     if manifest is None:
         if not create:

@@ -19,6 +19,32 @@ DEMO_TOKENIZER = os.path.join(REPO, "alpaca_cli", "assets", "demo_tokenizer")
 ALPACA = os.path.join(os.path.dirname(sys.executable), "alpaca")
 
 
+def read_records(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def prepared_examples(run_url: str) -> dict:
+    """{source index: (input_ids, labels)} read back from a run's cache."""
+    from alpaca_cli import io
+    from alpaca_cli.core import cache as cachemod
+
+    c = cachemod.open_cache(io.join(run_url, "data", "cache"))
+    out = {}
+    for row in c.rows(range(len(c))):
+        labels = cachemod.labels(row["input_ids"], row["targets"]).tolist()
+        out[int(row["source_index"][0])] = (row["input_ids"].tolist(), labels)
+    return out
+
+
+def stanford_examples(records, tok, max_length: int = 512, **kw) -> dict:
+    """Stanford's (input_ids, labels) by record index, without the ones that train on nothing (which we drop)."""
+    from stanford_reference import preprocess
+
+    ids, labels = preprocess(records, tok, model_max_length=max_length, **kw)
+    return {i: (ids[i], labels[i]) for i in range(len(records)) if any(x != -100 for x in labels[i][1:])}
+
+
 def write_jsonl(path: str, records) -> str:
     with open(path, "w") as f:
         for r in records:

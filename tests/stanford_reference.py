@@ -10,6 +10,10 @@ input ids with the first len(source) ids replaced by -100, where len counts the 
 from __future__ import annotations
 
 IGNORE_INDEX = -100
+DEFAULT_PAD_TOKEN = "[PAD]"
+DEFAULT_EOS_TOKEN = "</s>"
+DEFAULT_BOS_TOKEN = "<s>"
+DEFAULT_UNK_TOKEN = "<unk>"
 
 PROMPT_DICT = {
     "prompt_input": (
@@ -23,6 +27,27 @@ PROMPT_DICT = {
         "### Instruction:\n{instruction}\n\n### Response:"
     ),
 }
+
+
+def stanford_tokenizer(path, *, use_fast=False, model_max_length=512, **kwargs):
+    """The tokenizer as Stanford's train.py loads it: transformers directly, slow (sentencepiece) by default,
+    right padding, and the special tokens it lacks added (`smart_tokenizer_and_embedding_resize`'s dict)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        path, model_max_length=model_max_length, padding_side="right", use_fast=use_fast, **kwargs
+    )
+    special_tokens_dict = dict()
+    if tokenizer.pad_token is None:
+        special_tokens_dict["pad_token"] = DEFAULT_PAD_TOKEN
+    if tokenizer.eos_token is None:
+        special_tokens_dict["eos_token"] = DEFAULT_EOS_TOKEN
+    if tokenizer.bos_token is None:
+        special_tokens_dict["bos_token"] = DEFAULT_BOS_TOKEN
+    if tokenizer.unk_token is None:
+        special_tokens_dict["unk_token"] = DEFAULT_UNK_TOKEN
+    tokenizer.add_special_tokens(special_tokens_dict)
+    return tokenizer
 
 
 def _tokenize_fn(strings, tokenizer, model_max_length):

@@ -5,12 +5,13 @@ import subprocess
 import sys
 
 import pytest
-from helpers import cli_env, error_line, run_cli
+from helpers import cli_env, error_line, read_records, run_cli
 from typer.testing import CliRunner
 
 from alpaca_cli import __version__
 from alpaca_cli.errors import RunDirError
 from alpaca_cli.main import app
+from alpaca_cli.rundir import open_run
 
 runner = CliRunner()
 
@@ -62,11 +63,13 @@ def test_handled_error_is_one_line_and_exit_1(tmp_path):
 
 def test_prepare_inspect_status_through_the_cli(tmp_path, fixture_data, tokenizer_dir):
     from stanford_reference import preprocess
-    from test_prepare import read_records, stanford_tokenizer
+    from stanford_reference import stanford_tokenizer
 
     run = str(tmp_path / "run")
     out = run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128"])
-    assert "records read" in out.stdout and "16" in out.stdout
+    table = _table_rows(out.stdout)
+    assert table["records read"] == str(len(read_records(fixture_data)))
+    assert table["examples kept"] == str(open_run(run).prepare.summary.examples)
     again = run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128"])
     assert "reused" in again.stdout
     stale = run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run], check=False)
@@ -96,5 +99,15 @@ def test_bad_flag_values_are_clear(tmp_path, fixture_data, tokenizer_dir):
     proc = run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", str(tmp_path / "r"),
                     "--on-overflow", "chop"], check=False)
     assert proc.returncode == 1
-    assert error_line(proc) == "Error: on_overflow must be one of truncate, drop, error, got 'chop'"
+    assert error_line(proc) == "Error: on_overflow (--on-overflow) must be one of truncate, drop, error, got 'chop'"
     assert not (tmp_path / "r").exists()
+
+
+def _table_rows(text: str) -> dict:
+    """The label -> value rows of a rich table printed on stdout."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│┃").split("│")]
+        if len(cells) == 2 and cells[0]:
+            rows[cells[0]] = cells[1]
+    return rows

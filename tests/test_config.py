@@ -3,7 +3,7 @@
 import pytest
 
 from alpaca_cli import config as cfgmod
-from alpaca_cli._train_config import adapt_tutorial_yaml
+from alpaca_cli.train_config import TrainConfig, adapt_tutorial_yaml
 from alpaca_cli.errors import ConfigError
 
 TUTORIAL_YAML = """\
@@ -45,7 +45,7 @@ prompts:
 
 
 def test_train_defaults_are_stanfords_recipe():
-    c = cfgmod.load_config(cfgmod.TrainConfig)
+    c = cfgmod.load_config(TrainConfig)
     assert c.model_name_or_path == "meta-llama/Llama-2-7b-hf"
     assert c.batch_size == 128 and c.epochs == 3 and c.steps is None and c.seq_len == 2048 and c.pack
     o = c.optimizer
@@ -61,7 +61,7 @@ def test_train_defaults_are_stanfords_recipe():
 def test_precedence_file_then_set_then_flags(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optimizer:\n  learning_rate: 1.0e-5\n  beta2: 0.95\nseq_len: 1024\nepochs: 2\n")
-    c = cfgmod.load_config(cfgmod.TrainConfig, str(path), ["optimizer.beta2=0.98", "seq_len=512"], {"seq_len": 256, "epochs": None})
+    c = cfgmod.load_config(TrainConfig, str(path), ["optimizer.beta2=0.98", "seq_len=512"], {"seq_len": 256, "epochs": None})
     assert c.optimizer.learning_rate == 1e-5  # file
     assert c.optimizer.beta2 == 0.98  # --set beats file
     assert c.seq_len == 256  # flag beats --set
@@ -72,7 +72,7 @@ def test_precedence_file_then_set_then_flags(tmp_path):
 def test_tutorial_alpaca_yaml_works_as_it_is(tmp_path):
     path = tmp_path / "alpaca-llama2.yaml"
     path.write_text(TUTORIAL_YAML)
-    c = cfgmod.load_config(cfgmod.TrainConfig, str(path), file_adapter=adapt_tutorial_yaml)
+    c = cfgmod.load_config(TrainConfig, str(path), file_adapter=adapt_tutorial_yaml)
     assert c.model_name_or_path == "NousResearch/Llama-2-7b-hf"
     assert c.steps == 1218 and c.batch_size == 128 and c.wandb_project == "levanter-alpaca"
     assert c.prompts.prompt_no_input == cfgmod.STANFORD_PROMPT_NO_INPUT
@@ -84,7 +84,12 @@ def test_tutorial_alpaca_yaml_works_as_it_is(tmp_path):
     [
         (["trainer.nope=1"], r"unknown config key: .*nope"),
         (["nope=1"], r"unknown config key: .*nope"),
-        (["seq_len=4"], "seq_len must be at least 8"),
+        (["seq_len=4"], r"seq_len \(--seq-len\) must be at least 8"),
+        (["optimizer.learning_rate=.nan"], r"optimizer.learning_rate \(--learning-rate\) must be a finite number"),
+        (["optimizer.learning_rate=-1e-5"], r"learning_rate .*must be a finite number >= 0.0, got -1e-05"),
+        (["optimizer.learning_rate=0"], r"learning_rate \(--learning-rate\) is 0"),
+        (["attention=fast"], r"attention \(--attention\) must be one of auto, flash, splash, vanilla"),
+        (["keep_checkpoints=-1"], r"keep_checkpoints \(--keep-checkpoints\) must be >= 0"),
         (["trainer.id=x"], "trainer.id is set by alpaca"),
         (["val_fraction=0.1", "val_data=x.jsonl"], "val_fraction or val_data, not both"),
         (["novalue"], "not of the form key=value"),
@@ -92,7 +97,7 @@ def test_tutorial_alpaca_yaml_works_as_it_is(tmp_path):
 )
 def test_bad_train_config_is_one_clear_error(sets, message):
     with pytest.raises(ConfigError, match=message):
-        cfgmod.load_config(cfgmod.TrainConfig, None, sets)
+        cfgmod.load_config(TrainConfig, None, sets)
 
 
 def test_config_file_errors(tmp_path):
@@ -109,8 +114,45 @@ def test_config_file_errors(tmp_path):
 
 
 def test_resolved_config_dumps_and_reloads(tmp_path):
-    c = cfgmod.load_config(cfgmod.TrainConfig, None, ["optimizer.learning_rate=3e-4", "seq_len=512"])
+    c = cfgmod.load_config(TrainConfig, None, ["optimizer.learning_rate=3e-4", "seq_len=512"])
     path = tmp_path / "train.yaml"
     path.write_text(cfgmod.dump(c))
-    again = cfgmod.load_config(cfgmod.TrainConfig, str(path))
+    again = cfgmod.load_config(TrainConfig, str(path))
     assert cfgmod.encode(again) == cfgmod.encode(c)
+
+
+def test_help_defaults_are_the_configs_defaults():
+    """Help texts read defaults from config.py (cheap to import); TrainConfig builds Levanter's parts from the
+    same tables. Every flag's advertised default is the value a run gets."""
+    import dataclasses
+
+    import draccus
+
+    from alpaca_cli.config import TrainOptions, default_value
+
+    resolved = draccus.encode(cfgmod.load_config(TrainConfig))
+    keys = [f.name for f in dataclasses.fields(TrainOptions)]
+    keys += [f"trainer.{k}" for k in cfgmod.RECIPE_TRAINER] + [f"optimizer.{k}" for k in cfgmod.RECIPE_OPTIMIZER]
+    for key in keys:
+        node = resolved
+        for part in key.split("."):
+            node = node[part]
+        expected = default_value(TrainOptions, key)
+        if key == "trainer.mp":  # the policy's string form, resolved
+            import jmp
+
+            assert str(jmp.get_policy(expected)) == str(cfgmod.load_config(TrainConfig).trainer.mp)
+            continue
+        assert node == (draccus.encode(expected) if dataclasses.is_dataclass(expected) else expected), key
+
+
+def test_help_shows_the_defaults():
+    from typer.testing import CliRunner
+
+    from alpaca_cli.main import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "Peak learning rate. Default: 2e-05. Config key: optimizer.learning_rate." in out
+    assert "Default: 3.0. Config key: epochs." in out
+    prep = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "300"}).stdout
+    assert "Default: 512. Config key: max_length." in prep

@@ -10,8 +10,9 @@ import shutil
 import numpy as np
 import pytest
 from fake_hub import FakeHub
-from helpers import cli_env, error_line, make_tiny_llama, run_cli
-from test_prepare import read_records
+from helpers import cli_env, error_line, make_tiny_llama, read_records, run_cli
+
+from alpaca_cli.rundir import open_run
 
 FEW = 6
 
@@ -29,7 +30,7 @@ def trained_template(tmp_path_factory, tokenizer_dir):
     run = str(root / "run")
     run_cli(["prepare", "--data", data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128", "-q"])
     run_cli(["train", "--run-dir", run, "--model", model_dir, "--seq-len", "128", "--batch-size", "6", "--steps", "80",
-             "--learning-rate", "1e-2", "--warmup", "0.05", "--precision", "p=f32,c=f32", "--checkpoint-every", "40", "-q"])
+             "--learning-rate", "1e-2", "--warmup", "0.05", "--precision", "p=f32,c=f32", "--checkpoint-every", "40", "--keep-checkpoints", "2", "-q"])
     return run, model_dir, records
 
 
@@ -48,11 +49,10 @@ def levanter_logits(run_url, ids):
     from transformers import AutoTokenizer
 
     from alpaca_cli.core.checkpoints import find_checkpoint, load_model
-    from alpaca_cli.core.models import local_mesh
-    from alpaca_cli.rundir import open_run
+    from alpaca_cli.core.mesh import local_mesh
 
     run = open_run(run_url)
-    tok = AutoTokenizer.from_pretrained(run.tokenizer_dir)
+    tok = run.load_tokenizer()
     with hax.partitioning.set_mesh(local_mesh()):
         model, _, _ = load_model(run, find_checkpoint(run), tokenizer=tok)
         x = hax.named(jnp.asarray(ids, dtype=jnp.int32), model.Pos.resize(len(ids)))
@@ -89,9 +89,8 @@ def test_export_loads_in_transformers_and_computes_what_levanter_computed(traine
     assert (gen["eos_token_id"], gen["pad_token_id"]) == (2, 640)
     card = open(os.path.join(folder, "README.md")).read()
     assert "### Instruction:\n{instruction}\n\n### Response:" in card and "Final training loss" in card
-    manifest = json.load(open(os.path.join(run, "manifest.json")))
-    assert manifest["stages"]["export"]["status"] == "complete"
-    assert manifest["stages"]["export"]["outputs"]["path"] == "hf"
+    record = open_run(run).export
+    assert record.complete and record.outputs.export_dir == "hf"
 
 
 def test_bfloat16_export(trained):
@@ -132,8 +131,8 @@ def test_push_to_hub_round_trip_and_no_token_anywhere(trained, tmp_path):
             for name in files:
                 with open(os.path.join(root, name), "rb") as f:
                     assert token.encode() not in f.read(), os.path.join(root, name)
-        export = json.load(open(os.path.join(run, "manifest.json")))["stages"]["export"]
-        assert export["outputs"]["repo_id"] == "tester/alpaca-tiny" and export["outputs"]["commit"]
+        outputs = open_run(run).export.outputs
+        assert outputs.repo_id == "tester/alpaca-tiny" and outputs.commit
     finally:
         hub.stop()
 

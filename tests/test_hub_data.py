@@ -8,6 +8,8 @@ import sys
 from fake_hub import FakeHub
 from helpers import cli_env, error_line, run_cli
 
+from alpaca_cli.rundir import open_run
+
 UPLOAD = r"""
 import sys
 from huggingface_hub import HfApi
@@ -26,11 +28,9 @@ def test_prepare_from_a_hub_dataset_records_its_revision(tmp_path, fixture_data)
         run = str(tmp_path / "run")
         out = run_cli(["prepare", "--data", "tester/mini-alpaca", "--tokenizer", "demo", "--run-dir", run], env=env)
         assert "records read" in out.stdout
-        manifest = json.load(open(os.path.join(run, "manifest.json")))
-        data = manifest["stages"]["prepare"]["inputs"]["data"]
+        data = open_run(run).prepare.inputs.data
         commit = hub.commits("tester/mini-alpaca", "main", repo_type="dataset")[0]
-        assert data["kind"] == "hub" and data["id"] == "tester/mini-alpaca"
-        assert data["revision"] == commit["oid"]
+        assert (data.kind, data.id, data.revision) == ("hub", "tester/mini-alpaca", commit["oid"])
 
         # a new commit on the dataset is new data: the old cache is not reused silently
         short = tmp_path / "short.jsonl"

@@ -35,7 +35,7 @@ def test_packed_logits_equal_alone(kind):
     import haliax as hax
 
     from alpaca_cli.core.batches import build_row
-    from alpaca_cli.core.models import local_mesh
+    from alpaca_cli.core.mesh import local_mesh
 
     rng = np.random.default_rng(0)
     examples = [(rng.integers(3, 50, size=n), np.ones(n, dtype=np.uint8)) for n in (17, 9, 30)]

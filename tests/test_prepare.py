@@ -9,41 +9,16 @@ import random
 
 import numpy as np
 import pytest
-from helpers import write_jsonl
-from stanford_reference import preprocess
+from helpers import prepared_examples, read_records, stanford_examples, write_jsonl
+from stanford_reference import preprocess, stanford_tokenizer
 
 from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig, PromptTemplates
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core.prepare import prepare
-from alpaca_cli.core.tokenize import load_tokenizer, prefix_stable, tokenize_examples
+from alpaca_cli.core.tokenize import prefix_stable, tokenize_examples
 from alpaca_cli.errors import ConfigError, DataError, StageError
 from alpaca_cli.rundir import open_run
-
-
-def read_records(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def prepared_examples(run_url):
-    """{source index: (input_ids, labels)} read back from the cache."""
-    c = cachemod.open_cache(io.join(run_url, "data", "cache"))
-    out = {}
-    for row in c.rows(range(len(c))):
-        out[int(row["source_index"][0])] = (row["input_ids"].tolist(), cachemod.labels(row["input_ids"], row["targets"]).tolist())
-    return out
-
-
-def stanford_examples(records, tok, max_length=512, **kw):
-    """Stanford's (input_ids, labels) by record index, without the ones that train on nothing (which we drop)."""
-    ids, labels = preprocess(records, tok, model_max_length=max_length, **kw)
-    return {i: (ids[i], labels[i]) for i in range(len(records)) if any(x != -100 for x in labels[i][1:])}
-
-
-def stanford_tokenizer(tokenizer_dir):
-    """The tokenizer as Stanford's train.py sets it up: [PAD] added when missing."""
-    return load_tokenizer(tokenizer_dir).tokenizer
 
 
 def run_prepare(tmp_path, data, tokenizer_dir, name="run", **kw):
@@ -52,11 +27,13 @@ def run_prepare(tmp_path, data, tokenizer_dir, name="run", **kw):
     return prepare(cfg, run), run
 
 
-@pytest.mark.parametrize("max_length", [512, 64])
-def test_labels_equal_stanford_on_awkward_records(tmp_path, fixture_data, tokenizer_dir, max_length):
+@pytest.mark.parametrize("max_length,use_fast", [(512, False), (64, False), (512, True)])
+def test_labels_equal_stanford_on_awkward_records(tmp_path, fixture_data, tokenizer_dir, max_length, use_fast):
+    """Against Stanford's preprocessing with its own tokenizer setup (transformers directly, the slow sentencepiece
+    tokenizer as train.py loads it, and the fast one)."""
     result, run = run_prepare(tmp_path, fixture_data, tokenizer_dir, max_length=max_length)
     records = read_records(fixture_data)
-    tok = stanford_tokenizer(tokenizer_dir)
+    tok = stanford_tokenizer(tokenizer_dir, use_fast=use_fast)
     ids, labels = preprocess(records, tok, model_max_length=max_length)
     got = prepared_examples(run.url)
     for i in range(len(records)):
@@ -81,7 +58,7 @@ def _full(record, tok):
 
 def test_fast_prompt_lengths_equal_tokenizing_prompts_on_random_boundaries(tokenizer_dir):
     """Fuzz the prompt/response boundary: reading prompt lengths off offsets equals tokenizing each prompt."""
-    tok = stanford_tokenizer(tokenizer_dir)
+    tok = stanford_tokenizer(tokenizer_dir, use_fast=True)
     assert prefix_stable(tok)[0]
     rng = random.Random(0)
     pool = list("ab :\"'{}\n\t.,;!?-_()[]") + ["é", "東", "😀", "  ", "\r\n", "</s>", "Response", ":\"", "▁"]
@@ -122,7 +99,7 @@ def test_byte_level_tokenizer_takes_the_two_tokenization_path(tmp_path, fixture_
     result, run = run_prepare(tmp_path, fixture_data, tok_dir)
     assert result.stats["fast_prompt_lengths"] is False
     records = read_records(fixture_data)
-    ref_tok = stanford_tokenizer(tok_dir)
+    ref_tok = stanford_tokenizer(tok_dir, use_fast=True)
     ids, labels = preprocess(records, ref_tok, model_max_length=512)
     got = prepared_examples(run.url)
     trainable = {i for i in range(len(records)) if any(x != -100 for x in labels[i][1:])}
@@ -167,7 +144,7 @@ def test_overflow_policies(tmp_path, fixture_data, tokenizer_dir):
     with pytest.raises(DataError, match=r"record \d+ is \d+ tokens long, over --max-length 100"):
         run_prepare(tmp_path, fixture_data, tokenizer_dir, name="err", max_length=100, on_overflow="error")
     assert not cachemod.is_complete(str(tmp_path / "err" / "data" / "cache"))
-    assert open_run(str(tmp_path / "err")).stage("prepare")["status"] == "failed"
+    assert open_run(str(tmp_path / "err")).prepare.status == "failed"
 
 
 def test_statistics_match_an_independent_count(tmp_path, fixture_data, tokenizer_dir):
@@ -191,9 +168,8 @@ def test_statistics_match_an_independent_count(tmp_path, fixture_data, tokenizer
     assert s["records_with_special_token_text"] == 1
     on_disk = json.loads(io.read_text(run.stats_path))
     assert on_disk["examples"] == s["examples"]
-    manifest = open_run(run.url).manifest
-    assert manifest["stages"]["prepare"]["status"] == "complete"
-    assert manifest["stages"]["prepare"]["outputs"]["cache"] == "data/cache"
+    record = open_run(run.url).prepare
+    assert record.complete and record.summary.examples == s["examples"]
 
 
 def test_same_inputs_reuse_the_cache_and_changed_inputs_are_refused(tmp_path, fixture_data, tokenizer_dir):
@@ -226,7 +202,7 @@ def test_killed_prepare_leaves_nothing_complete_and_rerun_finishes(tmp_path, fix
     with pytest.raises(KeyboardInterrupt):
         run_prepare(tmp_path, fixture_data, tokenizer_dir)
     run = open_run(str(tmp_path / "run"))
-    assert run.stage("prepare")["status"] != "complete"
+    assert run.prepare.status == "interrupted"
     assert not io.exists(run.stats_path)
     from alpaca_cli.errors import RunDirError
 
@@ -316,7 +292,7 @@ def test_prepare_on_gcs(gcs, fixture_data, tokenizer_dir, tmp_path):
     assert again.reused
     with pytest.raises(StageError, match="--overwrite"):
         prepare(PrepareConfig(data=data, tokenizer=tokenizer_dir, max_length=128), open_run(url))
-    assert open_run(url).stage("prepare")["fingerprint"] == first.fingerprint
+    assert open_run(url).prepare.fingerprint == first.fingerprint
 
 
 def test_tokenizer_that_appends_eos_truncates_and_masks_like_stanford(tmp_path, fixture_data, tokenizer_dir):

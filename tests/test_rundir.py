@@ -1,39 +1,47 @@
-"""The run directory and its manifest."""
+"""The run directory: typed stage records in an atomic manifest, liveness of running stages, one layout."""
 
 import json
 import os
 
 import pytest
 
+from alpaca_cli.config import PrepareConfig
 from alpaca_cli.errors import RunDirError
-from alpaca_cli.rundir import SCHEMA_VERSION, open_run, read_manifest
+from alpaca_cli.records import PrepareInputs, PrepareRecord, PrepareSummary
+from alpaca_cli.rundir import SCHEMA_VERSION, liveness, open_run, read_manifest
 
 
-def test_manifest_round_trip_with_relative_outputs(tmp_path):
+def test_a_stage_record_round_trips_typed(tmp_path):
     run = open_run(str(tmp_path / "r"), create=True)
-    run.start_stage("prepare", config={"max_length": 512}, inputs={"data": {"sha256": "x"}})
-    run.complete_stage("prepare", outputs={"cache": run.relative(run.cache_dir)}, summary={"examples": 3})
-    m = read_manifest(run.url)
-    assert m["schema_version"] == SCHEMA_VERSION
-    st = m["stages"]["prepare"]
-    assert st["status"] == "complete" and st["outputs"]["cache"] == "data/cache"
-    assert st["config"] == {"max_length": 512} and st["summary"] == {"examples": 3}
-    assert st["versions"]["levanter"] and st["versions"]["jax"]
-    assert open_run(run.url).resolve("data/cache") == run.cache_dir
+    record = run.start_stage("prepare", PrepareRecord(config=PrepareConfig(max_length=64), fingerprint="abc",
+                                                      inputs=PrepareInputs(tokenizer="tok")))
+    record.summary = PrepareSummary(examples=3, added_tokens={"pad_token": "[PAD]"})
+    run.complete_stage("prepare")
+
+    on_disk = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert on_disk["schema_version"] == SCHEMA_VERSION
+    assert on_disk["stages"]["prepare"]["config"]["max_length"] == 64  # plain JSON for people and other tools
+
+    again = open_run(run.url).prepare
+    assert isinstance(again, PrepareRecord) and isinstance(again.config, PrepareConfig)
+    assert again.complete and again.fingerprint == "abc" and again.config.max_length == 64
+    assert again.summary.added_tokens == {"pad_token": "[PAD]"}
+    assert again.writer.pid == os.getpid() and again.versions["levanter"]
+    assert read_manifest(run.url).stages["prepare"] == again
 
 
 def test_missing_run_and_missing_stage_name_the_command(tmp_path):
     with pytest.raises(RunDirError, match="run `alpaca prepare --run-dir .*` first"):
         open_run(str(tmp_path / "none"))
     run = open_run(str(tmp_path / "r"), create=True)
-    run.start_stage("prepare", config={})
+    run.start_stage("prepare", PrepareRecord())
     with pytest.raises(RunDirError, match=r"incomplete \(running\) `prepare` stage; run `alpaca prepare"):
         run.require("prepare")
     with pytest.raises(RunDirError, match="no `train` stage; run `alpaca train"):
         run.require("train")
 
 
-def test_unknown_schema_version_is_refused(tmp_path):
+def test_unknown_schema_version_and_malformed_records_are_refused(tmp_path):
     d = tmp_path / "r"
     d.mkdir()
     (d / "manifest.json").write_text(json.dumps({"schema_version": 99, "stages": {}}))
@@ -42,11 +50,22 @@ def test_unknown_schema_version_is_refused(tmp_path):
     (d / "manifest.json").write_text("{not json")
     with pytest.raises(RunDirError, match="not valid JSON"):
         open_run(str(d))
+    (d / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION,
+                                                 "stages": {"prepare": {"status": "complete", "bogus": 1}}}))
+    with pytest.raises(RunDirError, match="`prepare` record is malformed.*bogus"):
+        open_run(str(d))
+
+
+def test_a_file_as_run_dir_is_one_clear_error(tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        open_run(str(f), create=True)
 
 
 def test_manifest_writes_are_atomic(tmp_path, monkeypatch):
     run = open_run(str(tmp_path / "r"), create=True)
-    run.start_stage("prepare", config={})
+    run.start_stage("prepare", PrepareRecord())
     before = (tmp_path / "r" / "manifest.json").read_text()
 
     def fail(*a, **k):
@@ -61,8 +80,25 @@ def test_manifest_writes_are_atomic(tmp_path, monkeypatch):
 
 def test_non_writer_processes_do_not_write(tmp_path):
     run = open_run(str(tmp_path / "r"), create=True, writer=False)
-    run.start_stage("prepare", config={})
+    run.start_stage("prepare", PrepareRecord())
     assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_status_tells_a_dead_or_silent_stage_from_a_running_one(tmp_path):
+    import subprocess
+    import sys
+
+    run = open_run(str(tmp_path / "r"), create=True)
+    st = run.start_stage("prepare", PrepareRecord())
+    assert liveness(st) == "running"  # this process, heartbeat just now
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    st.writer.pid = int(gone.stdout)  # a process that has exited
+    assert liveness(st).startswith("dead (process")
+    st.writer.pid = os.getpid()
+    st.heartbeat = "2000-01-01T00:00:00+00:00"
+    assert liveness(st).startswith("stale (no sign of life")
+    run.fail_stage("prepare", "KeyboardInterrupt: ", interrupted=True)
+    assert liveness(open_run(run.url).prepare) == "interrupted"
 
 
 def test_default_run_dir_from_environment(tmp_path, monkeypatch):

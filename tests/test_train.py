@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, cli_env, error_line, make_tiny_llama, run_cli
-from stanford_reference import preprocess
-from test_prepare import read_records, stanford_tokenizer
+from helpers import ALPACA, cli_env, error_line, make_tiny_llama, read_records, run_cli
+from stanford_reference import preprocess, stanford_tokenizer
+
+from alpaca_cli.rundir import open_run
 
 F32 = ["--precision", "p=f32,c=f32"]
 
@@ -76,9 +77,8 @@ def test_first_step_loss_equals_transformers_on_stanford_labels(prepared, tiny_m
     assert m[0]["loss_tokens"] == count
     assert m[0]["examples"] == 15 and m[0]["step"] == 1
     assert abs(m[0]["loss"] - expected) < 1e-4, (m[0]["loss"], expected)
-    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
-    assert manifest["stages"]["train"]["status"] == "complete"
-    assert manifest["stages"]["train"]["outputs"]["final_checkpoint"] == "checkpoints/step-0"
+    record = open_run(prepared).train
+    assert record.complete and record.final_checkpoint == "checkpoints/step-0"
     for key in ("step_seconds", "loss_tokens", "loss", "step"):
         assert key in m[0]
 
@@ -103,7 +103,7 @@ def test_tensor_parallel_on_four_devices_matches_one_device(prepared_template, t
     shutil.copytree(prepared_template, accum)
     run_cli(["train", "--run-dir", accum, *args, "--per-device-rows", "1"], env=cli_env(devices=1))
     c = metrics(accum)
-    assert json.load(open(os.path.join(accum, "manifest.json")))["stages"]["train"]["plan"]["rows_per_step"] > 1
+    assert open_run(accum).train.plan.rows_per_step > 1
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in c], rtol=1e-4)
 
 
@@ -115,12 +115,10 @@ def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, token
     import jax
     from levanter.trainer import TrainerConfig
 
-    from alpaca_cli import config as cfgmod
     from alpaca_cli.core.models import open_base_model
     from alpaca_cli.core.train import TP_AXES, load_base_weights
 
     assert jax.device_count() == 4
-    cfg = cfgmod.load_config(cfgmod.TrainConfig, None, ["tensor_parallel=2", "seq_len=256"])
     tc = dataclasses.replace(TrainerConfig(), model_axis_size=2, tensor_parallel_axes=TP_AXES, fsdp_axis="embed")
     with hax.partitioning.set_mesh(tc.device_mesh), open_base_model(tiny_model_dir) as base:
         lev = base.lev_config(256)
@@ -131,7 +129,6 @@ def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, token
         for w in (attn.q_proj.weight, attn.k_proj.weight, model.transformer.layers.stacked.mlp.gate_proj.weight):
             spec = w.array.sharding.spec
             assert "model" in jax.tree_util.tree_leaves(tuple(spec)), (w.axes, spec)
-    del cfg
 
 
 def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path, tiny_model_dir):
@@ -151,8 +148,7 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    manifest = json.load(open(os.path.join(killed, "manifest.json")))
-    assert manifest["stages"]["train"]["status"] == "running"  # nothing claims the run is complete
+    assert open_run(killed).train.status == "running"  # nothing claims the run is complete
     out = run_cli(["train", "--run-dir", killed, *args[:-1]])
     assert "Resuming from the checkpoint after step" in out.stderr
     a, b = metrics(straight), metrics(killed)
@@ -161,6 +157,9 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path,
 
     again = run_cli(["train", "--run-dir", killed, *args])
     assert again.returncode == 0 and "already trained" in again.stdout
+    # --keep-checkpoints' default (1): of the checkpoints saved every 5 steps only the final one is left
+    final = open_run(killed).train.final_checkpoint
+    assert os.listdir(os.path.join(killed, "checkpoints")) == [os.path.basename(final)]
 
 
 def test_it_learns_the_responses(tmp_path, tokenizer_dir):
@@ -171,8 +170,7 @@ def test_it_learns_the_responses(tmp_path, tokenizer_dir):
 
     from alpaca_cli.core import cache as cachemod
     from alpaca_cli.core.checkpoints import find_checkpoint, load_model
-    from alpaca_cli.core.models import local_mesh
-    from alpaca_cli.rundir import open_run
+    from alpaca_cli.core.mesh import local_mesh
 
     records = read_records(os.path.join(os.path.dirname(__file__), "assets", "alpaca_awkward.jsonl"))[:6]
     data = str(tmp_path / "few.jsonl")
@@ -188,7 +186,7 @@ def test_it_learns_the_responses(tmp_path, tokenizer_dir):
     assert m[-1]["loss"] < 0.05 < m[0]["loss"] / 20
 
     r = open_run(run)
-    tok = AutoTokenizer.from_pretrained(r.tokenizer_dir)
+    tok = r.load_tokenizer()
     with hax.partitioning.set_mesh(local_mesh()):
         model, lev, _ = load_model(r, find_checkpoint(r), tokenizer=tok)
         prepared_cache = cachemod.open_cache(r.cache_dir)
@@ -237,8 +235,7 @@ def test_bad_input_is_refused_before_anything_starts(prepared, tiny_model_dir, a
     result = CliRunner().invoke(app, args(prepared, tiny_model_dir))
     assert result.exit_code == 1 and isinstance(result.exception, AlpacaError), result.output
     assert re.search(message, result.exception.message), result.exception.message
-    manifest = json.load(open(os.path.join(prepared, "manifest.json")))
-    assert "train" not in manifest["stages"]  # nothing was started
+    assert open_run(prepared).train is None  # nothing was started
 
 
 def test_a_train_mistake_through_the_console_script_is_one_line(prepared, tiny_model_dir):

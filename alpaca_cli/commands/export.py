@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, SetOpt
+from alpaca_cli.config import ExportConfig
+from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, SetOpt, describe
 
 EXAMPLES = """\b
 Examples:
@@ -31,7 +32,9 @@ def export(
         Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the base model's.", show_default=False)
     ] = None,
     max_shard_size: Annotated[
-        Optional[str], typer.Option(help="Largest safetensors file, e.g. 5GB (default).", show_default=False)
+        Optional[str],
+        typer.Option(help=describe("Largest safetensors file, e.g. 5GB.", ExportConfig, "max_shard_size"),
+                     show_default=False),
     ] = None,
     push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="Upload the export to the Hugging Face Hub.")] = False,
     repo_id: Annotated[
@@ -57,11 +60,10 @@ def export(
 ) -> None:
     """Write the trained model as a Hugging Face checkpoint (and push it to the Hub)."""
     from alpaca_cli import config as cfgmod
-    from alpaca_cli import console, rundir
-    from alpaca_cli.core import distributed
+    from alpaca_cli import console, distributed, rundir
 
     cfg = cfgmod.load_config(
-        cfgmod.ExportConfig,
+        ExportConfig,
         config,
         set_,
         {
@@ -96,6 +98,6 @@ def export(
             f"verify: largest |logit difference| {v.max_abs_diff:.3g} (tolerance {v.tolerance:g}) over {v.examples} "
             f"examples; loss on their {v.tokens} trained tokens: transformers {v.torch_loss:.5f}, Levanter {v.levanter_loss:.5f}"
         )
-    typer.echo(result.path)
+    typer.echo(result.export_dir)
     if result.repo_url:
         typer.echo(result.repo_url)

@@ -48,6 +48,8 @@ def generate(
 
     if (instruction is None) == (file is None):
         raise ConfigError("give an INSTRUCTION or --file, not both and not neither")
+    if instruction is not None and not instruction.strip():
+        raise ConfigError("the instruction is empty", hint='give the text to answer, e.g. alpaca generate "Name a color."')
     core.check_args(max_new_tokens, temperature)
     requests = core.read_requests(file) if file else [core.Request(instruction or "", input or "")]
     run = None

@@ -44,7 +44,7 @@ def inspect(
     from alpaca_cli.core import cache as cachemod
 
     run = rundir.open_run(run_dir)
-    run.require("prepare")
+    run.require_prepare()
     prepared = cachemod.open_cache(run.cache_dir)
     sources = prepared.source_indices()
     start = 0 if index is None else int(sources.searchsorted(index))
@@ -68,23 +68,13 @@ def inspect(
                 out.write(json.dumps(obj) + "\n")
         return
 
-    from transformers import AutoTokenizer
-
-    tok = _load_run_tokenizer(run, AutoTokenizer)
+    tok = run.load_tokenizer()
     for row in prepared.rows(positions):
         console.stdout.print(render_example(tok, row))
 
 
-def _load_run_tokenizer(run, AutoTokenizer):
-    from alpaca_cli import io
-
-    with io.local_dir(run.tokenizer_dir) as local:
-        return AutoTokenizer.from_pretrained(local)
-
-
 def render_example(tok, row) -> "object":
     """Rich Text: masked tokens dim, trained tokens bold green, token boundaries kept exact (decoded per run)."""
-    import numpy as np
     from rich.text import Text
 
     ids, targets = row["input_ids"], row["targets"].astype(bool)
@@ -104,5 +94,4 @@ def render_example(tok, row) -> "object":
         decoded_prefix = full
         text.append(piece, style="bold green" if targets[a] else "dim")
     text.append("\n")
-    del np
     return text

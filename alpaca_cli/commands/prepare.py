@@ -6,7 +6,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt, SetOpt
+from alpaca_cli.config import PrepareConfig
+from alpaca_cli.options import (
+    ConfigOpt,
+    CoordinatorOpt,
+    NumProcessesOpt,
+    ProcessIdOpt,
+    QuietOpt,
+    RunDirOpt,
+    SetOpt,
+    describe,
+)
 
 EXAMPLES = """\b
 Examples:
@@ -17,56 +27,46 @@ Examples:
 """
 
 
+P = PrepareConfig
+
+
+def _opt(text: str, key: str, *, default: bool = True, **kw):
+    return typer.Option(help=describe(text, P, key, default=default), show_default=False, **kw)
+
+
 def prepare(
     run_dir: RunDirOpt = None,
     data: Annotated[
         Optional[str],
-        typer.Option(
-            help="Hub dataset id, or a .json/.jsonl/.jsonl.gz file (local, gs://, any fsspec URL). "
-            "Default: tatsu-lab/alpaca. Config key: data.",
-            show_default=False,
-        ),
+        _opt("Hub dataset id, or a .json/.jsonl/.jsonl.gz file (local, gs://, any fsspec URL), or `demo`.", "data"),
     ] = None,
-    split: Annotated[Optional[str], typer.Option(help="Split of a Hub dataset. Default: train.", show_default=False)] = None,
-    revision: Annotated[Optional[str], typer.Option(help="Revision of a Hub dataset.", show_default=False)] = None,
-    instruction_field: Annotated[
-        Optional[str], typer.Option(help="Record field holding the instruction. Default: instruction.", show_default=False)
-    ] = None,
-    input_field: Annotated[
-        Optional[str], typer.Option(help="Record field holding the optional input. Default: input.", show_default=False)
-    ] = None,
-    output_field: Annotated[
-        Optional[str], typer.Option(help="Record field holding the response. Default: output.", show_default=False)
-    ] = None,
+    split: Annotated[Optional[str], _opt("Split of a Hub dataset.", "split")] = None,
+    revision: Annotated[Optional[str], _opt("Revision of a Hub dataset.", "revision")] = None,
+    instruction_field: Annotated[Optional[str], _opt("Record field holding the instruction.", "instruction_field")] = None,
+    input_field: Annotated[Optional[str], _opt("Record field holding the optional input.", "input_field")] = None,
+    output_field: Annotated[Optional[str], _opt("Record field holding the response.", "output_field")] = None,
     prompts: Annotated[
         Optional[str],
         typer.Option(
-            help="JSON or YAML file with prompt_input and prompt_no_input templates. Default: Stanford's templates.",
+            help="JSON or YAML file with prompt_input and prompt_no_input templates. Default: Stanford's templates. "
+            "Config key: prompts.",
             show_default=False,
         ),
     ] = None,
-    tokenizer: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Hub id or tokenizer folder (local or remote). Default: meta-llama/Llama-2-7b-hf.", show_default=False
-        ),
-    ] = None,
-    max_length: Annotated[
-        Optional[int], typer.Option(help="Longest example in tokens. Default: 512 (Stanford).", show_default=False)
-    ] = None,
-    on_overflow: Annotated[
-        Optional[str],
-        typer.Option(help="Longer examples: truncate (default, as Stanford), drop or error.", show_default=False),
-    ] = None,
+    tokenizer: Annotated[Optional[str], _opt("Hub id or tokenizer folder (local or remote), or `demo`.", "tokenizer")] = None,
+    max_length: Annotated[Optional[int], _opt("Longest example in tokens (Stanford: 512).", "max_length")] = None,
+    on_overflow: Annotated[Optional[str], _opt("Longer examples: truncate (as Stanford), drop or error.", "on_overflow")] = None,
     mask_inputs: Annotated[
         Optional[bool],
         typer.Option(
             "--mask-inputs/--no-mask-inputs",
-            help="Mask prompt tokens out of the loss (default) or train on every token.",
+            help=describe("Mask prompt tokens out of the loss, or train on every token.", P, "mask_inputs"),
             show_default=False,
         ),
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a cache prepared from different inputs.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a cache prepared from different inputs.")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -83,25 +83,25 @@ def prepare(
 
     prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None
     cfg = cfgmod.load_config(
-        cfgmod.PrepareConfig,
+        PrepareConfig,
         config,
         set_,
         {
-            "data": resolve_builtin_data(data),
+            "data": data,
             "split": split,
             "revision": revision,
             "instruction_field": instruction_field,
             "input_field": input_field,
             "output_field": output_field,
             "prompts": prompt_templates,
-            "tokenizer": resolve_builtin_tokenizer(tokenizer),
+            "tokenizer": tokenizer,
             "max_length": max_length,
             "on_overflow": on_overflow,
             "mask_inputs": mask_inputs,
         },
     )
     cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
-    from alpaca_cli.core import distributed
+    from alpaca_cli import distributed
 
     distributed.initialize(coordinator_address, num_processes, process_id)
     run = rundir.open_run(run_dir, create=True, writer=distributed.is_writer())

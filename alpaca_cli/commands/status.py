@@ -20,15 +20,13 @@ def status(
     json_: Annotated[bool, typer.Option("--json", help="Print the manifest itself.")] = False,
 ) -> None:
     """Show the run's stages, their state and key figures."""
-    import json
-
     from rich.table import Table
 
     from alpaca_cli import console, rundir
 
     run = rundir.open_run(run_dir)
     if json_:
-        typer.echo(json.dumps(run.manifest, indent=2))
+        typer.echo(run.manifest.to_json(), nl=False)
         return
     t = Table(title=f"run {run.url}")
     for col in ("stage", "state", "started", "finished", "key figures"):
@@ -38,43 +36,33 @@ def status(
         if st is None:
             t.add_row(name, "-", "", "", "")
             continue
-        style = {"complete": "green", "running": "yellow", "failed": "red"}.get(st.get("status", ""), "")
-        t.add_row(
-            name,
-            f"[{style}]{st.get('status')}[/{style}]" if style else str(st.get("status")),
-            str(st.get("started") or ""),
-            str(st.get("finished") or ""),
-            key_figures(name, st),
-        )
+        state = rundir.liveness(st)
+        style = {"complete": "green", "running": "yellow"}.get(state, "red")
+        shown = state if not st.error or state == "complete" else f"{state}: {st.error[:80]}"
+        t.add_row(name, f"[{style}]{shown}[/{style}]", st.started or "", st.finished or "", key_figures(run, name))
     console.stdout.print(t)
 
 
-def key_figures(name: str, st: dict) -> str:
-    s = st.get("summary", {}) or {}
-    p = st.get("progress", {}) or {}
-    if name == "prepare" and s:
-        frac = s["trained_tokens"] / max(1, s["tokens"])
+def key_figures(run, name: str) -> str:
+    if name == "prepare" and run.prepare is not None and run.prepare.summary is not None:
+        s = run.prepare.summary
+        frac = s.trained_tokens / max(1, s.tokens)
         return (
-            f"{s['examples']:,} examples of {s['records_read']:,} records, {s['tokens']:,} tokens "
-            f"({100 * frac:.0f}% trained), {s['truncated']:,} truncated, {sum(s['dropped'].values()):,} dropped"
+            f"{s.examples:,} examples of {s.records_read:,} records, {s.tokens:,} tokens "
+            f"({100 * frac:.0f}% trained), {s.truncated:,} truncated, {sum(s.dropped.values()):,} dropped"
         )
-    if name == "train":
-        parts = []
-        if p:
-            parts.append(f"step {p.get('step')}/{p.get('total_steps')}")
-            if p.get("loss") is not None:
-                parts.append(f"loss {p['loss']:.4f}")
-        last = (st.get("outputs") or {}).get("last_checkpoint") or p.get("last_checkpoint")
-        if last:
-            parts.append(f"checkpoint {last}")
-        final = (st.get("outputs") or {}).get("final_checkpoint")
-        if final:
-            parts.append(f"final {final}")
+    if name == "train" and run.train is not None:
+        t, parts = run.train, []
+        if t.progress is not None:
+            parts.append(f"step {t.progress.step}/{t.progress.total_steps}")
+            if t.progress.loss is not None:
+                parts.append(f"loss {t.progress.loss:.4f}")
+            if t.progress.last_checkpoint and not t.final_checkpoint:
+                parts.append(f"checkpoint {t.progress.last_checkpoint}")
+        if t.final_checkpoint:
+            parts.append(f"final {t.final_checkpoint}")
         return ", ".join(parts)
-    if name == "export":
-        o = st.get("outputs", {}) or {}
-        parts = [str(o.get("path", ""))]
-        if o.get("repo_url"):
-            parts.append(str(o["repo_url"]))
-        return " ".join(x for x in parts if x)
+    if name == "export" and run.export is not None and run.export.outputs is not None:
+        o = run.export.outputs
+        return " ".join(x for x in (o.export_dir, o.repo_url or "") if x)
     return ""

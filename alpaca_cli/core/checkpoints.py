@@ -16,17 +16,13 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from alpaca_cli import io
-from alpaca_cli.core.models import BaseModel, _open_ref
+from alpaca_cli.core.models import BaseModel, open_model_folder
 from alpaca_cli.errors import StageError
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
 BASE_FILES = ("config.json", "generation_config.json")
-
-
-def base_dir(run: RunDir) -> str:
-    return run.path("base")
 
 
 def save_base_files(run: RunDir, base: BaseModel) -> None:
@@ -38,14 +34,14 @@ def save_base_files(run: RunDir, base: BaseModel) -> None:
             src = os.path.join(base.ref, name)
             if os.path.exists(src):
                 with open(src, "rb") as f:
-                    io.write_bytes_atomic(io.join(base_dir(run), name), f.read())
+                    io.write_bytes_atomic(io.join(run.base_dir, name), f.read())
     else:
-        io.write_text_atomic(io.join(base_dir(run), "config.json"), base.hf_config.to_json_string())
+        io.write_text_atomic(io.join(run.base_dir, "config.json"), base.hf_config.to_json_string())
         try:
             from transformers import GenerationConfig
 
             gen = GenerationConfig.from_pretrained(base.ref)
-            io.write_text_atomic(io.join(base_dir(run), "generation_config.json"), gen.to_json_string())
+            io.write_text_atomic(io.join(run.base_dir, "generation_config.json"), gen.to_json_string())
         except Exception:  # noqa: BLE001 - many checkpoints have none
             pass
 
@@ -53,15 +49,15 @@ def save_base_files(run: RunDir, base: BaseModel) -> None:
 @contextlib.contextmanager
 def open_run_base(run: RunDir) -> Iterator[BaseModel]:
     """The base model's description as saved in the run (config only)."""
-    spec = ((run.stage("train") or {}).get("inputs") or {}).get("model", "base")
-    if not io.exists(io.join(base_dir(run), "config.json")):
+    spec = run.train.inputs.model if run.train is not None else "base"
+    if not io.exists(io.join(run.base_dir, "config.json")):
         raise StageError(f"run {run.url} has no base model description (RUN/base/config.json); run `alpaca train` first")
-    with io.local_dir(base_dir(run)) as local:
+    with io.local_dir(run.base_dir) as local:
         tmp = tempfile.mkdtemp(prefix="alpaca-base-")
         try:
             for name in os.listdir(local):
                 shutil.copy(os.path.join(local, name), tmp)
-            with _open_ref(spec, tmp) as bm:
+            with open_model_folder(spec, tmp) as bm:
                 yield bm
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -74,26 +70,40 @@ class Checkpoint:
     """Levanter's step number: the checkpoint directory is step-<step>, saved after step + 1 optimizer updates."""
 
 
+def checkpoint_step(path: str) -> int:
+    """The step a complete checkpoint (one with metadata.json) was saved at."""
+    return int(json.loads(io.read_text(io.join(path, "metadata.json")))["step"])
+
+
 def list_checkpoints(run: RunDir) -> list[Checkpoint]:
-    """Complete checkpoints (those with metadata.json), oldest first."""
+    """Complete checkpoints (those with a readable metadata.json: Levanter writes it last, and an asynchronous
+    save may be writing it right now), oldest first."""
     out = []
     for name in io.listdir(run.checkpoints_dir):
         path = io.join(run.checkpoints_dir, name)
-        meta = io.join(path, "metadata.json")
-        if io.exists(meta):
-            out.append(Checkpoint(path=path, step=int(json.loads(io.read_text(meta))["step"])))
+        try:
+            out.append(Checkpoint(path=path, step=checkpoint_step(path)))
+        except (FileNotFoundError, ValueError, KeyError):
+            continue
     return sorted(out, key=lambda c: c.step)
+
+
+def latest_checkpoint(run: RunDir) -> str | None:
+    """The newest complete checkpoint (Levanter's discovery: a half-written one has no metadata.json)."""
+    from levanter.checkpoint import discover_latest_checkpoint
+
+    if not io.exists(run.checkpoints_dir):
+        return None
+    return discover_latest_checkpoint(run.checkpoints_dir)
 
 
 def find_checkpoint(run: RunDir, step: int | None = None) -> Checkpoint:
     """The final checkpoint of a finished run, or the one of the given step."""
     if step is None:
-        st = run.require("train")
-        final = (st.get("outputs") or {}).get("final_checkpoint")
+        final = run.require_train().final_checkpoint
         if not final or not io.exists(io.join(run.resolve(final), "metadata.json")):
             raise StageError(f"the final checkpoint of run {run.url} is missing; run `alpaca train --run-dir {run.url}`")
-        meta = json.loads(io.read_text(io.join(run.resolve(final), "metadata.json")))
-        return Checkpoint(path=run.resolve(final), step=int(meta["step"]))
+        return Checkpoint(path=run.resolve(final), step=checkpoint_step(run.resolve(final)))
     available = list_checkpoints(run)
     for c in available:
         if c.step == step:
@@ -113,9 +123,11 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
     import jax.numpy as jnp
     from levanter.checkpoint import load_checkpoint
 
-    st = run.stage("train") or {}
-    seq_len = int((st.get("config") or {}).get("seq_len") or 2048)
-    vocab_trained = int(st.get("vocab_trained") or len(tokenizer))
+    train = run.train
+    if train is None or train.plan is None:
+        raise StageError(f"run {run.url} has no training plan; run `alpaca train --run-dir {run.url}` first")
+    seq_len = train.plan.seq_len
+    vocab_trained = train.vocab_trained or len(tokenizer)
     with open_run_base(run) as base:
         lev_config = base.lev_config(seq_len)
         hf_config = base.hf_config

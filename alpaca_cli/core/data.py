@@ -14,6 +14,7 @@ from typing import Any, Iterable
 from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig
 from alpaca_cli.errors import DataError
+from alpaca_cli.records import DataSource
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +29,9 @@ class Records:
     instructions: list[str]
     inputs: list[str]
     outputs: list[str]
-    source: str
-    fingerprint: dict[str, Any] = field(default_factory=dict)
+    where: str
+    """--data as given."""
+    source: DataSource = field(default_factory=DataSource)
     """What identifies the data: sha256 of a file's bytes, or a Hub dataset's commit."""
 
     def __len__(self) -> int:
@@ -87,7 +89,7 @@ def _load_file(cfg: PrepareConfig) -> Records:
     if not rows:
         raise DataError(f"--data {cfg.data}: holds no records")
     records = _columns(rows, cfg, cfg.data)
-    records.fingerprint = {"kind": "file", "sha256": digest, "bytes": len(raw)}
+    records.source = DataSource(kind="file", sha256=digest, bytes=len(raw))
     return records
 
 
@@ -137,7 +139,7 @@ def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, n
         ins.append(row[fi])
         inp.append(row.get(fn, ""))
         out.append(row[fo])
-    return Records(instructions=ins, inputs=inp, outputs=out, source=source)
+    return Records(instructions=ins, inputs=inp, outputs=out, where=source)
 
 
 def _flag(f: str, cfg: PrepareConfig) -> str:
@@ -185,7 +187,7 @@ def _load_hub(cfg: PrepareConfig) -> Records:
     records = _columns(rows, cfg, cfg.data, null_is_missing=True)
     if not len(records):
         raise DataError(f"--data {cfg.data} (split {cfg.split}): holds no records")
-    records.fingerprint = {"kind": "hub", "id": cfg.data, "revision": sha, "split": cfg.split}
+    records.source = DataSource(kind="hub", id=cfg.data, revision=sha, split=cfg.split)
     return records
 
 

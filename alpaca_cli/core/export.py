@@ -10,6 +10,7 @@ base model's own config.json with only the vocabulary size, dtype and special-to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -17,20 +18,21 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from alpaca_cli import __version__, io
+from alpaca_cli import __version__, distributed, io
 from alpaca_cli.config import ExportConfig
-from alpaca_cli.core import distributed
-from alpaca_cli.core.checkpoints import base_dir, find_checkpoint, load_model, open_run_base
-from alpaca_cli.errors import AlpacaError, ConfigError, StageError
+from alpaca_cli.core.checkpoints import find_checkpoint, load_model, open_run_base
+from alpaca_cli.core.logits import model_logits
+from alpaca_cli.core.mesh import FSDP, local_mesh
+from alpaca_cli.core.prompts import PROMPTS_FILE
+from alpaca_cli.errors import AlpacaError, ConfigError
+from alpaca_cli.records import ExportOutputs, ExportRecord, ExportSummary
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
-PROMPTS_FILE = "alpaca_prompts.json"  # the templates, so `alpaca generate --from-export` formats prompts the same way
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
 @dataclass
@@ -49,7 +51,7 @@ class VerifyResult:
 
 @dataclass
 class ExportResult:
-    path: str
+    export_dir: str
     dtype: str
     step: int
     files: list[str]
@@ -60,7 +62,6 @@ class ExportResult:
     repo_id: str | None = None
     commit: str | None = None
     verify: VerifyResult | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def resolve_token(cfg: ExportConfig) -> str | None:
@@ -78,15 +79,17 @@ def resolve_token(cfg: ExportConfig) -> str | None:
     return token
 
 
-def export(cfg: ExportConfig, run: RunDir, *, progress=None) -> ExportResult:
+def export(cfg: ExportConfig, run: RunDir) -> ExportResult | None:
+    """Write the checkpoint as a Hugging Face folder (and verify, and push). On a pod the writer (process 0) exports
+    with its own devices while the other processes wait for its outcome: they get None."""
     t0 = time.time()
     token = resolve_token(cfg)
     if cfg.verify:
         _require_torch()
     dtype_name = _resolve_dtype(cfg, run)
     checkpoint = find_checkpoint(run, cfg.step)
-    out_url = io.normalize(cfg.output) if cfg.output else run.export_dir
-    _check_writable(out_url)
+    export_dir = io.normalize(cfg.output) if cfg.output else run.export_dir
+    _check_writable(export_dir)
     import humanfriendly
 
     try:
@@ -95,31 +98,29 @@ def export(cfg: ExportConfig, run: RunDir, *, progress=None) -> ExportResult:
         raise ConfigError(f"--max-shard-size {cfg.max_shard_size!r} is not a size like 5GB") from None
 
     def work() -> ExportResult:
-        run.start_stage("export", config=_encode(cfg), inputs={"checkpoint": run.relative(checkpoint.path), "step": checkpoint.step})
+        record = run.start_stage(
+            "export", ExportRecord(config=cfg, checkpoint=run.relative(checkpoint.path), step=checkpoint.step)
+        )
         try:
-            result = _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, progress)
+            result = _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
         except BaseException as e:
-            run.fail_stage("export", f"{type(e).__name__}: {e}")
+            run.fail_stage("export", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
             raise
         result.seconds = time.time() - t0
-        outputs = {"path": run.relative(out_url), "dtype": dtype_name, "step": checkpoint.step, "files": result.files}
-        if result.repo_url:
-            outputs.update(repo_id=result.repo_id, repo_url=result.repo_url, commit=result.commit, revision=cfg.revision or "main")
-        summary = {"weight_bytes": result.weight_bytes, "peak_rss_bytes": result.peak_rss_bytes}
-        if result.verify is not None:
-            summary.update(verify_max_abs_diff=result.verify.max_abs_diff, verify_tolerance=result.verify.tolerance)
-        run.complete_stage("export", outputs=outputs, summary=summary)
+        record.outputs = ExportOutputs(
+            export_dir=run.relative(export_dir), dtype=dtype_name, step=checkpoint.step, files=result.files,
+            repo_id=result.repo_id, repo_url=result.repo_url, commit=result.commit,
+            revision=(cfg.revision or "main") if result.repo_url else None,
+        )
+        record.summary = ExportSummary(
+            weight_bytes=result.weight_bytes, peak_rss_bytes=result.peak_rss_bytes,
+            verify_max_abs_diff=result.verify.max_abs_diff if result.verify else None,
+            verify_tolerance=result.verify.tolerance if result.verify else None,
+        )
+        run.complete_stage("export")
         return result
 
-    # the writer exports with its own devices; the other hosts of a pod wait for its outcome
-    result = distributed.on_writer(work, encode=lambda r: None, decode=lambda _: None)
-    return result  # None on processes other than the writer
-
-
-def _encode(cfg: ExportConfig) -> dict:
-    from alpaca_cli import config as cfgmod
-
-    return cfgmod.encode(cfg)
+    return distributed.on_writer(work, encode=lambda r: None, decode=lambda _: None)
 
 
 def _require_torch() -> None:
@@ -132,12 +133,11 @@ def _require_torch() -> None:
 
 
 def _resolve_dtype(cfg: ExportConfig, run: RunDir) -> str:
+    """--dtype, else the base checkpoint's own (`torch_dtype`, or `dtype` as newer transformers write it)."""
     if cfg.dtype:
-        if cfg.dtype.lower() not in DTYPES:
-            raise ConfigError(f"--dtype {cfg.dtype!r}: use float32, bfloat16 or float16")
-        return DTYPES[cfg.dtype.lower()]
+        return cfg.dtype
     try:
-        base_cfg = json.loads(io.read_text(io.join(base_dir(run), "config.json")))
+        base_cfg = json.loads(io.read_text(io.join(run.base_dir, "config.json")))
     except FileNotFoundError:
         base_cfg = {}
     name = base_cfg.get("torch_dtype") or base_cfg.get("dtype") or "float32"
@@ -154,20 +154,14 @@ def _check_writable(url: str) -> None:
         raise ConfigError(f"--output {url}: cannot create a folder there ({probe} is not a writable directory)")
 
 
-def _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, progress) -> ExportResult:
+def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token) -> ExportResult:
     import haliax as hax
-    import jax
     import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import Mesh
-    from transformers import AutoTokenizer
 
-    with io.local_dir(run.tokenizer_dir) as local_tok:
-        tok = AutoTokenizer.from_pretrained(local_tok)
-    # this process's devices only: other hosts of a pod wait at the barrier
-    devices = np.array(jax.local_devices())
-    mesh = Mesh(devices.reshape(1, -1, 1), ("replica", "data", "model"))
-    mapping = {"embed": "data"}  # FSDP over the local devices: no device holds the whole model
+    tok = run.load_tokenizer()
+    # this process's devices only (other hosts of a pod wait for the outcome), FSDP: no device holds the whole model
+    mesh = local_mesh(all_devices=True)
+    mapping = FSDP
     staging = tempfile.mkdtemp(prefix="alpaca-export-")
     try:
         with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
@@ -191,14 +185,14 @@ def _export_here(cfg, run, checkpoint, out_url, dtype_name, max_shard, token, pr
                 if not verify.ok:
                     raise AlpacaError(
                         f"--verify: the export's logits differ from Levanter's by {verify.max_abs_diff:.3g} "
-                        f"(tolerance {verify.tolerance:g}); the export at {out_url} was not written"
+                        f"(tolerance {verify.tolerance:g}); the export at {export_dir} was not written"
                     )
         files = sorted(os.listdir(staging))
-        _publish(staging, out_url)
-        result = ExportResult(path=out_url, dtype=dtype_name, step=checkpoint.step, files=files,
+        _publish(staging, export_dir)
+        result = ExportResult(export_dir=export_dir, dtype=dtype_name, step=checkpoint.step, files=files,
                               weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
         if cfg.push_to_hub:
-            source = out_url if not io.is_remote(out_url) else staging
+            source = export_dir if not io.is_remote(export_dir) else staging
             result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token)
         return result
     finally:
@@ -213,8 +207,7 @@ def _writer_alone_in_save_state_dict():
     (`distributed.on_writer`), so that barrier can never complete: a hang on a TPU or GPU pod, and on CPU processes
     "Gloo context initialization failed: DEADLINE_EXCEEDED" after 30 s. Inside this block the barrier is skipped.
     Tested by test_multihost.py::test_two_processes_equal_one_process_with_four_devices (the export on two hosts)."""
-    from haliax._src import state_dict as hax_state_dict
-
+    hax_state_dict = _haliax_state_dict_module()
     if distributed.process_count() <= 1:
         yield
         return
@@ -224,6 +217,21 @@ def _writer_alone_in_save_state_dict():
         yield
     finally:
         hax_state_dict.sync_global_devices = barrier
+
+
+def _haliax_state_dict_module():
+    """haliax's state-dict module, checked to still be what `_writer_alone_in_save_state_dict` patches: if haliax
+    renames the barrier, assigning it would silently add an unused attribute and the pod hang would return."""
+    from haliax._src import state_dict as hax_state_dict
+
+    if not hasattr(hax_state_dict, "sync_global_devices") or "sync_global_devices" not in (
+        hax_state_dict.save_state_dict.__code__.co_names
+    ):
+        raise RuntimeError(
+            "haliax changed: haliax._src.state_dict.save_state_dict no longer calls sync_global_devices; "
+            "revisit alpaca_cli/core/export.py:_writer_alone_in_save_state_dict"
+        )
+    return hax_state_dict
 
 
 def _publish(staging: str, out_url: str) -> None:
@@ -250,7 +258,7 @@ def _publish(staging: str, out_url: str) -> None:
 
 
 def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
-    base_cfg = json.loads(io.read_text(io.join(base_dir(run), "config.json")))
+    base_cfg = json.loads(io.read_text(io.join(run.base_dir, "config.json")))
     cfg = dict(base_cfg)
     cfg["vocab_size"] = len(tok)
     cfg.pop("begin_suppress_tokens", None)
@@ -268,7 +276,7 @@ def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2, sort_keys=True)
 
-    gen_path = io.join(base_dir(run), "generation_config.json")
+    gen_path = io.join(run.base_dir, "generation_config.json")
     gen = json.loads(io.read_text(gen_path)) if io.exists(gen_path) else {}
     gen.update(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     gen = {k: v for k, v in gen.items() if v is not None}
@@ -276,32 +284,31 @@ def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
     with open(os.path.join(folder, "generation_config.json"), "w") as f:
         json.dump(gen, f, indent=2, sort_keys=True)
 
-    prompts = run.require("prepare")["config"]["prompts"]
+    prompts = run.require_prepare().config.prompts
     with open(os.path.join(folder, PROMPTS_FILE), "w") as f:
-        json.dump(prompts, f, indent=2)
+        json.dump(dataclasses.asdict(prompts), f, indent=2)
 
 
 def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> None:
-    prep = run.require("prepare")
-    train = run.require("train")
-    pcfg, tcfg = prep["config"], train["config"]
-    data = prep["inputs"]["data"]
+    prep = run.require_prepare()
+    train = run.require_train()
+    pcfg, plan, summary = prep.config, train.plan, prep.summary
+    data = prep.inputs.data
     data_desc = (
-        f"[{data['id']}](https://huggingface.co/datasets/{data['id']}) (split `{data.get('split')}`, revision `{data['revision']}`)"
-        if data.get("kind") == "hub"
-        else f"`{os.path.basename(pcfg['data'])}` (sha256 `{data.get('sha256')}`)"
+        f"[{data.id}](https://huggingface.co/datasets/{data.id}) (split `{data.split}`, revision `{data.revision}`)"
+        if data.kind == "hub"
+        else f"`{os.path.basename(pcfg.data)}` (sha256 `{data.sha256}`)"
     )
-    base = tcfg["model_name_or_path"]
-    plan = train.get("plan") or {}
-    final_loss = (train.get("summary") or {}).get("final_loss")
-    opt = tcfg.get("optimizer") or {}
-    prompts = pcfg["prompts"]
+    base = train.inputs.model
+    final_loss = train.summary.final_loss if train.summary else None
+    opt = plan.optimizer
+    prompts = pcfg.prompts
     hub_base = base if ("/" in base and not os.path.exists(base) and "://" not in base) else None
     front = ["---", "library_name: transformers", "tags:", "- alpaca", "- instruction-tuning", "- levanter"]
     if hub_base:
         front += [f"base_model: {hub_base}"]
     front += ["---", ""]
-    example = prompts["prompt_no_input"].format(instruction="Give three tips for staying healthy.")
+    example = prompts.prompt_no_input.format(instruction="Give three tips for staying healthy.")
     lines = front + [
         f"# {run.name}",
         "",
@@ -315,13 +322,13 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> 
         "With an input:",
         "",
         "```text",
-        prompts["prompt_input"],
+        prompts.prompt_input,
         "```",
         "",
         "Without an input:",
         "",
         "```text",
-        prompts["prompt_no_input"],
+        prompts.prompt_no_input,
         "```",
         "",
         "```python",
@@ -338,14 +345,14 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> 
         "## Training",
         "",
         f"- Base model: `{base}`",
-        f"- Data: {data_desc}; {prep['summary'].get('examples')} examples kept of {prep['summary'].get('records_read')} "
-        f"records (max length {pcfg['max_length']} tokens, overflow: {pcfg['on_overflow']}, "
-        f"{'prompt tokens masked out of the loss' if pcfg['mask_inputs'] else 'every token trained'})",
-        f"- Data fingerprint: `{prep.get('fingerprint')}`",
-        f"- Recipe: {plan.get('steps')} steps of {tcfg['trainer'].get('train_batch_size')} examples "
-        f"({plan.get('epochs')} epochs), AdamW lr {opt.get('learning_rate')}, weight decay {opt.get('weight_decay')}, "
-        f"warmup {opt.get('warmup')}, {opt.get('lr_schedule')} schedule, precision {tcfg['trainer'].get('mp')}, "
-        f"rows of {tcfg.get('seq_len')} tokens {'packed' if tcfg.get('pack') else 'padded'}",
+        f"- Data: {data_desc}; {summary.examples} examples kept of {summary.records_read} "
+        f"records (max length {pcfg.max_length} tokens, overflow: {pcfg.on_overflow}, "
+        f"{'prompt tokens masked out of the loss' if pcfg.mask_inputs else 'every token trained'})",
+        f"- Data fingerprint: `{prep.fingerprint}`",
+        f"- Recipe: {plan.steps} steps of {plan.batch_size_examples} examples "
+        f"({plan.epochs} epochs), AdamW lr {opt.learning_rate}, weight decay {opt.weight_decay}, "
+        f"warmup {opt.warmup}, {opt.lr_schedule} schedule, precision {plan.precision}, "
+        f"rows of {plan.seq_len} tokens {'packed' if plan.pack else 'padded'}",
         f"- Final training loss: {final_loss:.4f}" if isinstance(final_loss, (int, float)) else "- Final training loss: n/a",
         f"- Checkpoint: `step-{checkpoint.step}`, exported as {dtype_name}",
         f"- alpaca version: {__version__}",
@@ -357,6 +364,7 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> 
 
 def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg: ExportConfig) -> VerifyResult:
     """Load the export with transformers (torch) and compare its logits with Levanter's on prepared examples."""
+    import equinox as eqx
     import haliax as hax
     import jax
     import jax.numpy as jnp
@@ -375,14 +383,14 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
     rows = prepared.rows(range(n))
 
     # Levanter side: the trained model rounded to the export dtype, computed in float32 at full precision
+    # (only floating arrays: models carry other leaves too, e.g. GPT-2's static flags)
     lev = jax.tree_util.tree_map(
-        lambda x: x.astype(dtype_name).astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, lev_model
+        lambda x: x.astype(dtype_name).astype(jnp.float32) if eqx.is_inexact_array(x) else x, lev_model
     )
 
     @hax.named_jit
     def logits_fn(model, ids):
-        act = model.activations(ids, AttentionMask.causal(), key=None)
-        return hax.dot(act, model.get_lm_head(), axis=model.Embed)
+        return model_logits(model, ids, AttentionMask.causal())
 
     max_diff = 0.0
     t_loss = l_loss = 0.0

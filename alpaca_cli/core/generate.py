@@ -19,6 +19,9 @@ import numpy as np
 from alpaca_cli import io
 from alpaca_cli.config import PromptTemplates
 from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core.prompts import PROMPTS_FILE
+from alpaca_cli.core.logits import model_logits
+from alpaca_cli.core.mesh import FSDP, local_mesh
 from alpaca_cli.errors import ConfigError, DataError
 from alpaca_cli.rundir import RunDir
 
@@ -72,8 +75,7 @@ class Generator:
 
         @hax.named_jit
         def next_logits(model, tokens, at):
-            act = model.activations(tokens, AttentionMask.causal(), key=None)
-            logits = hax.dot(act, model.get_lm_head(), axis=model.Embed).rearrange(("batch", "position", "vocab"))
+            logits = model_logits(model, tokens, AttentionMask.causal()).rearrange(("batch", "position", "vocab"))
             return jnp.take_along_axis(logits.array, at[:, None, None], axis=1)[:, 0, :]
 
         key = jax.random.PRNGKey(seed)
@@ -109,14 +111,10 @@ class Generator:
 def load_generator(run: RunDir | None, *, from_export: str | None = None, step: int | None = None) -> Generator:
     """The fine-tuned model from the run's checkpoint (Levanter) or from an exported Hugging Face folder."""
     import haliax as hax
-    import jax
-    import numpy as np_
-    from jax.sharding import Mesh
     from transformers import AutoTokenizer
 
-    devices = np_.array(jax.local_devices())
-    mesh = Mesh(devices.reshape(1, -1, 1), ("replica", "data", "model"))
-    mapping = {"embed": "data"}
+    mesh = local_mesh(all_devices=True)
+    mapping = FSDP
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
         if from_export:
             from alpaca_cli.core.models import open_base_model
@@ -136,24 +134,21 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
             from alpaca_cli.core.checkpoints import find_checkpoint, load_model
 
             assert run is not None
-            with io.local_dir(run.tokenizer_dir) as local:
-                tok = AutoTokenizer.from_pretrained(local)
+            tok = run.load_tokenizer()
             model, lev_config, hf_config = load_model(run, find_checkpoint(run, step), tokenizer=tok,
                                                       axis_mapping=mapping, mesh=mesh)
-            templates = PromptTemplates(**run.require("prepare")["config"]["prompts"])
+            templates = run.require_prepare().config.prompts
             max_len = lev_config.seq_len
     return Generator(model=model, tokenizer=tok, templates=templates, max_len=max_len, mesh=mesh)
 
 
 def _templates_from_export(folder: str, run: RunDir | None) -> PromptTemplates:
-    from alpaca_cli.core.export import PROMPTS_FILE
-
     path = os.path.join(folder, PROMPTS_FILE)
     if os.path.exists(path):
         with open(path) as f:
             return PromptTemplates(**json.load(f))
     if run is not None and run.is_complete("prepare"):
-        return PromptTemplates(**run.require("prepare")["config"]["prompts"])
+        return run.require_prepare().config.prompts
     logger.warning("%s has no %s; using Stanford's templates", folder, PROMPTS_FILE)
     return PromptTemplates()
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Callable, Optional
 
 import numpy as np
 from levanter.callbacks import Callback, StepInfo
 
 from alpaca_cli import io
-from alpaca_cli.core import distributed
+from alpaca_cli.console import format_eta
+from alpaca_cli import distributed
+from alpaca_cli.core.checkpoints import latest_checkpoint, list_checkpoints
 from alpaca_cli.core.plan import Plan
+from alpaca_cli.records import TrainProgress
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -41,21 +43,18 @@ class StepProgress:
         pass
 
 
-def format_eta(seconds: float) -> str:
-    if not np.isfinite(seconds):
-        return "?"
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
 class MetricsHook(Callback):
     """One JSON object per optimizer step in RUN/metrics.jsonl, and the live progress line.
 
     `step` counts optimizer updates from 1. After a resume, lines past the resumed step (from the interrupted
     attempt) are dropped, so the file always describes one uninterrupted run.
+
+    A local file gets each step's line appended at once. An object store (gs://) cannot append: every flush rewrites
+    the whole object, so there it is flushed at most every `remote_flush_seconds`, before every checkpoint (so the
+    lines up to the step a resume starts from are always there) and at the end.
     """
+
+    remote_flush_seconds = 30.0
 
     def __init__(self, run: RunDir, plan: Plan, lr_schedule, start_step: int, progress_factory=None):
         self.run = run
@@ -68,6 +67,7 @@ class MetricsHook(Callback):
         self._progress = None
         self._t_start = None
         self._written: dict[int, dict] | None = None  # what the file holds (None: rewrite it on the next flush)
+        self._last_flush = 0.0
         self._examples = np.array(
             [sum(len(r) for r in plan.rows[s * plan.rows_per_step : (s + 1) * plan.rows_per_step]) for s in range(plan.steps)]
         )
@@ -111,8 +111,8 @@ class MetricsHook(Callback):
         eta = (self.plan.steps - step) / rate if rate > 0 else float("inf")
         if self._progress is not None:
             self._progress.update(step, loss, ex / elapsed if elapsed else 0.0, tok / elapsed if elapsed else 0.0, eta)
-        # every step: after a kill, the lines up to the checkpoint that training resumes from must be on disk
-        self.flush()
+        if not io.is_remote(self.run.metrics_path) or time.time() - self._last_flush >= self.remote_flush_seconds:
+            self.flush()
 
     def add(self, step: int, **fields) -> None:
         rec = dict(self.records.get(step, {"step": step}))
@@ -129,6 +129,7 @@ class MetricsHook(Callback):
         """Write what is new. Local files get appended lines; object stores get the whole file again."""
         if not distributed.is_writer() or not self.records:
             return
+        self._last_flush = time.time()
         steps = sorted(self.records)
         if io.is_remote(self.run.metrics_path) or self._written is None or any(
             self.records[k] is not self._written.get(k) for k in steps if k in self._written
@@ -148,11 +149,36 @@ class MetricsHook(Callback):
             self._progress = None
         self.flush()
 
-    @property
-    def last_loss(self) -> Optional[float]:
-        if not self.records:
-            return None
-        return self.records[max(self.records)].get("loss")
+    def before_checkpoints_of(self, checkpointer) -> None:
+        """Flush before every checkpoint `checkpointer` saves: a checkpoint is only complete once the metrics of
+        the steps it covers are in the run directory (a resume keeps those lines and rewrites the rest)."""
+        save = checkpointer.save_checkpoint
+
+        def save_checkpoint(*args, **kwargs):
+            self.flush()
+            return save(*args, **kwargs)
+
+        checkpointer.save_checkpoint = save_checkpoint
+
+
+class CheckpointRetention(Callback):
+    """Deletes complete checkpoints beyond the newest `keep` (0 keeps all), on the writer. A checkpoint counts once
+    its metadata.json exists, so the newest complete one is never the one being deleted, and an interrupted save
+    always leaves an older complete checkpoint behind. (A 7B checkpoint with Adam state is ~81 GB.)"""
+
+    def __init__(self, run: RunDir, keep: int):
+        self.run, self.keep = run, keep
+
+    def on_step(self, info: StepInfo, force: bool = False):
+        if self.keep <= 0 or not distributed.is_writer():
+            return
+        complete = list_checkpoints(self.run)
+        for old in complete[: max(0, len(complete) - self.keep)]:
+            logger.debug("Deleting checkpoint %s (keeping the newest %d)", old.path, self.keep)
+            try:
+                io.rm_tree(old.path)
+            except FileNotFoundError:  # Levanter removed it first (a temporary checkpoint)
+                pass
 
 
 class ManifestHook(Callback):
@@ -168,18 +194,14 @@ class ManifestHook(Callback):
             return
         self._last = time.time()
         self.metrics.flush()
-        from alpaca_cli.core.train import _latest_checkpoint
-
-        last = _latest_checkpoint(self.run)
-        self.run.update_stage(
-            "train",
-            progress={
-                "step": info.step + 1,
-                "total_steps": self.plan.steps,
-                "loss": float(info.loss),
-                "last_checkpoint": self.run.relative(last) if last else None,
-            },
+        last = latest_checkpoint(self.run)
+        self.run.train.progress = TrainProgress(
+            step=info.step + 1,
+            total_steps=self.plan.steps,
+            loss=float(info.loss),
+            last_checkpoint=self.run.relative(last) if last else None,
         )
+        self.run.touch("train")
 
 
 class EvalHook(Callback):

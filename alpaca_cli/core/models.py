@@ -98,31 +98,32 @@ def open_base_model(spec: str) -> Iterator[BaseModel]:
     from alpaca_cli.core import demo_model
 
     if spec == DEMO_MODEL:
-        with _open_ref(spec, demo_model.ensure_demo_model()) as bm:
+        with open_model_folder(spec, demo_model.ensure_demo_model()) as bm:
             yield bm
         return
     if io.is_remote(spec):
         if not io.exists(io.join(spec, "config.json")):
             raise ConfigError(f"--model {spec}: no config.json there; expected a Hugging Face checkpoint folder")
         logger.info("Copying %s to local disk", spec)
-        with io.local_dir(spec) as local, _open_ref(spec, local) as bm:
+        with io.local_dir(spec) as local, open_model_folder(spec, local) as bm:
             yield bm
         return
     path = os.path.expanduser(spec)
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
             raise ConfigError(f"--model {spec}: expected a Hugging Face checkpoint folder with a config.json")
-        with _open_ref(spec, os.path.abspath(path)) as bm:
+        with open_model_folder(spec, os.path.abspath(path)) as bm:
             yield bm
         return
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise ConfigError(f"--model {spec}: no such folder")
-    with _open_ref(spec, spec) as bm:  # a Hub id
+    with open_model_folder(spec, spec) as bm:  # a Hub id
         yield bm
 
 
 @contextlib.contextmanager
-def _open_ref(spec: str, ref: str) -> Iterator[BaseModel]:
+def open_model_folder(spec: str, ref: str) -> Iterator[BaseModel]:
+    """The model whose config.json is in `ref` (a local folder or a Hub id); `spec` is what the user gave."""
     hf_config = read_hf_config(spec, ref)
     model_type = getattr(hf_config, "model_type", None)
     if model_type not in MODEL_TYPES:
@@ -179,13 +180,3 @@ def check_vocab(base: BaseModel, tokenizer, added: dict) -> None:
             raise ConfigError(
                 f"the prepared tokenizer ({what}) is not the tokenizer of --model {base.spec}", hint=hint
             )
-
-
-def local_mesh():
-    """A one-device mesh with Levanter's axis names, for conversions outside the trainer (this process's own
-    device: on a pod, jax.devices()[0] belongs to process 0)."""
-    import jax
-    import numpy as np
-    from jax.sharding import Mesh
-
-    return Mesh(np.array(jax.local_devices()[:1]).reshape(1, 1, 1), ("replica", "data", "model"))

@@ -15,12 +15,13 @@ import numpy as np
 
 from alpaca_cli import config as cfgmod
 from alpaca_cli import io
-from alpaca_cli.config import PrepareConfig, PromptTemplates
+from alpaca_cli.config import PrepareConfig
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core.data import load_records
 from alpaca_cli.core.tokenize import Tokenized, load_tokenizer, prefix_stable, tokenize_examples
 from alpaca_cli.errors import DataError, StageError
+from alpaca_cli.records import PrepareInputs, PrepareRecord, PrepareSummary
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ def prepare(
     try:
         components = {
             "format": CACHE_FORMAT,
-            "data": records.fingerprint,
+            "data": {k: v for k, v in dataclasses.asdict(records.source).items() if v is not None},
             "fields": [cfg.instruction_field, cfg.input_field, cfg.output_field],
             "prompts": cfgmod.encode(cfg.prompts),
             "tokenizer": loaded.fingerprint,
@@ -78,50 +79,42 @@ def prepare(
         }
         fingerprint = fingerprint_inputs(components)
 
-        previous = run.stage("prepare")
-        if previous and previous.get("status") == "complete" and cachemod.is_complete(run.cache_dir):
-            if previous.get("fingerprint") == fingerprint and not overwrite:
+        previous = run.prepare
+        if previous is not None and previous.complete and cachemod.is_complete(run.cache_dir):
+            if previous.fingerprint == fingerprint and not overwrite:
                 logger.info("The run's cache was prepared from the same inputs: reusing it")
                 stats = json.loads(io.read_text(run.stats_path))
                 return PrepareResult(True, stats, run.cache_dir, fingerprint, time.time() - t0)
             if not overwrite:
-                differ = _differences(previous.get("inputs", {}).get("components", {}), components)
+                differ = _differences(previous.inputs.components, components)
                 raise StageError(
                     f"run {run.url} was prepared from different inputs ({differ}); "
                     f"pass --overwrite to replace its cache, or use another --run-dir"
                 )
-        if overwrite and run.stage("train") is not None and (previous or {}).get("fingerprint") != fingerprint:
+        if overwrite and run.train is not None and (previous.fingerprint if previous else None) != fingerprint:
             raise StageError(
                 f"run {run.url} already has training state; preparing new data into it would orphan its "
                 "checkpoints: use a new --run-dir"
             )
 
-        run.start_stage(
-            "prepare",
-            config=cfgmod.encode(cfg),
-            inputs={"data": records.fingerprint, "tokenizer": cfg.tokenizer, "components": components},
-        )
-        run.update_stage("prepare", fingerprint=fingerprint)
+        record = run.start_stage("prepare", PrepareRecord(
+            config=cfg,
+            inputs=PrepareInputs(data=records.source, tokenizer=cfg.tokenizer, components=components),
+            fingerprint=fingerprint,
+        ))
         run.write_config("prepare", cfgmod.dump(cfg))
         try:
             stats = _build(cfg, run, records, loaded, progress)
+            stats["seconds"] = round(time.time() - t0, 3)
+            io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
         except BaseException as e:
-            run.fail_stage("prepare", f"{type(e).__name__}: {e}")
+            run.fail_stage("prepare", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
             raise
-        stats["seconds"] = round(time.time() - t0, 3)
-        io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
-        run.complete_stage(
-            "prepare",
-            outputs={
-                "cache": run.relative(run.cache_dir),
-                "tokenizer": run.relative(run.tokenizer_dir),
-                "stats": run.relative(run.stats_path),
-            },
-            summary={
-                k: stats[k]
-                for k in ("records_read", "examples", "truncated", "dropped", "tokens", "trained_tokens", "vocab_size")
-            },
+        record.summary = PrepareSummary(
+            **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens", "trained_tokens",
+                                    "vocab_size", "added_tokens")}
         )
+        run.complete_stage("prepare")
         return PrepareResult(False, stats, run.cache_dir, fingerprint, time.time() - t0)
     finally:
         shutil.rmtree(loaded.local_dir, ignore_errors=True)
@@ -151,13 +144,13 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
         promptsmod.render(cfg.prompts, ins, inp) for ins, inp in zip(records.instructions, records.inputs)
     ]
     fast, why = prefix_stable(tok)
-    logger.info("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
+    logger.debug("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
 
     # The cache is rewritten from scratch: a killed earlier attempt may have left a partial one (no ledger).
     if run.writer:
         io.rm_tree(run.cache_dir)
         io.rm_tree(run.tokenizer_dir)
-    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.stage("prepare")["fingerprint"]})
+    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.prepare.fingerprint})
     progress.start("Tokenizing", len(prompts))
     try:
         tokenized = write_cache(run.cache_dir, prompts, records.outputs, tok, cfg, fast, progress.advance, metadata)
@@ -216,22 +209,16 @@ def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool
 def prepare_validation(run: RunDir, data: str) -> str:
     """A held-out file prepared exactly like the run's training data (its tokenizer, templates, max length and
     mask), into RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
-    from transformers import AutoTokenizer
     from levanter.store.cache import CacheMetadata
 
-    st = run.require("prepare")
-    pcfg = cfgmod.load_config(PrepareConfig, None, None, {})
-    pcfg = dataclasses.replace(
-        pcfg, **{k: v for k, v in st["config"].items() if k not in ("prompts", "data")}, data=data,
-        prompts=PromptTemplates(**st["config"]["prompts"]),
-    )
+    prepared = run.require_prepare()
+    pcfg = dataclasses.replace(prepared.config, data=data)
     records = load_records(pcfg)
-    fingerprint = fingerprint_inputs({"val": records.fingerprint, "prepared": st["fingerprint"]})
-    cache_dir = run.path("data", "val", fingerprint[:16])
+    fingerprint = fingerprint_inputs({"val": dataclasses.asdict(records.source), "prepared": prepared.fingerprint})
+    cache_dir = run.val_cache_dir(fingerprint)
     if cachemod.is_complete(cache_dir):
         return cache_dir
-    with io.local_dir(run.tokenizer_dir) as local:
-        tok = AutoTokenizer.from_pretrained(local)
+    tok = run.load_tokenizer()
     prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
     io.rm_tree(cache_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})

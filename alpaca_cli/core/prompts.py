@@ -9,6 +9,8 @@ from alpaca_cli.config import PromptTemplates
 from alpaca_cli.errors import ConfigError
 
 ALLOWED_PLACEHOLDERS = ("instruction", "input")
+PROMPTS_FILE = "alpaca_prompts.json"
+"""Where an export keeps the run's templates, so `alpaca generate --from-export` formats prompts the same way."""
 
 
 def placeholders(template: str) -> list[str]:

@@ -81,7 +81,7 @@ def load_tokenizer(spec: str, *, add_missing_special_tokens: bool = True) -> Loa
                 added[attr] = default
         if added:
             tok.add_special_tokens(added)
-            logger.info("Added special tokens %s (vocabulary is now %d)", added, len(tok))
+            logger.debug("Added special tokens %s (vocabulary is now %d)", added, len(tok))
 
     local_dir = tempfile.mkdtemp(prefix="alpaca-tok-")
     tok.save_pretrained(local_dir)

@@ -18,14 +18,24 @@ from typing import Any
 import numpy as np
 
 from alpaca_cli import config as cfgmod
-from alpaca_cli import io
+from alpaca_cli import distributed, io, logs
 from alpaca_cli.core import cache as cachemod
-from alpaca_cli.core import distributed
-from alpaca_cli.core.checkpoints import save_base_files
+from alpaca_cli.core.checkpoints import checkpoint_step, latest_checkpoint, save_base_files
 from alpaca_cli.core.models import check_vocab, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError
-from alpaca_cli.rundir import RunDir
+from alpaca_cli.records import (
+    MemoryEstimate,
+    MeshShape,
+    OptimizerSummary,
+    PlanRecord,
+    TrainInputs,
+    TrainProgress,
+    TrainRecord,
+    TrainSummary,
+)
+from alpaca_cli.rundir import HEARTBEAT_SECONDS, RUNNING, RunDir
+from alpaca_cli.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +45,7 @@ TP_AXES = ["mlp", "heads", "kv_head"]  # Levanter's names: MLP hidden, attention
 @dataclass
 class TrainResult:
     status: str  # "trained", "already_trained" or "planned"
-    plan: dict[str, Any]
+    plan: PlanRecord
     steps_run: int = 0
     final_checkpoint: str | None = None
     final_loss: float | None = None
@@ -53,25 +63,20 @@ class Prepared:
     tokenizer: object
     added: dict[str, str]
     fingerprint: str
-    prompts: dict
+    prompts: object  # PromptTemplates
     lengths: np.ndarray
     trained: np.ndarray
 
 
 def load_prepared(run: RunDir) -> Prepared:
-    from transformers import AutoTokenizer
-
-    st = run.require("prepare")
+    record = run.require_prepare()
     prepared_cache = cachemod.open_cache(run.cache_dir)
-    with io.local_dir(run.tokenizer_dir) as local:
-        tok = AutoTokenizer.from_pretrained(local)
-    stats = json.loads(io.read_text(run.stats_path))
     return Prepared(
         cache=prepared_cache,
-        tokenizer=tok,
-        added=stats.get("added_tokens", {}),
-        fingerprint=st["fingerprint"],
-        prompts=st["config"]["prompts"],
+        tokenizer=run.load_tokenizer(),
+        added=dict(record.summary.added_tokens) if record.summary else {},
+        fingerprint=record.fingerprint,
+        prompts=record.config.prompts,
         lengths=prepared_cache.lengths(),
         trained=prepared_cache.trained_tokens(),
     )
@@ -121,8 +126,9 @@ def parameter_count(lev_config, vocab: int) -> int:
 
 
 def plan_summary(
-    cfg, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, lev_config, mp, vocab: int
-) -> dict:
+    cfg: TrainConfig, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, lev_config, mp,
+    vocab: int, model: str, model_type: str,
+) -> PlanRecord:
     import jax
     import jax.numpy as jnp
 
@@ -137,36 +143,38 @@ def plan_summary(
     micro_rows = pdp if pdp and pdp > 0 else rows_per_device
     # with gradient checkpointing: one residual stream per layer, one layer's working set, float32 logits and grads
     act_bytes = micro_rows * cfg.seq_len * (hidden * compute_bytes * (layers + 16) + 8 * vocab) / tp
-    return {
-        "devices": n_devices,
-        "hosts": n_hosts,
-        "platform": jax.devices()[0].platform,
-        "mesh": {"data_parallel_fsdp": dp, "tensor_parallel": tp},
-        "parameters": params,
-        "seq_len": cfg.seq_len,
-        "pack": cfg.pack,
-        "batch_size_examples": cfg.batch_size,
-        "rows_per_step": plan.rows_per_step,
-        "examples_per_step": round(plan.examples_per_step, 2),
-        "steps": plan.steps,
-        "epochs": plan.epochs,
-        "train_examples": plan.train_examples,
-        "val_examples": int(len(plan.val_examples)),
-        "trained_tokens": plan.trained_tokens,
-        "real_tokens": plan.real_tokens,
-        "padding_fraction": round(plan.padding_fraction, 4),
-        "precision": str(mp),
-        "optimizer": {
-            "learning_rate": cfg.optimizer.learning_rate,
-            "weight_decay": cfg.optimizer.weight_decay,
-            "warmup": cfg.optimizer.warmup,
-            "lr_schedule": str(cfg.optimizer.lr_schedule),
-        },
-        "memory_per_device_gib": {
-            "model_and_optimizer": round(state_bytes / 2**30, 3),
-            "activations_estimate": round(act_bytes / 2**30, 3),
-        },
-    }
+    return PlanRecord(
+        model=model,
+        model_type=model_type,
+        parameters=params,
+        devices=n_devices,
+        hosts=n_hosts,
+        platform=jax.devices()[0].platform,
+        mesh=MeshShape(data_parallel_fsdp=dp, tensor_parallel=tp),
+        seq_len=cfg.seq_len,
+        pack=cfg.pack,
+        batch_size_examples=cfg.batch_size,
+        rows_per_step=plan.rows_per_step,
+        examples_per_step=round(plan.examples_per_step, 2),
+        steps=plan.steps,
+        epochs=plan.epochs,
+        train_examples=plan.train_examples,
+        val_examples=int(len(plan.val_examples)),
+        trained_tokens=plan.trained_tokens,
+        real_tokens=plan.real_tokens,
+        padding_fraction=round(plan.padding_fraction, 4),
+        precision=str(mp),
+        optimizer=OptimizerSummary(
+            learning_rate=cfg.optimizer.learning_rate,
+            weight_decay=cfg.optimizer.weight_decay,
+            warmup=cfg.optimizer.warmup,
+            lr_schedule=str(cfg.optimizer.lr_schedule),
+        ),
+        memory_per_device_gib=MemoryEstimate(
+            model_and_optimizer=round(state_bytes / 2**30, 3),
+            activations_estimate=round(act_bytes / 2**30, 3),
+        ),
+    )
 
 
 def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
@@ -190,19 +198,19 @@ def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
 # -- training -------------------------------------------------------------------------------------------------------
 
 
-def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_plan=None) -> TrainResult:
+def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_plan=None) -> TrainResult:
     """Plan, then (unless dry_run) train or resume. Returns what was done.
 
-    on_plan(summary) is called with the plan before any weights are loaded.
+    on_plan(plan) is called with the plan before any weights are loaded.
     """
     distributed.initialize()
     import jax
 
     _check_tracker_packages(cfg)
     # every process decides from the same manifest: process 0's, as it was when training started
-    run.manifest = distributed.broadcast(run.manifest)
+    run.sync_from_writer()
     prepared = load_prepared(run)
-    if cfg.prompts is not None and cfgmod.encode(cfg.prompts) != prepared.prompts:
+    if cfg.prompts is not None and cfg.prompts != prepared.prompts:
         raise ConfigError(
             "the config's prompts differ from the templates this run was prepared with",
             hint="drop `prompts` from the train config, or re-run alpaca prepare --prompts with them",
@@ -237,34 +245,35 @@ def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_
         summary = plan_summary(
             cfg, plan, n_devices=n_devices, n_hosts=jax.process_count(), dp=dp, tp=tp, params=params,
             lev_config=lev_config, mp=cfg.trainer.mp, vocab=len(prepared.tokenizer),
+            model=cfg.model_name_or_path, model_type=base.model_type,
         )
-        summary["model"] = cfg.model_name_or_path
-        summary["model_type"] = base.model_type
         fingerprint = plan_fingerprint(prepared.fingerprint, cfg, plan)
         if dry_run:
             return TrainResult("planned", summary)
 
-        previous = run.stage("train")
-        if previous is not None and previous.get("plan_fingerprint") not in (None, fingerprint):
+        previous = run.train
+        if previous is not None and previous.plan_fingerprint not in (None, fingerprint):
             raise StageError(
                 f"run {run.url} was trained with a different plan (model, data, batch size, steps, seq len, "
                 "seed or device count changed); resume it with the same settings and devices, or use a new --run-dir"
             )
-        if previous is not None and previous.get("status") == "complete":
-            final = (previous.get("outputs") or {}).get("final_checkpoint")
+        if previous is not None and previous.complete:
+            final = previous.final_checkpoint
             if final and io.exists(io.join(run.resolve(final), "metadata.json")):
                 return TrainResult(
                     "already_trained", summary, final_checkpoint=run.resolve(final),
-                    final_loss=(previous.get("summary") or {}).get("final_loss"),
+                    final_loss=previous.summary.final_loss if previous.summary else None,
                 )
 
-        if previous is None or previous.get("status") != "running":
-            run.start_stage(
-                "train",
+        record = previous if previous is not None and previous.status == RUNNING else None
+        if record is None:
+            record = TrainRecord(
                 config=cfgmod.encode(cfg),
-                inputs={"prepared": prepared.fingerprint, "model": cfg.model_name_or_path},
+                inputs=TrainInputs(prepared=prepared.fingerprint, model=cfg.model_name_or_path),
             )
-        run.update_stage("train", plan=summary, plan_fingerprint=fingerprint, status="running")
+        # a resumed stage is started again too: this process, now, is its writer
+        record.plan, record.plan_fingerprint = summary, fingerprint
+        run.start_stage("train", record)
         save_base_files(run, base)
         run.write_config("train", cfgmod.dump(cfg))
         if on_plan is not None:
@@ -272,8 +281,7 @@ def train(cfg, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_
         try:
             return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory)
         except BaseException as e:
-            if not isinstance(e, KeyboardInterrupt):
-                run.fail_stage("train", f"{type(e).__name__}: {e}")
+            run.fail_stage("train", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
             if distributed.process_count() > 1 and isinstance(e, Exception) and not isinstance(e, AlpacaError):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise StageError(
@@ -297,6 +305,8 @@ def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):
     return dataclasses.replace(
         tc,
         id=run.name,
+        # Levanter's train_batch_size counts what it stacks into a batch: our packed rows. Ours (the config key, in
+        # the tutorial's meaning) counted examples; the plan turned it into rows.
         train_batch_size=plan.rows_per_step,
         num_train_steps=plan.steps,
         model_axis_size=cfg.tensor_parallel,
@@ -331,14 +341,13 @@ def _check_tracker_packages(cfg) -> None:
             raise ConfigError("--wandb-project needs wandb", hint="pip install wandb") from None
 
 
-def _trackers(cfg, run: RunDir, log_dir: str):
+def _trackers(cfg, run: RunDir):
     from levanter.tracker.tracker import NoopConfig
 
     trackers = []
     if cfg.wandb_project:
         from levanter.tracker.wandb import WandbConfig
 
-        os.environ.setdefault("WANDB_DIR", log_dir)  # W&B writes ./wandb otherwise
         trackers.append(
             WandbConfig(project=cfg.wandb_project, name=run.name, id=_wandb_id(run), resume="allow", save_code=False)
         )
@@ -356,13 +365,6 @@ def _wandb_id(run: RunDir) -> str:
     return "alpaca-" + hashlib.sha1(run.url.encode()).hexdigest()[:12]
 
 
-def _log_dir(run: RunDir) -> str:
-    if io.is_remote(run.url):
-        return tempfile.mkdtemp(prefix="alpaca-logs-")
-    os.makedirs(run.logs_dir, exist_ok=True)
-    return run.logs_dir
-
-
 def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory) -> TrainResult:
     import haliax as hax
     import jax
@@ -372,14 +374,13 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
     from levanter.trainer import Trainer
 
     from alpaca_cli.core.batches import PackedRows, make_loss_fn
-    from alpaca_cli.core.hooks import EvalHook, ManifestHook, MetricsHook, PreemptionHook
+    from alpaca_cli.core.hooks import CheckpointRetention, EvalHook, ManifestHook, MetricsHook, PreemptionHook
 
     tok = prepared.tokenizer
-    log_dir = _log_dir(run)
-    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run, log_dir))
-    verbose = logging.getLogger().getEffectiveLevel() <= logging.INFO
-    trainer_config.initialize()
-    _tame_console_logging(verbose)
+    log_dir = run.local_logs_dir()
+    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run))
+    with logs.keep_console_handlers():
+        trainer_config.initialize()
     levanter.tracker.log_configuration(cfg)
 
     accum = 1
@@ -397,7 +398,8 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
         if Vocab.size != real_vocab:
             logger.info("Vocabulary padded from %d to %d for sharding (masked out of the loss)", real_vocab, Vocab.size)
-        run.update_stage("train", vocab_trained=Vocab.size)
+        run.train.vocab_trained = Vocab.size
+        run.save()
         _, model_key, training_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 3)
 
         state = trainer.initial_state(training_key, model_init=lambda: lev_config.build(Vocab, key=model_key))
@@ -411,7 +413,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
             logger.info("Resuming from the checkpoint after step %d of %d", start_step, plan.steps)
 
         if start_step >= plan.steps:
-            final = _latest_checkpoint(run)
+            final = latest_checkpoint(run)
             _finish(run, plan, final, None)
             return TrainResult("already_trained", summary, final_checkpoint=final)
 
@@ -420,10 +422,13 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         )
         checkpointer = trainer.config.checkpointer.create(trainer.run_id)
         metrics = MetricsHook(run, plan, cfg.optimizer.lr_scheduler(plan.steps), start_step, progress_factory)
-        manifest_hook = ManifestHook(run, plan, metrics, every_seconds=60.0)
+        metrics.before_checkpoints_of(checkpointer)
+        manifest_hook = ManifestHook(run, plan, metrics, every_seconds=HEARTBEAT_SECONDS)
+        retention = CheckpointRetention(run, cfg.keep_checkpoints)
         trainer.add_hook(metrics, every=1)
         trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
         trainer.add_hook(checkpointer.on_step, every=1)
+        trainer.add_hook(retention, every=1)
         trainer.add_hook(manifest_hook, every=1)
         preemption = PreemptionHook(checkpointer)
         trainer.add_hook(preemption, every=1)
@@ -446,37 +451,21 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
             metrics.stop()
             preemption.close()
         checkpointer.wait_until_finished()
-        final = _latest_checkpoint(run)
+        final = latest_checkpoint(run)
         # saving is collective: every process must take the same decision
-        if distributed.broadcast(final is None or _checkpoint_step(final) != info.step):
+        if distributed.broadcast(final is None or checkpoint_step(final) != info.step):
             # Levanter's forced end-of-training save can be skipped; make sure the final state is on disk
             checkpointer.save_checkpoint(info, f"step-{info.step}")
             checkpointer.wait_until_finished()
-            final = _latest_checkpoint(run)
+            final = latest_checkpoint(run)
         distributed.barrier("final-checkpoint")
         metrics.flush()
+        retention.on_step(info, force=True)
         _finish(run, plan, final, info.loss)
         return TrainResult(
             "trained", summary, steps_run=plan.steps - start_step, final_checkpoint=final,
             final_loss=float(info.loss), losses=list(metrics.losses_this_run),
         )
-
-
-def _tame_console_logging(verbose: bool) -> None:
-    """Levanter's init_logging sends every library's INFO lines to the console; keep them in the log file and
-    show ours (and everyone's warnings) on stderr, unless --verbose."""
-    import jax
-
-    jax.config.update("jax_logging_level", None)  # drop JAX's own stderr handler; its records reach ours
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            if not verbose:
-                handler.addFilter(
-                    lambda r: r.levelno >= logging.WARNING or r.name.startswith("alpaca_cli")
-                )
-    root.setLevel(logging.INFO)
 
 
 def _validation_source(cfg, run: RunDir, prepared: Prepared, plan: Plan):
@@ -511,23 +500,11 @@ def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):
     return hax.named_jit(mp.cast_to_param, axis_resources=param_mapping)(model)
 
 
-def _latest_checkpoint(run: RunDir) -> str | None:
-    from levanter.checkpoint import discover_latest_checkpoint
-
-    if not io.exists(run.checkpoints_dir):
-        return None
-    return discover_latest_checkpoint(run.checkpoints_dir)
-
-
-def _checkpoint_step(path: str) -> int:
-    return int(json.loads(io.read_text(io.join(path, "metadata.json")))["step"])
-
-
 def _finish(run: RunDir, plan: Plan, final: str | None, loss) -> None:
     rel = run.relative(final) if final else None
-    run.complete_stage(
-        "train",
-        outputs={"final_checkpoint": rel, "last_checkpoint": rel, "metrics": run.relative(run.metrics_path)},
-        summary={"steps": plan.steps, "final_loss": None if loss is None else float(loss)},
-    )
-    run.update_stage("train", progress={"step": plan.steps, "total_steps": plan.steps, "loss": None if loss is None else float(loss), "last_checkpoint": rel})
+    record = run.train
+    loss = None if loss is None else float(loss)
+    record.final_checkpoint = rel
+    record.summary = TrainSummary(steps=plan.steps, final_loss=loss)
+    record.progress = TrainProgress(step=plan.steps, total_steps=plan.steps, loss=loss, last_checkpoint=rel)
+    run.complete_stage("train")

@@ -1,0 +1,20 @@
+"""Meshes outside the trainer (export, generate, tests): this process's own devices, with Levanter's axis names."""
+
+from __future__ import annotations
+
+# On a pod, jax.devices()[0] belongs to process 0 (and Levanter's `local_cpu_mesh` makes Explicit axes, with which a
+# forward pass over data-sharded weights raised ShardingTypeError): these meshes use jax.local_devices() and plain
+# (auto) axes.
+AXES = ("replica", "data", "model")
+FSDP = {"embed": "data"}
+"""Parameters split over the local devices along the embedding axis: no device holds the whole model."""
+
+
+def local_mesh(all_devices: bool = False):
+    """A mesh of this process's first device (or all its devices, for FSDP with `FSDP`)."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.local_devices() if all_devices else jax.local_devices()[:1]
+    return Mesh(np.array(devices).reshape(1, -1, 1), AXES)

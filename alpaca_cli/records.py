@@ -1,0 +1,218 @@
+"""Typed records of the run's stages: what `manifest.json` holds, and what the stages hand each other.
+
+`RunDir` (rundir.py) reads and writes them; nothing else reads the manifest. A record is a dataclass; the manifest
+is their JSON encoding (draccus), so an unknown or missing field is an error, not a silent `None`. Bump
+`SCHEMA_VERSION` when a record changes shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from alpaca_cli.config import ExportConfig, PrepareConfig
+
+SCHEMA_VERSION = 2
+
+RUNNING, COMPLETE, FAILED, INTERRUPTED = "running", "complete", "failed", "interrupted"
+
+
+@dataclass
+class Writer:
+    """The process that ran the stage (process 0 of N on a pod): where to look if it is still running."""
+
+    host: str = ""
+    pid: int = 0
+    process_index: int = 0
+    process_count: int = 1
+
+
+@dataclass
+class StageRecord:
+    """What every stage records: its state, when, by whom, with which versions."""
+
+    status: str = RUNNING
+    started: Optional[str] = None
+    finished: Optional[str] = None
+    heartbeat: Optional[str] = None
+    """Last sign of life of a running stage (UTC, ISO 8601); `alpaca status` tells a live stage from a dead one."""
+    error: Optional[str] = None
+    writer: Writer = field(default_factory=Writer)
+    versions: dict[str, Optional[str]] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.status == COMPLETE
+
+
+# -- prepare ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSource:
+    """What identifies the prepared data: a file's bytes, or a Hub dataset's commit."""
+
+    kind: str = "file"
+    """file or hub."""
+    sha256: Optional[str] = None
+    bytes: Optional[int] = None
+    id: Optional[str] = None
+    revision: Optional[str] = None
+    split: Optional[str] = None
+
+
+@dataclass
+class PrepareInputs:
+    data: DataSource = field(default_factory=DataSource)
+    tokenizer: str = ""
+    components: dict[str, Any] = field(default_factory=dict)
+    """Everything the fingerprint covers, by name (to say what differs when inputs change)."""
+
+
+@dataclass
+class PrepareSummary:
+    records_read: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0
+    trained_tokens: int = 0
+    vocab_size: int = 0
+    added_tokens: dict[str, str] = field(default_factory=dict)
+    """Special tokens prepare added because the tokenizer lacked them (e.g. {"pad_token": "[PAD]"})."""
+
+
+@dataclass
+class PrepareRecord(StageRecord):
+    config: PrepareConfig = field(default_factory=PrepareConfig)
+    inputs: PrepareInputs = field(default_factory=PrepareInputs)
+    fingerprint: str = ""
+    summary: Optional[PrepareSummary] = None
+
+
+# -- train -----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeshShape:
+    data_parallel_fsdp: int = 1
+    tensor_parallel: int = 1
+
+
+@dataclass
+class OptimizerSummary:
+    learning_rate: float = 0.0
+    weight_decay: float = 0.0
+    warmup: float = 0.0
+    lr_schedule: str = ""
+
+
+@dataclass
+class MemoryEstimate:
+    """GiB per device."""
+
+    model_and_optimizer: float = 0.0
+    activations_estimate: float = 0.0
+
+
+@dataclass
+class PlanRecord:
+    """The training plan as `--dry-run` prints it and the manifest keeps it."""
+
+    model: str = ""
+    model_type: str = ""
+    parameters: int = 0
+    devices: int = 1
+    hosts: int = 1
+    platform: str = "cpu"
+    mesh: MeshShape = field(default_factory=MeshShape)
+    seq_len: int = 0
+    pack: bool = True
+    batch_size_examples: int = 0
+    rows_per_step: int = 0
+    examples_per_step: float = 0.0
+    steps: int = 0
+    epochs: float = 0.0
+    train_examples: int = 0
+    val_examples: int = 0
+    trained_tokens: int = 0
+    real_tokens: int = 0
+    padding_fraction: float = 0.0
+    precision: str = ""
+    optimizer: OptimizerSummary = field(default_factory=OptimizerSummary)
+    memory_per_device_gib: MemoryEstimate = field(default_factory=MemoryEstimate)
+
+
+@dataclass
+class TrainInputs:
+    prepared: str = ""
+    """The prepare stage's fingerprint."""
+    model: str = ""
+    """--model as given (Hub id, folder, gs:// folder or `demo`)."""
+
+
+@dataclass
+class TrainProgress:
+    step: int = 0
+    total_steps: int = 0
+    loss: Optional[float] = None
+    last_checkpoint: Optional[str] = None
+
+
+@dataclass
+class TrainSummary:
+    steps: int = 0
+    final_loss: Optional[float] = None
+
+
+@dataclass
+class TrainRecord(StageRecord):
+    config: dict[str, Any] = field(default_factory=dict)
+    """The resolved TrainConfig, encoded (as configs/train.yaml); for people, not read back by code."""
+    inputs: TrainInputs = field(default_factory=TrainInputs)
+    plan: Optional[PlanRecord] = None
+    plan_fingerprint: Optional[str] = None
+    vocab_trained: Optional[int] = None
+    """Rows of the trained embedding matrix (the tokenizer's size, padded for sharding)."""
+    progress: Optional[TrainProgress] = None
+    final_checkpoint: Optional[str] = None
+    """Relative to the run directory."""
+    summary: Optional[TrainSummary] = None
+
+
+# -- export ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportOutputs:
+    export_dir: str = ""
+    """Relative to the run directory when inside it."""
+    dtype: str = ""
+    step: int = 0
+    files: list[str] = field(default_factory=list)
+    repo_id: Optional[str] = None
+    repo_url: Optional[str] = None
+    commit: Optional[str] = None
+    revision: Optional[str] = None
+
+
+@dataclass
+class ExportSummary:
+    weight_bytes: int = 0
+    peak_rss_bytes: int = 0
+    verify_max_abs_diff: Optional[float] = None
+    verify_tolerance: Optional[float] = None
+
+
+@dataclass
+class ExportRecord(StageRecord):
+    config: ExportConfig = field(default_factory=ExportConfig)
+    checkpoint: str = ""
+    """The exported checkpoint, relative to the run directory."""
+    step: int = 0
+    outputs: Optional[ExportOutputs] = None
+    summary: Optional[ExportSummary] = None
+
+
+RECORD_TYPES: dict[str, type[StageRecord]] = {"prepare": PrepareRecord, "train": TrainRecord, "export": ExportRecord}
+STAGES = tuple(RECORD_TYPES)
