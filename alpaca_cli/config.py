@@ -327,7 +327,14 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     file_adapter=None,
 ) -> T:
-    """Resolve cls from defaults < config file < --set < typed flags (dotted keys; None means not given)."""
+    """Resolve cls from defaults < config file < --set < typed flags (dotted keys; None means not given).
+
+    The layers are merged as trees and decoded once with draccus, rather than through `draccus.parse(cls,
+    config_path, args)`: the config file may be remote (gs://) and may be Levanter's tutorial format (adapted by
+    `file_adapter` first), `--set` values are YAML (`1e-5`, `[a, b]`, `null`), typed flags arrive as Python values
+    (no round trip through argv strings), and a choice type such as `optimizer.type` replaces its whole subtree when it
+    changes. Decoding still goes through draccus, which rejects unknown keys and checks types.
+    """
     import draccus
 
     tree = draccus.encode(cls())

@@ -18,6 +18,7 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 _initialized = False
+_barriers: dict[str, int] = {}
 
 
 def _env_int(name: str) -> int | None:
@@ -84,13 +85,21 @@ def is_writer() -> bool:
     return process_index() == 0
 
 
-def barrier(name: str) -> None:
-    """Wait until every process reaches this point (no-op on one process)."""
+def barrier(name: str, timeout_s: float = 6 * 3600) -> None:
+    """Wait until every process reaches this point (no-op on one process).
+
+    Through the coordination service (as `broadcast` is), not a device collective: collectives between CPU processes
+    go through gloo, which gives a peer a fixed 30 s to join. Called before work that starts a new collective
+    (the first training step, say), it lets every process start it at the same time however long the others took to
+    get there."""
     if process_count() <= 1:
         return
-    from jax.experimental import multihost_utils
+    import jax._src.distributed as jax_distributed  # the coordination client (what Levanter's barrier_sync uses)
 
-    multihost_utils.sync_global_devices(name)
+    _barriers[name] = _barriers.get(name, 0) + 1
+    jax_distributed.global_state.client.wait_at_barrier(
+        f"alpaca-{name}-{_barriers[name]}", timeout_in_ms=int(timeout_s * 1000)
+    )
 
 
 def broadcast(obj: Any, timeout_s: float = 6 * 3600) -> Any:

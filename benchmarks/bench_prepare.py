@@ -4,9 +4,9 @@ tutorial (examples/alpaca/alpaca.py) on the same ~52k Alpaca records and the sam
 
 Run by hand, never by tests:
 
-    /work/venv/bin/python benchmarks/bench_prepare.py                      # 52,000 records, all four methods
-    /work/venv/bin/python benchmarks/bench_prepare.py --records 2000       # a quick run
-    /work/venv/bin/python benchmarks/bench_prepare.py --skip-levanter      # no Ray
+    python benchmarks/bench_prepare.py                      # 52,000 records, all four methods
+    python benchmarks/bench_prepare.py --records 2000       # a quick run
+    python benchmarks/bench_prepare.py --skip-levanter      # no Ray
 
 See benchmarks/README.md for what each column means. Speed is measured and printed, never asserted.
 """
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "alpaca_en_demo.json"))
-DEFAULT_TOKENIZER = "/work/shared/tokenizers/llama-sp-32k"
+DEFAULT_TOKENIZER = os.path.normpath(os.path.join(REPO, "..", "shared", "tokenizers", "llama-sp-32k"))
 
 
 # -- inputs -----------------------------------------------------------------------------------------------------------

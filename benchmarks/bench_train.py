@@ -3,12 +3,12 @@
 Hugging Face's Trainer (torch, CPU): the same tiny Llama-shaped base model, the same prepared examples, the same
 examples in every optimizer step, one method after another in one invocation.
 
-Run by hand, never by tests. transformers' Trainer needs accelerate, which the venv lacks; install it anywhere:
-`pip install --no-deps --target /tmp/bench-deps 'accelerate>=0.26'` and run with PYTHONPATH=/tmp/bench-deps.
+Run by hand, never by tests, in an environment with the benchmark extra (`pip install -e ".[bench]"`: torch and
+accelerate, which transformers' Trainer needs).
 
-    /work/venv/bin/python benchmarks/bench_train.py                    # 512 examples, batch 32 (16 steps)
-    /work/venv/bin/python benchmarks/bench_train.py --examples 64      # a quick run (2 steps)
-    /work/venv/bin/python benchmarks/bench_train.py --packed-seq-lens 2048,1024 --methods packed,hf
+    python benchmarks/bench_train.py                    # 512 examples, batch 32 (16 steps)
+    python benchmarks/bench_train.py --examples 64      # a quick run (2 steps)
+    python benchmarks/bench_train.py --packed-seq-lens 2048,1024 --methods packed,hf
 
 The headline number is trained tokens per second: tokens whose label is not -100 (Stanford's labels, prompt
 masked), counted the way every loss here counts them (position 0 of an example is never predicted). Steady-state
@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
-DEFAULT_DATA = "/work/shared/data/alpaca_en_demo.json"
-DEFAULT_TOKENIZER = "/work/shared/tokenizers/llama-sp-32k"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the development data and tokenizer beside the repository (../shared); --data and --tokenizer name others
+DEFAULT_DATA = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "alpaca_en_demo.json"))
+DEFAULT_TOKENIZER = os.path.normpath(os.path.join(REPO, "..", "shared", "tokenizers", "llama-sp-32k"))
 ALPACA = os.path.join(os.path.dirname(sys.executable), "alpaca")
 IGNORE_INDEX = -100
 
@@ -556,8 +558,7 @@ def run_hf(m: Method, workdir: str, model_dir: str, source_indices: list[int], e
 
     if importlib.util.find_spec("accelerate") is None:  # the subprocess gets this process's PYTHONPATH
         res.error = ("transformers' Trainer needs accelerate>=0.26, which this environment lacks: "
-                     "pip install 'accelerate>=0.26' (or pip install --no-deps --target DIR accelerate "
-                     "and run this script with PYTHONPATH=DIR)")
+                     "pip install -e '.[bench]'")
         return res
     spec = {
         "model": model_dir,

@@ -12,7 +12,6 @@ step's loss is the mean over its trained tokens however the step is split over d
 
 from __future__ import annotations
 
-import asyncio
 from typing import Optional, Sequence
 
 import equinox as eqx
@@ -107,9 +106,6 @@ class PackedRows(AsyncDataset[PackedRow]):
                 PackedRow(*(hax.named(a, self.Pos) for a in arrays))  # numpy-backed; the loader stacks on CPU
             )
         return out
-
-    def get_rows_sync(self, indices: Sequence[int]) -> Sequence[PackedRow]:
-        return asyncio.run(self.get_batch(indices))
 
 
 def make_loss_fn(real_vocab: int, accum_steps: int = 1):

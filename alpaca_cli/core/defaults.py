@@ -6,7 +6,6 @@ and can be mixed with your own data, tokenizer or model.
 
 from __future__ import annotations
 
-import os
 from importlib import resources
 
 BUILTIN = "demo"
@@ -22,7 +21,3 @@ def resolve_builtin_data(value: str | None) -> str | None:
 
 def resolve_builtin_tokenizer(value: str | None) -> str | None:
     return asset("demo_tokenizer") if value == BUILTIN else value
-
-
-def is_builtin_path(path: str) -> bool:
-    return os.path.abspath(path).startswith(os.path.abspath(asset()))

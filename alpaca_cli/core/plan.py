@@ -49,9 +49,6 @@ class Plan:
         total = self.steps * self.rows_per_step * self.seq_len
         return 1.0 - self.real_tokens / total if total else 0.0
 
-    def step_of_row(self, row: int) -> int:
-        return row // self.rows_per_step
-
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train ids, validation ids): a seeded random `fraction` of the examples is held out."""

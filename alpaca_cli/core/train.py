@@ -444,6 +444,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
             trainer.add_hook(eval_hook, every=cfg.eval_every)
         loader = trainer.data_loader(dataset).iter_from_step(start_step)
 
+        distributed.barrier("before-training")  # every host compiles the first step at the same time
         metrics.start()
         try:
             info = trainer.train(state, loader)  # runs every hook once more (forced) at the end
