@@ -33,8 +33,51 @@ def join(url: str, *parts: str) -> str:
 
 
 def fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    if url.startswith("gs://"):
+        check_gcs(url)
     fs, path = fsspec.core.url_to_fs(url)
     return fs, path
+
+
+_GCS_CHECKED: set[str] = set()
+GCS_TIMEOUT_S = 5.0
+
+
+def check_gcs(url: str) -> None:
+    """Fail fast, in one line, when a gs:// URL cannot work: no credentials, or no way to reach the storage
+    endpoint. (gcsfs would retry each request six times with backoff, about a minute, and log two tracebacks.)
+    Checked once per bucket and process."""
+    bucket = url[len("gs://"):].split("/", 1)[0]
+    if bucket in _GCS_CHECKED:
+        return
+    from alpaca_cli.errors import RunDirError
+
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    hint = ("authenticate with `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a "
+            "service-account key); STORAGE_EMULATOR_HOST points gs:// at an emulator instead")
+    if not emulator and os.environ.get("FSSPEC_GCS_TOKEN") != "anon":
+        try:
+            import google.auth
+
+            google.auth.default()
+        except Exception as e:  # noqa: BLE001 - DefaultCredentialsError and transport errors alike
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            raise RunDirError(f"{url}: no Google Cloud credentials ({first[:160]})", hint=hint) from None
+    endpoint = (emulator or "https://storage.googleapis.com").rstrip("/")
+    if "://" not in endpoint:
+        endpoint = "http://" + endpoint
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{endpoint}/storage/v1/b/{bucket}?fields=name", timeout=GCS_TIMEOUT_S)
+    except urllib.error.HTTPError:
+        pass  # an answer (401, 403, 404...): the endpoint is there; gcsfs reports what the answer means
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise RunDirError(f"{url}: cannot reach Google Cloud Storage at {endpoint} ({reason})",
+                          hint=f"check your network; {hint}") from None
+    _GCS_CHECKED.add(bucket)
 
 
 def exists(url: str) -> bool:

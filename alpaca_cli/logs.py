@@ -34,6 +34,8 @@ def setup(verbose: bool) -> None:
     logging.getLogger("levanter.tensorstore_serialization").addFilter(
         lambda r: "Unknown leaf type <class 'NoneType'>" not in r.getMessage()
     )
+    # gcsfs logs a traceback for every request it gives up on; the error itself reaches the user as one line
+    logging.getLogger("gcsfs").setLevel(logging.INFO if verbose else logging.CRITICAL)
     # ...and "No checkpoints found in ..." as a warning at the start of every fresh run.
     logging.getLogger("levanter.checkpoint").addFilter(lambda r: "No checkpoints found in" not in r.getMessage())
 

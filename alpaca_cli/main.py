@@ -59,7 +59,10 @@ def main() -> None:
     stderr, never a traceback (ALPACA_DEBUG=1 shows it). Handled failures and bugs exit 1, Ctrl-C 130."""
     try:
         app()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as e:
+        # Typer turns Ctrl-C into a silent exit 130
+        if isinstance(e, SystemExit) and e.code != 130:
+            raise
         if os.environ.get("ALPACA_DEBUG"):
             raise
         _print_error(AlpacaError("interrupted", hint="run the same command again to continue"))

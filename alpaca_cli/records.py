@@ -139,6 +139,10 @@ class PlanRecord:
     real_tokens: int = 0
     padding_fraction: float = 0.0
     precision: str = ""
+    attention: str = ""
+    """The attention kernel: flash, splash or vanilla."""
+    attention_block: Optional[int] = None
+    remat: bool = True
     optimizer: OptimizerSummary = field(default_factory=OptimizerSummary)
     memory_per_device_gib: MemoryEstimate = field(default_factory=MemoryEstimate)
 

@@ -205,3 +205,23 @@ def test_large_models_are_written_in_shards_that_transformers_loads(trained):
     split = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     for (name, a), (_, b) in zip(whole.state_dict().items(), split.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_export_defaults_to_the_base_models_dtype(trained):
+    """A float16 base (Llama-2-7b-hf's config.json says torch_dtype float16) exports as float16, half the bytes of
+    float32, and --verify's tolerance follows the dtype."""
+    from safetensors import safe_open
+
+    run, _, _ = trained
+    base_config = os.path.join(run, "base", "config.json")
+    config = json.load(open(base_config))
+    config["torch_dtype"] = "float16"
+    json.dump(config, open(base_config, "w"))
+    out = run_cli(["export", "--run-dir", run, "--verify"])
+    assert re.search(r"exported step-\d+ as float16", out.stderr)
+    assert re.search(r"\(tolerance 0.05\)", out.stderr)
+    exported = json.load(open(os.path.join(run, "hf", "config.json")))
+    assert exported["torch_dtype"] == "float16"
+    with safe_open(os.path.join(run, "hf", "model.safetensors"), "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
+    assert open_run(run).export.outputs.dtype == "float16"

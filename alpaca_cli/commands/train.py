@@ -184,6 +184,8 @@ def plan_table(plan):
         ("devices", f"{plan.devices} {plan.platform} on {plan.hosts} host(s): "
                     f"{plan.mesh.data_parallel_fsdp} data-parallel/FSDP x {plan.mesh.tensor_parallel} tensor-parallel"),
         ("precision", plan.precision),
+        ("attention", f"{plan.attention}" + (f", {plan.attention_block}-token blocks" if plan.attention_block else "")
+                      + f"; gradient checkpointing {'on' if plan.remat else 'off'}"),
         ("rows per step", f"{plan.rows_per_step} x {plan.seq_len} tokens "
                           f"({'packed' if plan.pack else 'one example per row'})"),
         ("examples per step", f"{plan.examples_per_step:.1f} (asked {plan.batch_size_examples})"),

@@ -133,8 +133,16 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
         hf_config = base.hf_config
     Vocab = hax.Axis("vocab", vocab_trained)
     shape = eqx.filter_eval_shape(lev_config.build, Vocab, key=jax.random.PRNGKey(0))
-    model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh,
-                            discover_latest=False)
+    try:
+        model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh,
+                                discover_latest=False)
+    except (KeyError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise StageError(
+            f"checkpoint {checkpoint.path} does not match the model in {run.base_dir}/config.json "
+            f"({type(e).__name__}: {first})",
+            hint="the run's base model description and its checkpoints must come from the same `alpaca train`",
+        ) from e
     if vocab_trained != len(tokenizer):
         model = hax.named_jit(lambda m: m.resize_vocab(len(tokenizer)), axis_resources=axis_mapping)(model)
     if dtype is not None:

@@ -57,6 +57,12 @@ def load_records(cfg: PrepareConfig) -> Records:
 def _load_file(cfg: PrepareConfig) -> Records:
     url = cfg.data if io.is_remote(cfg.data) else os.path.expanduser(cfg.data)
     name = url.lower()
+    if not io.is_remote(url) and os.path.isdir(url):
+        inside = sorted(f for f in os.listdir(url) if f.lower().endswith(FILE_SUFFIXES))[:5]
+        raise DataError(
+            f"--data {cfg.data} is a directory; give one .json/.jsonl/.jsonl.gz file"
+            + (f" (in it: {', '.join(inside)})" if inside else "")
+        )
     if not name.endswith(FILE_SUFFIXES):
         raise DataError(f"--data {cfg.data}: unsupported file type; use .json, .jsonl or .jsonl.gz (or .json.gz)")
     try:
@@ -75,7 +81,7 @@ def _load_file(cfg: PrepareConfig) -> Records:
         except (OSError, EOFError) as e:
             raise DataError(f"--data {cfg.data}: not a valid gzip file ({e})") from None
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheet tools write one) is not part of the data
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{cfg.data} line {line}: not valid UTF-8") from None
@@ -83,6 +89,11 @@ def _load_file(cfg: PrepareConfig) -> Records:
         raise DataError(f"--data {cfg.data}: the file is empty")
 
     if name.endswith((".jsonl", ".jsonl.gz")):
+        if text.lstrip().startswith("[") and not _first_line_is_json(text):
+            raise DataError(
+                f"{cfg.data} line 1: malformed JSON Lines (the file looks like one JSON list, not one record per line)",
+                hint="name it .json, or write one record per line",
+            )
         rows = _parse_jsonl(text, cfg.data)
     else:
         rows = _parse_json(text, cfg.data)
@@ -101,6 +112,14 @@ def _parse_json(text: str, source: str) -> list[tuple[str, Any]]:
     if not isinstance(data, list):
         raise DataError(f"{source}: a .json file must hold a list of records, found a {type(data).__name__}")
     return [(f"record {i}", row) for i, row in enumerate(data)]
+
+
+def _first_line_is_json(text: str) -> bool:
+    try:
+        json.loads(text.lstrip().splitlines()[0])
+        return True
+    except (json.JSONDecodeError, IndexError):
+        return False
 
 
 def _parse_jsonl(text: str, source: str) -> list[tuple[str, Any]]:

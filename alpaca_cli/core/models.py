@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from alpaca_cli import io
+from alpaca_cli.core.attention import AttentionChoice
 from alpaca_cli.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -70,13 +71,20 @@ class BaseModel:
 
         return LmConfig.get_choice_class(MODEL_TYPES[self.model_type])
 
-    def lev_config(self, seq_len: int):
-        """Levanter's config for this checkpoint, with the training row length."""
+    def lev_config(self, seq_len: int, attention: AttentionChoice | None = None, remat: bool = True):
+        """Levanter's config for this checkpoint, with the training row length, attention kernel and remat.
+
+        Without an attention choice (export, generate: no training rows) the model gets vanilla attention, exact
+        at any length."""
+        from alpaca_cli.core.attention import levanter_fields
+
         cfg = self.lev_config_class().from_hf_config(self.hf_config)
-        changes = {"seq_len": seq_len}
         fields = {f.name for f in dataclasses.fields(cfg)}
+        changes = {"seq_len": seq_len}
         if "reference_checkpoint" in fields:
             changes["reference_checkpoint"] = self.ref
+        wanted = levanter_fields(attention or AttentionChoice("vanilla", None), remat)
+        changes.update({k: v for k, v in wanted.items() if k in fields})
         return dataclasses.replace(cfg, **changes)
 
     def converter(self, tokenizer):

@@ -19,6 +19,7 @@ import numpy as np
 
 from alpaca_cli import config as cfgmod
 from alpaca_cli import distributed, io, logs
+from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core.checkpoints import checkpoint_step, latest_checkpoint, save_base_files
 from alpaca_cli.core.models import check_vocab, open_base_model
@@ -85,7 +86,9 @@ def load_prepared(run: RunDir) -> Prepared:
 def _mesh_shape(cfg, n_devices: int) -> tuple[int, int]:
     tp = cfg.tensor_parallel
     if n_devices % tp:
-        raise ConfigError(f"--tensor-parallel {tp} does not divide the {n_devices} devices")
+        divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
+        raise ConfigError(f"--tensor-parallel {tp} does not divide the {n_devices} devices; "
+                          f"use one of {', '.join(map(str, divisors))}")
     return n_devices // tp, tp
 
 
@@ -125,9 +128,30 @@ def parameter_count(lev_config, vocab: int) -> int:
     return int(sum(np.prod(x.shape) for x in leaves))
 
 
+def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compute_bytes: int, vocab: int) -> float:
+    """A rough estimate of one device's activation memory for a forward and backward pass (before tensor
+    parallelism). With remat, the residual stream of every layer plus one layer's working set; without, every
+    layer's working set. Vanilla attention materialises [heads, row, row] scores per row; flash and splash do not.
+    (issue-12's compiled plan replaces the estimate with XLA's own figure.)"""
+    pdp = cfg.trainer.per_device_parallelism
+    rows = pdp if pdp and pdp > 0 else rows_per_device
+    hidden = getattr(lev_config, "hidden_dim", 0) or 0
+    layers = getattr(lev_config, "num_layers", 0) or 0
+    mlp = getattr(lev_config, "intermediate_dim", 4 * hidden) or 4 * hidden
+    heads = getattr(lev_config, "num_heads", 1) or 1
+    tokens = rows * cfg.seq_len
+    layer_set = tokens * (hidden * 12 + mlp * 3) * compute_bytes
+    if lev_config.attn_backend is not None and getattr(lev_config.attn_backend, "value", "") == "vanilla":
+        layer_set += rows * heads * cfg.seq_len * cfg.seq_len * 4
+    logits = tokens * 8 * vocab  # float32 logits and their gradient
+    if cfg.remat:
+        return tokens * hidden * compute_bytes * layers + layer_set + logits
+    return layer_set * layers + logits
+
+
 def plan_summary(
     cfg: TrainConfig, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, lev_config, mp,
-    vocab: int, model: str, model_type: str,
+    vocab: int, model: str, model_type: str, attention,
 ) -> PlanRecord:
     import jax
     import jax.numpy as jnp
@@ -136,13 +160,7 @@ def plan_summary(
     compute_bytes = jnp.dtype(mp.compute_dtype).itemsize
     # params + grads in param dtype + Adam's two moments in float32, all sharded over every device (FSDP x TP)
     state_bytes = params * (2 * param_bytes + 8) / n_devices
-    hidden = getattr(lev_config, "hidden_dim", 0) or 0
-    layers = getattr(lev_config, "num_layers", 0) or 0
-    rows_per_device = plan.rows_per_step / dp
-    pdp = cfg.trainer.per_device_parallelism
-    micro_rows = pdp if pdp and pdp > 0 else rows_per_device
-    # with gradient checkpointing: one residual stream per layer, one layer's working set, float32 logits and grads
-    act_bytes = micro_rows * cfg.seq_len * (hidden * compute_bytes * (layers + 16) + 8 * vocab) / tp
+    act_bytes = activation_bytes(cfg, lev_config, plan.rows_per_step / dp, compute_bytes, vocab) / tp
     return PlanRecord(
         model=model,
         model_type=model_type,
@@ -163,7 +181,10 @@ def plan_summary(
         trained_tokens=plan.trained_tokens,
         real_tokens=plan.real_tokens,
         padding_fraction=round(plan.padding_fraction, 4),
-        precision=str(mp),
+        precision=f"params {jnp.dtype(mp.param_dtype).name}, compute {jnp.dtype(mp.compute_dtype).name}",
+        attention=attention.backend,
+        attention_block=attention.block,
+        remat=cfg.remat,
         optimizer=OptimizerSummary(
             learning_rate=cfg.optimizer.learning_rate,
             weight_decay=cfg.optimizer.weight_decay,
@@ -218,6 +239,8 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_fact
 
     n_devices = jax.device_count()
     dp, tp = _mesh_shape(cfg, n_devices)
+    attention = attention_mod.choose(cfg.attention, cfg.attention_block, cfg.seq_len,
+                                     attention_mod.platform_of(jax.devices()[0]))
     row_multiple = _row_multiple(cfg, dp)
     seed = cfg.trainer.seed
 
@@ -239,13 +262,13 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_fact
 
     with open_base_model(cfg.model_name_or_path) as base:
         check_vocab(base, prepared.tokenizer, prepared.added)
-        lev_config = base.lev_config(cfg.seq_len)
+        lev_config = base.lev_config(cfg.seq_len, attention, cfg.remat)
         _check_shapes(cfg, lev_config, base, dp)
         params = parameter_count(lev_config, len(prepared.tokenizer))
         summary = plan_summary(
             cfg, plan, n_devices=n_devices, n_hosts=jax.process_count(), dp=dp, tp=tp, params=params,
             lev_config=lev_config, mp=cfg.trainer.mp, vocab=len(prepared.tokenizer),
-            model=cfg.model_name_or_path, model_type=base.model_type,
+            model=cfg.model_name_or_path, model_type=base.model_type, attention=attention,
         )
         fingerprint = plan_fingerprint(prepared.fingerprint, cfg, plan)
         if dry_run:
@@ -492,10 +515,18 @@ def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):
     import haliax as hax
 
     converter = base.converter(tok)
-    model = converter.load_pretrained(
-        lev_config.model_type, ref=base.ref, config=lev_config, axis_mapping=param_mapping, dtype=mp.param_dtype,
-        resize_vocab_to_match_tokenizer=True,
-    )
+    try:
+        model = converter.load_pretrained(
+            lev_config.model_type, ref=base.ref, config=lev_config, axis_mapping=param_mapping, dtype=mp.param_dtype,
+            resize_vocab_to_match_tokenizer=True,
+        )
+    except (KeyError, ValueError, TypeError) as e:  # a weight missing or of the wrong shape for this config
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(
+            f"--model {base.spec}: its weights do not match its config.json (model_type {base.model_type}): "
+            f"{type(e).__name__}: {first}",
+            hint="check that config.json belongs to these weights",
+        ) from e
     if model.Vocab.size != Vocab.size:
         model = hax.named_jit(lambda m: m.resize_vocab(Vocab.size), axis_resources=param_mapping)(model)
     return hax.named_jit(mp.cast_to_param, axis_resources=param_mapping)(model)
