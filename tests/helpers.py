@@ -71,6 +71,34 @@ def run_cli(args, *, env=None, timeout=600, check=True, cwd=None) -> subprocess.
     return proc
 
 
+def torch_loss_stanford(model_dir, tokenizer, records, max_length):
+    """Independent computation: transformers (torch, float32) with Stanford's embedding resize and labels;
+    the token mean over every label that is not -100."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # eager: transformers' reference attention (its SDPA path skips Gemma-2's attention soft-capping)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    old = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer))
+    with torch.no_grad():  # Stanford's smart_tokenizer_and_embedding_resize: new rows = mean of the old ones
+        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            emb[old:] = emb[:old].mean(dim=0, keepdim=True)
+    from stanford_reference import preprocess
+
+    ids, labels = preprocess(records, tokenizer, model_max_length=max_length)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in zip(ids, labels):
+            y = torch.tensor(y[1:])
+            if (y != -100).sum() == 0:
+                continue
+            logits = model(torch.tensor([x])).logits[0, :-1]
+            total += torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item()
+            count += int((y != -100).sum())
+    return total / count, count
+
+
 def make_tiny_llama(out_dir: str, tokenizer_dir: str, *, seed: int = 0, **shape) -> str:
     from levanter.models.llama import LlamaConfig
 

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, cli_env, error_line, make_tiny_llama, read_records, run_cli
-from stanford_reference import preprocess, stanford_tokenizer
+from helpers import ALPACA, cli_env, error_line, make_tiny_llama, read_records, run_cli, torch_loss_stanford
+from stanford_reference import stanford_tokenizer
 
 from alpaca_cli.rundir import open_run
 
@@ -37,31 +37,6 @@ def prepared(prepared_template, tmp_path):
 def metrics(run):
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
-
-
-def torch_loss_stanford(model_dir, tokenizer, records, max_length):
-    """Independent computation: transformers (torch, float32) with Stanford's embedding resize and labels;
-    the token mean over every label that is not -100."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    old = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer))
-    with torch.no_grad():  # Stanford's smart_tokenizer_and_embedding_resize: new rows = mean of the old ones
-        for emb in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
-            emb[old:] = emb[:old].mean(dim=0, keepdim=True)
-    ids, labels = preprocess(records, tokenizer, model_max_length=max_length)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in zip(ids, labels):
-            y = torch.tensor(y[1:])
-            if (y != -100).sum() == 0:
-                continue
-            logits = model(torch.tensor([x])).logits[0, :-1]
-            total += torch.nn.functional.cross_entropy(logits, y, ignore_index=-100, reduction="sum").item()
-            count += int((y != -100).sum())
-    return total / count, count
 
 
 def test_first_step_loss_equals_transformers_on_stanford_labels(prepared, tiny_model_dir, fixture_data, tokenizer_dir):

@@ -126,4 +126,6 @@ def levanter_fields(choice: AttentionChoice, remat: bool) -> dict:
 
     backend = {"flash": AttentionBackend.JAX_FLASH, "splash": AttentionBackend.SPLASH,
                "vanilla": AttentionBackend.VANILLA}[choice.backend]
-    return {"attn_backend": backend, "flash_attention_block_size": choice.block, "gradient_checkpointing": remat}
+    # some configs (OLMo-2, Gemma, GPT-2) also carry use_flash_attention, which Levanter checks against the backend
+    return {"attn_backend": backend, "flash_attention_block_size": choice.block, "gradient_checkpointing": remat,
+            "use_flash_attention": choice.backend != "vanilla"}

@@ -114,19 +114,34 @@ def make_loss_fn(real_vocab: int, accum_steps: int = 1):
     accum_steps: Levanter's microbatching averages the microbatches' losses and gradients; multiplying by their
     number here turns that average back into the step's sum.
     """
-    from levanter.layers.attention import AttentionMask
-
     def loss_fn(model, row: PackedRow, *, key=None):
-        attn_mask = AttentionMask.causal().with_segment_ids(row.segment_ids)
-        activations = model.activations(row.tokens, attn_mask, key=key, pos_ids=row.pos_ids)
-        aux = 0.0
-        if isinstance(activations, tuple):
-            activations, aux = activations
+        activations, aux = row_activations(model, row, key=key)
         per_token = token_losses(model, activations, row.tokens, row.weights > 0, real_vocab)
         loss = hax.sum(per_token * row.weights).scalar() * accum_steps
         return loss + aux, {}
 
     return loss_fn
+
+
+def row_activations(model, row: PackedRow, *, key=None):
+    """(activations, auxiliary loss) of a packed row: attention kept within each example, positions per example.
+
+    Mixtral's forward logs router statistics with levanter.tracker.jit_log, an io_callback under which JAX cannot
+    differentiate ("IO callbacks do not support JVP", levanter/models/mixtral.py:563); inside
+    defer_tracker_for_jit the statistics go to a dict instead. Its auxiliary loss comes back as a 0-d NamedArray.
+    """
+    import levanter.tracker
+    from levanter.layers.attention import AttentionMask
+
+    attn_mask = AttentionMask.causal().with_segment_ids(row.segment_ids)
+    with levanter.tracker.defer_tracker_for_jit():
+        activations = model.activations(row.tokens, attn_mask, key=key, pos_ids=row.pos_ids)
+    aux = 0.0
+    if isinstance(activations, tuple):
+        activations, aux = activations
+        if isinstance(aux, hax.NamedArray):
+            aux = aux.scalar()
+    return activations, aux
 
 
 def token_losses(model, activations, tokens, mask, real_vocab: int):
@@ -140,11 +155,14 @@ def token_losses(model, activations, tokens, mask, real_vocab: int):
     import jax
     import jax.numpy as jnp
 
+    from alpaca_cli.core.families import final_logit_softcap
+
     # Flattened to [positions, embed] @ [embed, vocab]: XLA's CPU backend ran the gather and the logsumexp of the
     # 2-D form 1.6x faster than of [batch, position, vocab].
     Vocab, Embed = model.Vocab, model.Embed
     x = activations.rearrange((*tokens.axes, Embed)).array.reshape(-1, Embed.size)
     logits = (x @ model.get_lm_head().rearrange((Embed, Vocab)).array).astype(jnp.float32)
+    logits = final_logit_softcap(model, logits)  # Gemma-2/3: what the model's own call applies
     if Vocab.size != real_vocab:  # the vocabulary was padded for sharding: padded ids take no probability mass
         logits = jnp.where(jnp.arange(Vocab.size) < real_vocab, logits, -1e30)
     target = hax.roll(tokens, -1, tokens.resolve_axis(model.Pos.name)).array.reshape(-1, 1).astype(jnp.int32)

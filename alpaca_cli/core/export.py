@@ -24,7 +24,7 @@ from alpaca_cli import __version__, distributed, io
 from alpaca_cli.config import ExportConfig
 from alpaca_cli.core.checkpoints import find_checkpoint, load_model, open_run_base
 from alpaca_cli.core.logits import model_logits
-from alpaca_cli.core.mesh import FSDP, local_mesh
+from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.errors import AlpacaError, ConfigError
 from alpaca_cli.records import ExportOutputs, ExportRecord, ExportSummary
@@ -376,7 +376,8 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
     from alpaca_cli.core import cache as cachemod
 
     tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else (1e-4 if dtype_name == "float32" else 5e-2)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name))
+    # eager: transformers' reference attention (its SDPA path skips Gemma-2's attention soft-capping)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name), attn_implementation="eager")
     hf = hf.float().eval()  # compare in float32: the export's rounding, not torch's bf16 kernels, is what we test
     prepared = cachemod.open_cache(run.cache_dir)
     n = min(cfg.verify_examples, len(prepared))
@@ -395,7 +396,7 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
     max_diff = 0.0
     t_loss = l_loss = 0.0
     count = 0
-    with jax.default_matmul_precision("float32"):
+    with jax.default_matmul_precision("float32"), hax.axis_mapping(COMPUTE):
         for row in rows:
             ids = row["input_ids"]
             Pos = lev.Pos.resize(len(ids))

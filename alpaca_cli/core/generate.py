@@ -21,7 +21,7 @@ from alpaca_cli.config import PromptTemplates
 from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.core.logits import model_logits
-from alpaca_cli.core.mesh import FSDP, local_mesh
+from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
 from alpaca_cli.errors import ConfigError, DataError
 from alpaca_cli.rundir import RunDir
 
@@ -82,7 +82,7 @@ class Generator:
         done = np.zeros(B, dtype=bool)
         start_lengths = lengths.copy()
         real_vocab = len(tok)
-        with hax.partitioning.set_mesh(self.mesh):
+        with hax.partitioning.set_mesh(self.mesh), hax.axis_mapping(COMPUTE):
             for _ in range(total - int(lengths.min())):
                 if done.all():
                     break

@@ -211,7 +211,7 @@ class EvalHook(Callback):
         import haliax as hax
         import jax.numpy as jnp
 
-        from alpaca_cli.core.batches import token_losses
+        from alpaca_cli.core.batches import row_activations, token_losses
 
         self.trainer, self.dataset, self.metrics = trainer, dataset, metrics
         self.Batch = hax.Axis(trainer.config.batch_axis, batch_rows)
@@ -220,13 +220,8 @@ class EvalHook(Callback):
 
         @hax.named_jit(axis_resources=trainer.compute_axis_mapping)
         def sums(model, row):
-            from levanter.layers.attention import AttentionMask
-
             model = mp.cast_to_compute(model)
-            mask = AttentionMask.causal().with_segment_ids(row.segment_ids)
-            act = model.activations(row.tokens, mask, key=None, pos_ids=row.pos_ids)
-            if isinstance(act, tuple):
-                act = act[0]
+            act, _ = row_activations(model, row)
             per_token = token_losses(model, act, row.tokens, row.weights > 0, real_vocab)
             return hax.sum(per_token * row.weights).scalar(), hax.sum(row.weights).scalar().astype(jnp.float32)
 

@@ -5,5 +5,11 @@ from __future__ import annotations
 
 
 def model_logits(model, tokens, attn_mask, *, pos_ids=None):
-    """[..., position, vocab] logits from the model's own call (Levanter's LmHeadModel.__call__)."""
-    return model(tokens, attn_mask, key=None, pos_ids=pos_ids)
+    """[..., position, vocab] logits from the model's own call (Levanter's LmHeadModel.__call__).
+
+    Inside defer_tracker_for_jit: Mixtral's forward logs router statistics through Levanter's tracker, which warns
+    "No global tracker set" outside training and cannot run under differentiation (see batches.row_activations)."""
+    import levanter.tracker
+
+    with levanter.tracker.defer_tracker_for_jit():
+        return model(tokens, attn_mask, key=None, pos_ids=pos_ids)

@@ -8,6 +8,9 @@ from __future__ import annotations
 AXES = ("replica", "data", "model")
 FSDP = {"embed": "data"}
 """Parameters split over the local devices along the embedding axis: no device holds the whole model."""
+COMPUTE = {"batch": "data"}
+"""Activations split by batch row, as the trainer computes (XLA gathers each layer's parameters): not by the
+embedding axis, which Mixtral's expert routing (a shard_map that reshapes the hidden axis) cannot take."""
 
 
 def local_mesh(all_devices: bool = False):

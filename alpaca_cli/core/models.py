@@ -17,25 +17,11 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from alpaca_cli import io
+from alpaca_cli.core import families
 from alpaca_cli.core.attention import AttentionChoice
 from alpaca_cli.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-
-# Hugging Face `model_type` -> Levanter's LmConfig choice name.
-MODEL_TYPES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "mixtral": "mixtral",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "olmo2": "olmo2",
-    "qwen2": "qwen",
-    "qwen3": "qwen3",
-    "gpt2": "gpt2",
-}
-_IGNORE_PREFIX = {"gpt2": "transformer"}
 
 DEMO_MODEL = "demo"
 
@@ -67,9 +53,13 @@ class BaseModel:
         return int(self.hf_config.vocab_size)
 
     def lev_config_class(self):
-        from levanter.models.lm_model import LmConfig
+        return families.config_class(self.model_type)
 
-        return LmConfig.get_choice_class(MODEL_TYPES[self.model_type])
+    def check_supported(self, seq_len: int) -> None:
+        """Refuse settings the Levanter model would compute differently from transformers at this row length."""
+        problems = families.unsupported(self.hf_config, seq_len)
+        if problems:
+            raise ConfigError(f"--model {self.spec}: " + "; ".join(problems))
 
     def lev_config(self, seq_len: int, attention: AttentionChoice | None = None, remat: bool = True):
         """Levanter's config for this checkpoint, with the training row length, attention kernel and remat.
@@ -96,7 +86,7 @@ class BaseModel:
             HfConfigClass=type(self.hf_config),
             tokenizer=tokenizer,
             trust_remote_code=False,
-            ignore_prefix=_IGNORE_PREFIX.get(self.model_type),
+            ignore_prefix=families.IGNORE_PREFIX.get(self.model_type),
         )
 
 
@@ -133,13 +123,16 @@ def open_base_model(spec: str) -> Iterator[BaseModel]:
 def open_model_folder(spec: str, ref: str) -> Iterator[BaseModel]:
     """The model whose config.json is in `ref` (a local folder or a Hub id); `spec` is what the user gave."""
     hf_config = read_hf_config(spec, ref)
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in MODEL_TYPES:
+    _check_model_type(spec, getattr(hf_config, "model_type", None))
+    yield BaseModel(spec=spec, ref=ref, hf_config=hf_config, model_type=hf_config.model_type)
+
+
+def _check_model_type(spec: str, model_type) -> None:
+    if model_type not in families.LEVANTER_CHOICES:
         raise ConfigError(
-            f"--model {spec}: model_type {model_type!r} has no Levanter converter; "
-            f"supported: {', '.join(sorted(MODEL_TYPES))}"
+            f"--model {spec}: model_type {model_type!r} is not supported; "
+            f"supported: {', '.join(sorted(families.LEVANTER_CHOICES))}"
         )
-    yield BaseModel(spec=spec, ref=ref, hf_config=hf_config, model_type=model_type)
 
 
 def read_hf_config(spec: str, ref: str):
@@ -148,9 +141,10 @@ def read_hf_config(spec: str, ref: str):
     if os.path.isdir(ref):
         try:
             with open(os.path.join(ref, "config.json")) as f:
-                json.load(f)
+                raw = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"--model {spec}: unreadable config.json ({e})") from None
+        _check_model_type(spec, raw.get("model_type") if isinstance(raw, dict) else None)
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001

@@ -130,6 +130,9 @@ def prefix_stable(tok) -> tuple[bool, str]:
         return False, "BPE options (dropout, ignore_merges or end_of_word_suffix)"
     if model.continuing_subword_prefix:
         return False, "BPE continuing_subword_prefix"
+    if not (model.byte_fallback or model.unk_token):
+        # characters outside the vocabulary are silently dropped, and the offsets after them were seen to drift
+        return False, "BPE without byte fallback or unknown token"
     # components serialise on their own (cheap); the whole tokenizer's JSON would include the vocabulary
     pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None
     if pre is not None and not (pre.get("type") == "Metaspace" and pre.get("split") is False):

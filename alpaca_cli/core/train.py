@@ -262,6 +262,7 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_fact
 
     with open_base_model(cfg.model_name_or_path) as base:
         check_vocab(base, prepared.tokenizer, prepared.added)
+        base.check_supported(cfg.seq_len)
         lev_config = base.lev_config(cfg.seq_len, attention, cfg.remat)
         _check_shapes(cfg, lev_config, base, dp)
         params = parameter_count(lev_config, len(prepared.tokenizer))

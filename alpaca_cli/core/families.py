@@ -1,0 +1,417 @@
+"""The model families alpaca trains, and where the pinned Levanter (1.2.dev1644) gets one wrong: each fix is a subclass
+of Levanter's own config (or model) class, used as the converter's config class, with the upstream symptom named.
+Every accepted family is tested end to end (tests/test_families.py: forward and first-step loss equal
+transformers', packed equals alone, export --verify, generate); a checkpoint whose settings the fixed classes would
+still compute differently is refused before anything is loaded (`unsupported`).
+
+| family (HF model_type) | upstream symptom (Levanter file:line)                                   | fix here                |
+| ---------------------- | ----------------------------------------------------------------------- | ----------------------- |
+| llama                  | head_dim dropped (llama.py:112): "Shape mismatch" when head_dim is set;  | AlpacaLlamaConfig       |
+|                        | linear rope_scaling saved without rope_type (rotary.py:90: KeyError)     |                         |
+| mistral                | head_dim dropped (mistral.py:95, :161)                                   | AlpacaMistralConfig     |
+| mixtral                | jit_log inside the forward (mixtral.py:563) uses io_callback: "IO        | loss under              |
+|                        | callbacks do not support JVP"; aux loss returned as a 0-d NamedArray;    | defer_tracker_for_jit   |
+|                        | always adds a router z-loss and the load-balancing loss, which           | (batches.py);           |
+|                        | transformers trains on only with output_router_logits                   | AlpacaMixtralConfig     |
+| gemma                  | attention_config passes no head_dim (gemma.py:231): "Shape mismatch"     | AlpacaGemmaConfig       |
+|                        | for every real Gemma (16 x 256 != 3072); hidden_act gelu run as tanh     |                         |
+| gemma2                 | no head_dim or query_pre_attn_scalar (gemma.py:578); soft-caps and       | AlpacaGemma2Config,     |
+|                        | sliding window never read (gemma.py:546); final soft-cap never applied   | ...LMHeadModel          |
+| gemma3_text            | from_hf_config lacks @classmethod (gemma.py:874): does not load; local   | AlpacaGemma3Config      |
+|                        | layers use the global RoPE base; windows never applied                   |                         |
+| qwen2                  | from_hf_config reads hf_config.no_bias (qwen.py:79), which               | AlpacaQwen2Config       |
+|                        | transformers' Qwen2Config lacks: AttributeError                         |                         |
+| gpt2                   | position table sized by the training seq_len (gpt2.py:295): "Shape       | AlpacaGpt2Config        |
+|                        | mismatch" unless --seq-len equals n_positions                            |                         |
+| olmo2, qwen3           | none found                                                               | Levanter's classes      |
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import equinox as eqx
+import haliax as hax
+import haliax.nn as hnn
+import jax.numpy as jnp
+import jax.random as jrandom
+from haliax.jax_utils import maybe_rng_split, shaped_rng_split
+from haliax.nn.scan import BlockSeq, ScanCheckpointPolicy, Stacked
+from levanter.layers.attention import AttentionMask
+from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig, RotaryEmbeddingsConfig
+from levanter.models.gemma import (
+    Gemma2Config,
+    Gemma2DecoderLayer,
+    Gemma2LMHeadModel,
+    Gemma2Transformer,
+    Gemma3Config,
+    Gemma3LMHeadModel,
+    GemmaConfig,
+)
+from levanter.models.gpt2 import Gpt2Config, Gpt2Embeddings, Gpt2LMHeadModel, Gpt2Transformer
+from levanter.models.llama import LlamaConfig, LlamaEmbedding
+from levanter.models.lm_model import LmConfig
+from levanter.models.mistral import MistralConfig
+from levanter.models.mixtral import MixtralConfig
+from levanter.models.qwen import QwenConfig
+from levanter.utils.activation import ActivationFunctionEnum
+
+# Hugging Face `model_type` -> Levanter's LmConfig choice name (for the families without a fix here).
+LEVANTER_CHOICES = {
+    "llama": "llama",
+    "mistral": "mistral",
+    "mixtral": "mixtral",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "olmo2": "olmo2",
+    "qwen2": "qwen",
+    "qwen3": "qwen3",
+    "gpt2": "gpt2",
+}
+IGNORE_PREFIX = {"gpt2": "transformer"}
+"""Checkpoint key prefixes Levanter's converter strips (GPT-2's weights live under `transformer.`)."""
+
+
+def _rebuild(cls, base, **changes):
+    """An instance of `cls` (a subclass of type(base)) with base's field values, then `changes`."""
+    values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    values.update(changes)
+    return cls(**values)
+
+
+def _gelu(name: str | None) -> ActivationFunctionEnum:
+    return ActivationFunctionEnum.gelu if name == "gelu" else ActivationFunctionEnum.gelu_new
+
+
+# ---------------------------------------------------------------- rope: linear scaling written without rope_type
+@dataclass(frozen=True)
+class LinearRotaryEmbeddingsConfig(DefaultRotaryEmbeddingsConfig):
+    """DefaultRotaryEmbeddingsConfig.to_hf_config (rotary.py:87) writes {"factor": f} with no rope_type, which
+    transformers rejects (KeyError) when save_pretrained builds the HF config."""
+
+    def to_hf_config(self):
+        theta, scaling = super().to_hf_config()
+        return theta, None if scaling is None else {"rope_type": "linear", **scaling}
+
+
+def _fix_rope(rope):
+    if type(rope) is DefaultRotaryEmbeddingsConfig and rope.factor != 1.0:
+        return LinearRotaryEmbeddingsConfig(theta=rope.theta, factor=rope.factor)
+    return rope
+
+
+# ---------------------------------------------------------------- llama: head_dim dropped, linear rope on save
+@dataclass(frozen=True)
+class AlpacaLlamaConfig(LlamaConfig):
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+            # Levanter's use_bias would also add biases to the RMSNorms; it silently drops them today
+            raise ValueError("Llama checkpoints with attention_bias/mlp_bias are not supported")
+        base = LlamaConfig.from_hf_config(hf_config)
+        return _rebuild(cls, base, head_dim=getattr(hf_config, "head_dim", None), rope=_fix_rope(base.rope))
+
+
+# ---------------------------------------------------------------- qwen2: Levanter reads hf_config.no_bias (qwen.py:77)
+@dataclass(frozen=True)
+class AlpacaQwen2Config(QwenConfig):
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        # transformers' Qwen2Config has no `no_bias`: Qwen2 always has q/k/v biases (QwenConfig.attention_config
+        # hard-codes them) and none in the MLP, norms or o_proj, i.e. Levanter's use_bias=False.
+        hf = copy.copy(hf_config)
+        hf.no_bias = True
+        base = QwenConfig.from_hf_config(hf)
+        return _rebuild(cls, base, rope=_fix_rope(base.rope))
+
+
+# ---------------------------------------------------------------- mistral: head_dim dropped (Mistral-Nemo)
+@dataclass(frozen=True)
+class AlpacaMistralConfig(MistralConfig):
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        base = MistralConfig.from_hf_config(hf_config)
+        return _rebuild(cls, base, head_dim=getattr(hf_config, "head_dim", None),
+                        tie_word_embeddings=False)  # MistralLMHeadModel always has an lm_head
+
+    def attention_config(self):
+        return dataclasses.replace(super().attention_config(), head_dim=self.head_dim)
+
+
+# ---------------------------------------------------------------- gemma: head_dim dropped in attention_config
+@dataclass(frozen=True)
+class AlpacaGemmaConfig(GemmaConfig):
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        # transformers' GemmaMLP runs ACT2FN[config.hidden_act]; Levanter always takes the tanh approximation
+        return _rebuild(cls, GemmaConfig.from_hf_config(hf_config), activation_function=_gelu(hf_config.hidden_act))
+
+    def attention_config(self):
+        return dataclasses.replace(super().attention_config(), head_dim=self.head_dim)
+
+
+# ---------------------------------------------------------------- gemma2 / gemma3: per-layer attention
+class _PerLayerMixin:
+    """Gemma-2/3 layers differ: 'sliding_attention' layers use a window (and, in Gemma-3, their own RoPE base)."""
+
+    def _local_rope(self) -> RotaryEmbeddingsConfig:
+        return self.rope
+
+    def layer_config(self, i: int):
+        kinds = self.layer_types or ("full_attention",) * self.num_layers
+        if kinds[i] != "sliding_attention":
+            return self
+        window = self.sliding_window
+        if window is not None and window >= self.seq_len:
+            window = None  # never narrower than the row: exact without a window
+        return dataclasses.replace(self, layer_window=window, rope=self._local_rope())
+
+
+class AlpacaGemma2DecoderLayer(Gemma2DecoderLayer):
+    @staticmethod
+    def init(config, *, key):
+        base = Gemma2DecoderLayer.init(config, key=key)
+        return AlpacaGemma2DecoderLayer(*(getattr(base, f.name) for f in dataclasses.fields(base)))
+
+    def __call__(self, x, mask, *, key=None, pos_ids=None):
+        window = getattr(self.config, "layer_window", None)
+        if window is not None:
+            if not isinstance(mask, AttentionMask):
+                raise NotImplementedError("sliding-window layers need an AttentionMask")
+            mask = mask.with_sliding_window(min(window, mask.sliding_window or window))
+        return super().__call__(x, mask, key=key, pos_ids=pos_ids)
+
+
+class AlpacaGemma2Transformer(Gemma2Transformer):
+    @staticmethod
+    def init(config, *, key):
+        n = config.num_layers
+        configs = [config.layer_config(i) for i in range(n)]
+        if all(c == configs[0] for c in configs):  # homogeneous: keep Levanter's scanned stack
+            layers = Stacked.init(config.Layers, AlpacaGemma2DecoderLayer,
+                                  gradient_checkpointing=config.gradient_checkpointing)(
+                configs[0], key=shaped_rng_split(key, n))
+        else:  # layers differ in static config (window, RoPE base): an unrolled sequence
+            keys = jrandom.split(key, n)
+            layers = BlockSeq([AlpacaGemma2DecoderLayer.init(c, key=k) for c, k in zip(configs, keys)],
+                              config.Layers, ScanCheckpointPolicy.from_bool_or_str(config.gradient_checkpointing))
+        return AlpacaGemma2Transformer(config, layers, config.mk_LayerNorm(config.Embed))
+
+    def __call__(self, x, attn_mask, *, key, pos_ids=None):
+        if isinstance(self.layers, Stacked):
+            return super().__call__(x, attn_mask, key=key, pos_ids=pos_ids)
+        keys = maybe_rng_split(key, self.config.num_layers) if key is not None else [None] * self.config.num_layers
+        for layer, k in zip(self.layers.blocks, keys):
+            call = lambda lyr, h, k=k: lyr(h, attn_mask, key=k, pos_ids=pos_ids)  # noqa: E731
+            if self.config.gradient_checkpointing:
+                call = eqx.filter_checkpoint(call)
+            x = call(layer, x)
+        return self.norm(x)
+
+
+def _softcap(config, logits):
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is None:
+        return logits
+    return hax.tanh(logits / cap) * cap if isinstance(logits, hax.NamedArray) else jnp.tanh(logits / cap) * cap
+
+
+def _init_gemma_head(cls, Vocab, config, key):
+    k_t, k_emb = jrandom.split(key, 2)
+    transformer = AlpacaGemma2Transformer.init(config, key=k_t)
+    embeddings = LlamaEmbedding.init(Vocab, config, key=k_emb)
+    lm_head = None if config.tie_word_embeddings else hnn.Linear.init(
+        In=config.Embed, Out=Vocab, key=k_emb, use_bias=False, out_first=True)
+    return cls(transformer, embeddings, lm_head)
+
+
+class AlpacaGemma2LMHeadModel(Gemma2LMHeadModel):
+    @classmethod
+    def init(cls, Vocab, config, *, key):
+        return _init_gemma_head(cls, Vocab, config, key)
+
+    def __call__(self, input_ids, attn_mask=None, *, key=None, pos_ids=None):
+        return _softcap(self.config, super().__call__(input_ids, attn_mask, key=key, pos_ids=pos_ids))
+
+
+class AlpacaGemma3LMHeadModel(Gemma3LMHeadModel):
+    @classmethod
+    def init(cls, Vocab, config, *, key):
+        return _init_gemma_head(cls, Vocab, config, key)
+
+    def __call__(self, input_ids, attn_mask=None, *, key=None, pos_ids=None):
+        return _softcap(self.config, super().__call__(input_ids, attn_mask, key=key, pos_ids=pos_ids))
+
+
+@dataclass(frozen=True)
+class AlpacaGemma2Config(_PerLayerMixin, Gemma2Config):
+    layer_types: Optional[tuple] = None
+    layer_window: Optional[int] = None  # set only in one layer's copy of the config
+
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        base = Gemma2Config.from_hf_config(hf_config)
+        return _rebuild(
+            cls, base,
+            final_logit_softcapping=hf_config.final_logit_softcapping,  # Levanter keeps its defaults (30, 50)
+            attn_logit_softcapping=hf_config.attn_logit_softcapping,
+            sliding_window=hf_config.sliding_window,
+            layer_types=tuple(getattr(hf_config, "layer_types", None)
+                              or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                  for i in range(hf_config.num_hidden_layers)]),
+        )
+
+    def attention_config(self):
+        return dataclasses.replace(super().attention_config(), head_dim=self.head_dim,
+                                   scaling_factor=self.query_pre_attn_scalar ** -0.5)
+
+    @property
+    def model_type(self):
+        return AlpacaGemma2LMHeadModel
+
+
+@dataclass(frozen=True)
+class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
+    layer_types: Optional[tuple] = None
+    layer_window: Optional[int] = None
+
+    @classmethod
+    def from_hf_config(cls, hf):  # Levanter's Gemma3Config.from_hf_config lacks @classmethod (gemma.py:836)
+        hf = getattr(hf, "text_config", hf)
+        return cls(
+            seq_len=hf.max_position_embeddings,
+            activation_function=_gelu(hf.hidden_activation or "gelu_pytorch_tanh"),
+            hidden_dim=hf.hidden_size, intermediate_dim=hf.intermediate_size, num_layers=hf.num_hidden_layers,
+            num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim,
+            initializer_range=hf.initializer_range, layer_norm_epsilon=hf.rms_norm_eps,
+            tie_word_embeddings=hf.tie_word_embeddings,
+            rope=_fix_rope(RotaryEmbeddingsConfig.from_hf_config(hf.rope_theta, getattr(hf, "rope_scaling", None))),
+            rope_local_base_freq=hf.rope_local_base_freq,
+            query_pre_attn_scalar=hf.query_pre_attn_scalar,
+            final_logit_softcapping=hf.final_logit_softcapping,
+            attn_logit_softcapping=hf.attn_logit_softcapping,
+            sliding_window=hf.sliding_window,
+            layer_types=tuple(hf.layer_types),
+            use_bias=bool(getattr(hf, "attention_bias", False)),
+        )
+
+    def to_hf_config(self, vocab_size, config_overrides=None):
+        cfg = super().to_hf_config(vocab_size, config_overrides)
+        cfg.layer_types, cfg.sliding_window = list(self.layer_types), self.sliding_window  # Levanter: pattern 1
+        cfg.query_pre_attn_scalar = self.query_pre_attn_scalar
+        return cfg
+
+    def _local_rope(self):
+        # transformers: local layers use plain RoPE at rope_local_base_freq; rope_scaling is for global layers only
+        return DefaultRotaryEmbeddingsConfig(theta=self.rope_local_base_freq)
+
+    def attention_config(self):
+        return dataclasses.replace(super().attention_config(), head_dim=self.head_dim,
+                                   scaling_factor=self.query_pre_attn_scalar ** -0.5,
+                                   logits_soft_cap=self.attn_logit_softcapping)
+
+    @property
+    def model_type(self):
+        return AlpacaGemma3LMHeadModel
+
+
+# ---------------------------------------------------------------- gpt2: position table sized by training seq_len
+class AlpacaGpt2LMHeadModel(Gpt2LMHeadModel):
+    @classmethod
+    def init(cls, Vocab, config, *, key):
+        k_t, k_embeddings = jrandom.split(key, 2)
+        transformer = Gpt2Transformer.init(config, key=k_t)
+        # Levanter sizes wpe by config.Pos (= our training seq_len); the checkpoint has n_positions rows
+        table = dataclasses.replace(config, seq_len=config.n_positions or config.seq_len)
+        embeddings = Gpt2Embeddings.init(Vocab, table, key=k_embeddings)
+        return cls(transformer, embeddings)
+
+
+@dataclass(frozen=True)
+class AlpacaGpt2Config(Gpt2Config):
+    n_positions: Optional[int] = None
+
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        return _rebuild(cls, Gpt2Config.from_hf_config(hf_config), n_positions=hf_config.n_positions)
+
+    def to_hf_config(self, vocab_size, config_overrides=None):
+        cfg = super().to_hf_config(vocab_size, config_overrides)
+        cfg.n_positions = self.n_positions or self.seq_len
+        return cfg
+
+    @property
+    def model_type(self):
+        return AlpacaGpt2LMHeadModel
+
+
+# ---------------------------------------------------------------- mixtral: transformers' objective
+@dataclass(frozen=True)
+class AlpacaMixtralConfig(MixtralConfig):
+    @classmethod
+    def from_hf_config(cls, hf_config):
+        # transformers trains Mixtral on the LM loss, plus router_aux_loss_coef x the load-balancing loss only when
+        # output_router_logits is set, and has no router z-loss; Levanter adds both always (0.02 and 0.001)
+        base = MixtralConfig.from_hf_config(hf_config)
+        lbl = hf_config.router_aux_loss_coef if getattr(hf_config, "output_router_logits", False) else None
+        return _rebuild(cls, base, lbl_coef=lbl, rzl_coef=None)
+
+
+FIXED_CONFIGS = {
+    "llama": AlpacaLlamaConfig,
+    "qwen2": AlpacaQwen2Config,
+    "mistral": AlpacaMistralConfig,
+    "mixtral": AlpacaMixtralConfig,
+    "gemma": AlpacaGemmaConfig,
+    "gemma2": AlpacaGemma2Config,
+    "gemma3_text": AlpacaGemma3Config,
+    "gpt2": AlpacaGpt2Config,
+}
+
+
+def config_class(model_type: str):
+    """The Levanter config class alpaca uses for a Hugging Face model_type (ours where Levanter needs a fix)."""
+    return FIXED_CONFIGS.get(model_type) or LmConfig.get_choice_class(LEVANTER_CHOICES[model_type])
+
+
+def sliding_window_limit(hf_config) -> Optional[int]:
+    """The longest row the fixed Levanter model computes exactly: families whose sliding window Levanter does not
+    implement (Mistral, Mixtral, Qwen with use_sliding_window) match transformers only up to the window."""
+    mt, window = hf_config.model_type, getattr(hf_config, "sliding_window", None)
+    if mt in ("mistral", "mixtral") and window:
+        return int(window)
+    if mt in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False) and window:
+        return int(window)
+    return None
+
+
+def unsupported(hf_config, seq_len: int) -> list[str]:
+    """Settings of a checkpoint the (fixed) Levanter model would silently compute differently at this row length."""
+    mt, problems = hf_config.model_type, []
+    window = sliding_window_limit(hf_config)
+    if window is not None and seq_len > window:
+        problems.append(f"its sliding window ({window} tokens) is shorter than --seq-len {seq_len}, and Levanter's "
+                        f"{mt} has no sliding window: use --seq-len {window} or less")
+    if mt in ("mistral", "mixtral") and getattr(hf_config, "rope_scaling", None):
+        problems.append(f"rope_scaling {hf_config.rope_scaling} (Levanter's {mt} drops it)")
+    if mt == "mixtral":
+        hd = getattr(hf_config, "head_dim", None)
+        if hd and hd != hf_config.hidden_size // hf_config.num_attention_heads:
+            problems.append(f"head_dim {hd} differs from hidden_size / num_attention_heads (Levanter's mixtral "
+                            "derives it)")
+    if mt in ("llama", "qwen3") and (getattr(hf_config, "attention_bias", False)
+                                      or getattr(hf_config, "mlp_bias", False)):
+        problems.append("attention_bias / mlp_bias (Levanter drops these biases or puts them on the norms)")
+    if mt == "gpt2" and getattr(hf_config, "n_inner", None) not in (None, 4 * hf_config.n_embd):
+        problems.append("n_inner is not 4 x n_embd (Levanter's gpt2 always uses 4x)")
+    return problems
+
+
+def final_logit_softcap(model, logits):
+    """Gemma-2/3's final_logit_softcapping (tanh(x / cap) * cap), for logits made from activations @ lm_head (the
+    training loss); a no-op for other families. The fixed Gemma models' own call applies it too."""
+    return _softcap(model.config, logits)
