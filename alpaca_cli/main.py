@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from alpaca_cli import __version__, logs
-from alpaca_cli.commands import export, generate, inspect, prepare, status, train
+from alpaca_cli.commands import evaluate, export, generate, inspect, prepare, status, train
 from alpaca_cli import errors
 from alpaca_cli.errors import AlpacaError
 
@@ -43,8 +43,17 @@ def root(
     logs.setup(verbose)
 
 
-for _module in (prepare, inspect, train, export, generate, status):
-    app.command(epilog=_module.EXAMPLES)(getattr(_module, _module.__name__.rsplit(".", 1)[-1]))
+COMMANDS = (
+    ("prepare", prepare, prepare.prepare),
+    ("inspect", inspect, inspect.inspect),
+    ("train", train, train.train),
+    ("export", export, export.export),
+    ("generate", generate, generate.generate),
+    ("eval", evaluate, evaluate.eval_),
+    ("status", status, status.status),
+)
+for _name, _module, _command in COMMANDS:
+    app.command(_name, epilog=_module.EXAMPLES)(_command)
 
 
 def format_error(e: AlpacaError) -> str:

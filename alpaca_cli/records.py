@@ -206,6 +206,13 @@ class ExportSummary:
     peak_rss_bytes: int = 0
     verify_max_abs_diff: Optional[float] = None
     verify_tolerance: Optional[float] = None
+    verify_examples: Optional[int] = None
+    verify_tokens: Optional[int] = None
+    verify_loss: Optional[float] = None
+    verify_eos_stop_rate: Optional[float] = None
+    """Share of the verified examples' prompts whose greedy answer ended with EOS (None: no prompts to answer)."""
+    verify_eos_stopped: Optional[int] = None
+    verify_eos_max_new_tokens: Optional[int] = None
 
 
 @dataclass
@@ -218,5 +225,33 @@ class ExportRecord(StageRecord):
     summary: Optional[ExportSummary] = None
 
 
-RECORD_TYPES: dict[str, type[StageRecord]] = {"prepare": PrepareRecord, "train": TrainRecord, "export": ExportRecord}
+# -- eval ------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalScore:
+    model: str = ""
+    """What was scored: `step-N` of the run, `base` (the base model as training started from it), or an export."""
+    examples: int = 0
+    trained_tokens: int = 0
+    loss: float = 0.0
+    """Mean next-token loss over the held-out records' trained tokens (Stanford's labels)."""
+    perplexity: float = 0.0
+    eos_stop_rate: float = 0.0
+    """Share of prompts whose greedy answer ended with the EOS token within max_new_tokens."""
+    eos_stopped: int = 0
+    prompts: int = 0
+    max_new_tokens: int = 0
+
+
+@dataclass
+class EvalRecord(StageRecord):
+    data: str = ""
+    source: DataSource = field(default_factory=DataSource)
+    scores: list[EvalScore] = field(default_factory=list)
+
+
+RECORD_TYPES: dict[str, type[StageRecord]] = {
+    "prepare": PrepareRecord, "train": TrainRecord, "export": ExportRecord, "eval": EvalRecord,
+}
 STAGES = tuple(RECORD_TYPES)

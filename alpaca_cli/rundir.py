@@ -36,6 +36,7 @@ from alpaca_cli.records import (
     RUNNING,
     SCHEMA_VERSION,
     STAGES,
+    EvalRecord,
     ExportRecord,
     PrepareRecord,
     StageRecord,
@@ -45,7 +46,7 @@ from alpaca_cli.records import (
 
 R = TypeVar("R", bound=StageRecord)
 
-_MAKES = {"prepare": "alpaca prepare", "train": "alpaca train", "export": "alpaca export"}
+_MAKES = {"prepare": "alpaca prepare", "train": "alpaca train", "export": "alpaca export", "eval": "alpaca eval"}
 HEARTBEAT_SECONDS = 60.0
 """How often a running stage refreshes its heartbeat (at most): `status` calls it stale after a few misses."""
 
@@ -222,6 +223,10 @@ class RunDir:
     @property
     def export(self) -> Optional[ExportRecord]:
         return self.manifest.stages.get("export")  # type: ignore[return-value]
+
+    @property
+    def eval(self) -> Optional[EvalRecord]:
+        return self.manifest.stages.get("eval")  # type: ignore[return-value]
 
     def stage(self, name: str) -> Optional[StageRecord]:
         return self.manifest.stages.get(name)

@@ -16,7 +16,7 @@ def render() -> str:
     import typer
 
     sys.path.insert(0, ROOT)
-    from alpaca_cli.main import app
+    from alpaca_cli.main import COMMANDS, app
 
     group = typer.main.get_command(app)
     lines = [
@@ -26,7 +26,7 @@ def render() -> str:
         "Flags override `--set key=value`, which overrides `--config FILE`, which overrides the defaults.",
         "",
     ]
-    for name in ("prepare", "inspect", "train", "export", "generate", "status"):
+    for name, _, _ in COMMANDS:
         cmd = group.commands[name]
         lines += [f"## alpaca {name}", "", (cmd.help or "").strip().splitlines()[0], ""]
         lines += ["| flag | type | help |", "| --- | --- | --- |"]

@@ -76,3 +76,32 @@ def gcs():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_template(tmp_path_factory, tokenizer_dir):
+    """A tiny Llama (context 256) trained with rows of 128 tokens until it memorised six awkward examples (braces,
+    quotes, unicode, an input), checkpoints at steps 40 and 79 kept: (run, base model folder, records)."""
+    from helpers import make_tiny_llama, read_records, run_cli, write_jsonl
+
+    root = tmp_path_factory.mktemp("trained")
+    records = read_records(os.path.join(ASSETS, "alpaca_awkward.jsonl"))[:6]
+    data = write_jsonl(str(root / "few.jsonl"), records)
+    model_dir = make_tiny_llama(str(root / "base"), tokenizer_dir, hidden_dim=64, intermediate_dim=128)
+    run = str(root / "run")
+    run_cli(["prepare", "--data", data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128", "-q"])
+    run_cli(["train", "--run-dir", run, "--model", model_dir, "--seq-len", "128", "--batch-size", "6", "--steps", "80",
+             "--learning-rate", "1e-2", "--warmup", "0.05", "--precision", "p=f32,c=f32", "--checkpoint-every", "40",
+             "--keep-checkpoints", "2", "-q"])
+    return run, model_dir, records
+
+
+@pytest.fixture
+def trained(trained_template, tmp_path):
+    """A copy of the trained run, the test's own: (run, base model folder, records)."""
+    import shutil
+
+    run, model_dir, records = trained_template
+    dst = str(tmp_path / "run")
+    shutil.copytree(run, dst)
+    return dst, model_dir, records

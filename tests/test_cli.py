@@ -24,7 +24,7 @@ def test_help_lists_every_command_and_imports_nothing_heavy():
         "    app(['--help'])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "for cmd in ['prepare', 'train', 'export', 'generate', 'inspect', 'status']:\n"
+        "for cmd in ['prepare', 'train', 'export', 'generate', 'eval', 'inspect', 'status']:\n"
         "    try:\n"
         "        app([cmd, '--help'])\n"
         "    except SystemExit:\n"
@@ -35,9 +35,9 @@ def test_help_lists_every_command_and_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=60)
     assert out.returncode == 0, out.stderr
     assert "HEAVY=\n" in out.stdout
-    for cmd in ("prepare", "train", "export", "generate", "inspect", "status"):
+    for cmd in ("prepare", "train", "export", "generate", "eval", "inspect", "status"):
         assert cmd in out.stdout
-    assert out.stdout.count("Examples:") >= 6  # every command's help shows real invocations
+    assert out.stdout.count("Examples:") >= 7  # every command's help shows real invocations
 
 
 def test_version():

@@ -14,34 +14,6 @@ from helpers import cli_env, error_line, make_tiny_llama, read_records, run_cli
 
 from alpaca_cli.rundir import open_run
 
-FEW = 6
-
-
-@pytest.fixture(scope="module")
-def trained_template(tmp_path_factory, tokenizer_dir):
-    """A tiny Llama (context 256) trained with rows of 128 tokens until it memorised a few examples."""
-    root = tmp_path_factory.mktemp("trained")
-    records = read_records(os.path.join(os.path.dirname(__file__), "assets", "alpaca_awkward.jsonl"))[:FEW]
-    data = str(root / "few.jsonl")
-    with open(data, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    model_dir = make_tiny_llama(str(root / "base"), tokenizer_dir, hidden_dim=64, intermediate_dim=128)
-    run = str(root / "run")
-    run_cli(["prepare", "--data", data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128", "-q"])
-    run_cli(["train", "--run-dir", run, "--model", model_dir, "--seq-len", "128", "--batch-size", "6", "--steps", "80",
-             "--learning-rate", "1e-2", "--warmup", "0.05", "--precision", "p=f32,c=f32", "--checkpoint-every", "40", "--keep-checkpoints", "2", "-q"])
-    return run, model_dir, records
-
-
-@pytest.fixture
-def trained(trained_template, tmp_path):
-    run, model_dir, records = trained_template
-    dst = str(tmp_path / "run")
-    shutil.copytree(run, dst)
-    return dst, model_dir, records
-
-
 def levanter_logits(run_url, ids):
     import haliax as hax
     import jax.numpy as jnp
@@ -135,24 +107,6 @@ def test_push_to_hub_round_trip_and_no_token_anywhere(trained, tmp_path):
         assert outputs.repo_id == "tester/alpaca-tiny" and outputs.commit
     finally:
         hub.stop()
-
-
-def test_generation_reproduces_memorised_responses(trained):
-    run, _, records = trained
-    records = [records[i] for i in (0, 1, 3, 5)]  # braces, quotes; not the unicode one that prepare truncated
-    for r in records[:3]:
-        args = ["generate", r["instruction"], "--run-dir", run, "--max-new-tokens", "100"]
-        if r.get("input"):
-            args += ["--input", r["input"]]
-        assert run_cli(args).stdout.rstrip("\n") == r["output"]
-    requests = os.path.join(run, "requests.jsonl")
-    with open(requests, "w") as f:
-        for r in records[:3]:
-            f.write(json.dumps({"instruction": r["instruction"], "input": r.get("input", "")}) + "\n")
-    out = run_cli(["generate", "--file", requests, "--run-dir", run, "--output", os.path.join(run, "responses.jsonl")])
-    got = [json.loads(line) for line in open(os.path.join(run, "responses.jsonl"))]
-    assert [g["output"] for g in got] == [r["output"] for r in records[:3]]
-    assert out.returncode == 0
 
 
 def test_export_to_gcs(trained, gcs):

@@ -98,6 +98,9 @@ def export(
             f"verify: largest |logit difference| {v.max_abs_diff:.3g} (tolerance {v.tolerance:g}) over {v.examples} "
             f"examples; loss on their {v.tokens} trained tokens: transformers {v.torch_loss:.5f}, Levanter {v.levanter_loss:.5f}"
         )
+        if v.eos_stop_rate is not None:
+            console.stderr.print(f"verify: greedy answers to their prompts end with EOS in {v.eos_stopped} of "
+                                 f"{v.examples} (within {v.eos_max_new_tokens} tokens)")
     typer.echo(result.export_dir)
     if result.repo_url:
         typer.echo(result.repo_url)

@@ -1,4 +1,4 @@
-"""`alpaca generate`: ask the fine-tuned model something (or a whole file of requests)."""
+"""`alpaca generate`: ask the fine-tuned model something, or answer a whole file of requests (AlpacaEval's format)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import RunDirOpt
+from alpaca_cli.options import QuietOpt, RunDirOpt
 
 EXAMPLES = """\b
 Examples:
   alpaca generate "Give three tips for staying healthy." --run-dir runs/llama2-alpaca
   alpaca generate "Translate to French." --input "Good morning" --temperature 0.7 --seed 1
-  alpaca generate --file eval.jsonl --output responses.jsonl --run-dir runs/x     (AlpacaEval-style JSONL)
+  alpaca generate --file alpaca_eval.json --output outputs.json --alpaca-eval --run-dir runs/x
+      (AlpacaEval's 805 prompts, its alpaca-7b decoding; rerun after a kill to continue)
   alpaca generate "Name a primary color." --from-export runs/x/hf
+  alpaca generate --file prompts.jsonl --output base.jsonl --base --run-dir runs/x     (the base model's answers)
 """
 
 
@@ -23,26 +25,39 @@ def generate(
     input: Annotated[Optional[str], typer.Option("--input", help="Optional input for the instruction.", show_default=False)] = None,
     file: Annotated[
         Optional[str],
-        typer.Option("--file", help="JSONL (or JSON list) of {instruction, input?} records to answer.", show_default=False),
+        typer.Option("--file", help="A JSON list or JSONL of {instruction, input?} records (Alpaca records, or "
+                     "AlpacaEval's eval set) to answer.", show_default=False),
     ] = None,
     output: Annotated[
-        Optional[str], typer.Option(help="With --file: write the JSONL here instead of stdout.", show_default=False)
+        Optional[str],
+        typer.Option(help="With --file: write here, .json (AlpacaEval's list) or .jsonl. Resumes after a kill. "
+                     "Default: JSONL on stdout.", show_default=False),
+    ] = None,
+    generator: Annotated[
+        Optional[str], typer.Option(help="The `generator` name in the output. Default: the run's name.",
+                                    show_default=False)
     ] = None,
     from_export: Annotated[
         Optional[str],
         typer.Option(help="Use an exported Hugging Face folder instead of the run's checkpoint.", show_default=False),
     ] = None,
     step: Annotated[Optional[int], typer.Option(help="Use RUN/checkpoints/step-N.", show_default=False)] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate per response.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 is greedy; higher samples more freely.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    base: Annotated[bool, typer.Option("--base", help="Answer with the run's base model (as training started).")] = False,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per answer. Default: 256.", show_default=False)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 (default) is greedy; higher samples more freely.", show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: keep the most likely tokens up to this probability. Default: 1.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (each request's answer depends only on it and the request).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
+    alpaca_eval: Annotated[
+        bool, typer.Option("--alpaca-eval", help="AlpacaEval's alpaca-7b decoding: temperature 0.7, top-p 1.0, up to "
+                           "2,048 new tokens (flags given beside it win).")
+    ] = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Generate responses with the fine-tuned model, prompted with the run's template."""
-    import json
+    """Answer an instruction (or a file of them) with the run's template."""
     import sys
 
-    from alpaca_cli import io, rundir
+    from alpaca_cli import console, io, rundir
     from alpaca_cli.core import generate as core
     from alpaca_cli.errors import ConfigError
 
@@ -50,24 +65,39 @@ def generate(
         raise ConfigError("give an INSTRUCTION or --file, not both and not neither")
     if instruction is not None and not instruction.strip():
         raise ConfigError("the instruction is empty", hint='give the text to answer, e.g. alpaca generate "Name a color."')
-    core.check_args(max_new_tokens, temperature)
+    if output and not file:
+        raise ConfigError("--output goes with --file")
+    if base and from_export:
+        raise ConfigError("--base and --from-export name different models; give one")
+    preset = core.ALPACA_EVAL if alpaca_eval else {}
+    decoding = core.Decoding(
+        max_new_tokens=max_new_tokens if max_new_tokens is not None else preset.get("max_new_tokens", 256),
+        temperature=temperature if temperature is not None else preset.get("temperature", 0.0),
+        top_p=top_p if top_p is not None else preset.get("top_p", 1.0),
+        seed=seed,
+        batch_size=batch_size,
+    )
     requests = core.read_requests(file) if file else [core.Request(instruction or "", input or "")]
+    if output:
+        output = io.normalize(output)
+        if not output.endswith(core.OUTPUT_FORMATS):
+            raise ConfigError(f"--output {output}: use a .json (AlpacaEval) or .jsonl file name")
     run = None
     if from_export is None or run_dir is not None:
         run = rundir.open_run(run_dir)
-    gen = core.load_generator(run, from_export=from_export, step=step)
-    responses = gen.generate(requests, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                             batch_size=batch_size)
+    gen = core.load_generator(run, from_export=from_export, step=step, base=base)
     if file is None:
-        typer.echo(responses[0])
+        typer.echo(gen.generate(requests, decoding)[0].text)
         return
-    generator = run.name if run is not None else from_export.rstrip("/").rsplit("/", 1)[-1]
-    lines = "".join(
-        json.dumps({"instruction": r.instruction, "input": r.input, "output": o, "generator": generator},
-                   ensure_ascii=False) + "\n"
-        for r, o in zip(requests, responses)
-    )
+    name = generator or ((run.name + ("-base" if base else "")) if run is not None
+                         else from_export.rstrip("/").rsplit("/", 1)[-1])
     if output:
-        io.write_text_atomic(io.normalize(output), lines)
-    else:
-        sys.stdout.write(lines)
+        answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
+        console.stderr.print(f"{answered + resumed} answers in {output}"
+                             + (f" ({resumed} from an earlier, interrupted run)" if resumed else ""))
+        return
+    answers = gen.generate(requests, decoding)
+    import json
+
+    for r, a in zip(requests, answers):
+        sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig
-from alpaca_cli.errors import DataError
+from alpaca_cli.errors import AlpacaError, DataError
 from alpaca_cli.records import DataSource
 
 logger = logging.getLogger(__name__)
@@ -54,64 +54,68 @@ def load_records(cfg: PrepareConfig) -> Records:
 # -- files --------------------------------------------------------------------------------------------------------
 
 
+def read_rows(url: str, flag: str = "--data") -> list[tuple[str, Any]]:
+    """(where, record) of a JSON list or JSON Lines file (local or remote, gzip allowed), with the same errors as
+    --data gets: the file is read whole, a BOM is skipped, a JSON list named .jsonl is recognised."""
+    return _read_file(url, flag)[0]
+
+
 def _load_file(cfg: PrepareConfig) -> Records:
-    url = cfg.data if io.is_remote(cfg.data) else os.path.expanduser(cfg.data)
+    rows, digest, size = _read_file(cfg.data, "--data")
+    records = _columns(rows, cfg, cfg.data)
+    records.source = DataSource(kind="file", sha256=digest, bytes=size)
+    return records
+
+
+def _read_file(spec: str, flag: str) -> tuple[list[tuple[str, Any]], str, int]:
+    """(rows, sha256 of the file's bytes, byte count)."""
+    url = spec if io.is_remote(spec) else os.path.expanduser(spec)
     name = url.lower()
     if not io.is_remote(url) and os.path.isdir(url):
         inside = sorted(f for f in os.listdir(url) if f.lower().endswith(FILE_SUFFIXES))[:5]
         raise DataError(
-            f"--data {cfg.data} is a directory; give one .json/.jsonl/.jsonl.gz file"
+            f"{flag} {spec} is a directory; give one .json/.jsonl/.jsonl.gz file"
             + (f" (in it: {', '.join(inside)})" if inside else "")
         )
     if not name.endswith(FILE_SUFFIXES):
-        raise DataError(f"--data {cfg.data}: unsupported file type; use .json, .jsonl or .jsonl.gz (or .json.gz)")
+        raise DataError(f"{flag} {spec}: unsupported file type; use .json, .jsonl or .jsonl.gz (or .json.gz)")
     try:
         raw = io.read_bytes(url)
     except FileNotFoundError:
-        raise DataError(f"--data {cfg.data}: no such file") from None
+        raise DataError(f"{flag} {spec}: no such file") from None
     except IsADirectoryError:
-        raise DataError(f"--data {cfg.data}: is a directory, not a .json/.jsonl file") from None
+        raise DataError(f"{flag} {spec}: is a directory, not a .json/.jsonl file") from None
+    except AlpacaError:
+        raise
     except Exception as e:  # noqa: BLE001 - any fsspec backend error is a user-facing "cannot read"
-        raise DataError(f"--data {cfg.data}: cannot read ({type(e).__name__}: {e})") from None
+        raise DataError(f"{flag} {spec}: cannot read ({type(e).__name__}: {e})") from None
 
     digest = hashlib.sha256(raw).hexdigest()
     if name.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
         except (OSError, EOFError) as e:
-            raise DataError(f"--data {cfg.data}: not a valid gzip file ({e})") from None
+            raise DataError(f"{flag} {spec}: not a valid gzip file ({e})") from None
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheet tools write one) is not part of the data
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{cfg.data} line {line}: not valid UTF-8") from None
+        raise DataError(f"{spec} line {line}: not valid UTF-8") from None
     if not text.strip():
-        raise DataError(f"--data {cfg.data}: the file is empty")
+        raise DataError(f"{flag} {spec}: the file is empty")
 
     if name.endswith((".jsonl", ".jsonl.gz")):
         if text.lstrip().startswith("[") and not _first_line_is_json(text):
             raise DataError(
-                f"{cfg.data} line 1: malformed JSON Lines (the file looks like one JSON list, not one record per line)",
+                f"{spec} line 1: malformed JSON Lines (the file looks like one JSON list, not one record per line)",
                 hint="name it .json, or write one record per line",
             )
-        rows = _parse_jsonl(text, cfg.data)
+        rows = _parse_jsonl(text, spec)
     else:
-        rows = _parse_json(text, cfg.data)
+        rows = _parse_json(text, spec)
     if not rows:
-        raise DataError(f"--data {cfg.data}: holds no records")
-    records = _columns(rows, cfg, cfg.data)
-    records.source = DataSource(kind="file", sha256=digest, bytes=len(raw))
-    return records
-
-
-def _parse_json(text: str, source: str) -> list[tuple[str, Any]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{source} line {e.lineno}: malformed JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{source}: a .json file must hold a list of records, found a {type(data).__name__}")
-    return [(f"record {i}", row) for i, row in enumerate(data)]
+        raise DataError(f"{flag} {spec}: holds no records")
+    return rows, digest, len(raw)
 
 
 def _first_line_is_json(text: str) -> bool:

@@ -25,7 +25,7 @@ from alpaca_cli.config import ExportConfig
 from alpaca_cli.core.checkpoints import find_checkpoint, load_model, open_run_base
 from alpaca_cli.core.logits import model_logits
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
-from alpaca_cli.core.prompts import PROMPTS_FILE
+from alpaca_cli.core.prompts import PROMPTS_FILE, adds_bos, chat_template
 from alpaca_cli.errors import AlpacaError, ConfigError
 from alpaca_cli.records import ExportOutputs, ExportRecord, ExportSummary
 from alpaca_cli.rundir import RunDir
@@ -43,6 +43,10 @@ class VerifyResult:
     tokens: int
     torch_loss: float
     levanter_loss: float
+    eos_stop_rate: float | None = None
+    """Share of the examples' prompts whose greedy answer (Levanter, cached decoding) ends with EOS."""
+    eos_stopped: int = 0
+    eos_max_new_tokens: int = 0
 
     @property
     def ok(self) -> bool:
@@ -112,10 +116,13 @@ def export(cfg: ExportConfig, run: RunDir) -> ExportResult | None:
             repo_id=result.repo_id, repo_url=result.repo_url, commit=result.commit,
             revision=(cfg.revision or "main") if result.repo_url else None,
         )
+        v = result.verify
         record.summary = ExportSummary(
             weight_bytes=result.weight_bytes, peak_rss_bytes=result.peak_rss_bytes,
-            verify_max_abs_diff=result.verify.max_abs_diff if result.verify else None,
-            verify_tolerance=result.verify.tolerance if result.verify else None,
+            verify_max_abs_diff=v.max_abs_diff if v else None, verify_tolerance=v.tolerance if v else None,
+            verify_examples=v.examples if v else None, verify_tokens=v.tokens if v else None,
+            verify_loss=v.torch_loss if v else None, verify_eos_stop_rate=v.eos_stop_rate if v else None,
+            verify_eos_stopped=v.eos_stopped if v else None, verify_eos_max_new_tokens=v.eos_max_new_tokens if v else None,
         )
         run.complete_stage("export")
         return result
@@ -159,6 +166,8 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
     import jax.numpy as jnp
 
     tok = run.load_tokenizer()
+    prompts = run.require_prepare().config.prompts
+    tok.chat_template = chat_template(prompts, bos=adds_bos(tok))  # saved into tokenizer_config.json
     # this process's devices only (other hosts of a pod wait for the outcome), FSDP: no device holds the whole model
     mesh = local_mesh(all_devices=True)
     mapping = FSDP
@@ -174,7 +183,6 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
                         save_reference_code=False,
                     )
             _write_configs(run, staging, tok, dtype_name)
-            _write_model_card(run, staging, checkpoint, dtype_name)
             weight_bytes = sum(
                 os.path.getsize(os.path.join(staging, f)) for f in os.listdir(staging) if f.endswith(".safetensors")
             )
@@ -187,6 +195,7 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
                         f"--verify: the export's logits differ from Levanter's by {verify.max_abs_diff:.3g} "
                         f"(tolerance {verify.tolerance:g}); the export at {export_dir} was not written"
                     )
+            _write_model_card(run, staging, checkpoint, dtype_name, verify)
         files = sorted(os.listdir(staging))
         _publish(staging, export_dir)
         result = ExportResult(export_dir=export_dir, dtype=dtype_name, step=checkpoint.step, files=files,
@@ -289,7 +298,55 @@ def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
         json.dump(dataclasses.asdict(prompts), f, indent=2)
 
 
-def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> None:
+def _evaluation_lines(run: RunDir, verify) -> list[str]:
+    lines = []
+    if verify is not None:
+        lines += ["## Export check", "",
+                  f"transformers' logits on {verify.examples} prepared examples equal Levanter's within "
+                  f"{verify.max_abs_diff:.2g}; loss on their {verify.tokens} trained tokens {verify.torch_loss:.4f}."]
+        if verify.eos_stop_rate is not None:
+            lines += [f"Greedy answers to their prompts ended with EOS in {verify.eos_stopped} of {verify.examples} "
+                      f"cases within {verify.eos_max_new_tokens} tokens."]
+        lines += [""]
+    ev = run.eval
+    if ev is not None and ev.complete and ev.scores:
+        lines += ["## Evaluation", "", f"Held-out records: `{os.path.basename(ev.data)}` (`alpaca eval`).", "",
+                  "| model | examples | loss | perplexity | EOS-stop rate |", "| --- | ---: | ---: | ---: | ---: |"]
+        for sc in ev.scores:
+            lines.append(f"| {sc.model} | {sc.examples} | {sc.loss:.4f} | {sc.perplexity:.2f} | "
+                         f"{100 * sc.eos_stop_rate:.1f}% (within {sc.max_new_tokens} tokens) |")
+        lines += [""]
+    return lines
+
+
+def refresh_model_card(run: RunDir) -> None:
+    """Rewrite the export's model card (after `alpaca eval`, whose scores it lists)."""
+    from alpaca_cli.core.checkpoints import Checkpoint
+
+    record = run.export
+    out = record.outputs
+    export_dir = run.resolve(out.export_dir)
+    tmp = tempfile.mkdtemp(prefix="alpaca-card-")
+    try:
+        _write_model_card(run, tmp, Checkpoint(path=run.resolve(record.checkpoint), step=record.step), out.dtype,
+                          verify=_last_verify(record))
+        with open(os.path.join(tmp, "README.md"), "rb") as f:
+            io.write_bytes_atomic(io.join(export_dir, "README.md"), f.read())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _last_verify(record):
+    s = record.summary
+    if s is None or s.verify_max_abs_diff is None:
+        return None
+    return VerifyResult(max_abs_diff=s.verify_max_abs_diff, tolerance=s.verify_tolerance or 0.0, examples=s.verify_examples,
+                        tokens=s.verify_tokens, torch_loss=s.verify_loss or 0.0, levanter_loss=s.verify_loss or 0.0,
+                        eos_stop_rate=s.verify_eos_stop_rate, eos_stopped=s.verify_eos_stopped or 0,
+                        eos_max_new_tokens=s.verify_eos_max_new_tokens or 0)
+
+
+def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str, verify=None) -> None:
     prep = run.require_prepare()
     train = run.require_train()
     pcfg, plan, summary = prep.config, train.plan, prep.summary
@@ -331,6 +388,20 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> 
         prompts.prompt_no_input,
         "```",
         "",
+        "The tokenizer carries a chat template that renders a user message as exactly this prompt (an `input` "
+        "field in the same message selects the first template), so chat interfaces prompt it the way it was "
+        "trained. With transformers:",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'chat = pipeline("text-generation", model="<this folder or repo>")',
+        'messages = [{"role": "user", "content": "Give three tips for staying healthy."}]',
+        'print(chat(messages, max_new_tokens=256)[0]["generated_text"][-1]["content"])',
+        "```",
+        "",
+        "or with the prompt written out:",
+        "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
@@ -340,6 +411,15 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> 
         'ids = tok(prompt, return_tensors="pt").input_ids',
         "out = model.generate(ids, max_new_tokens=256)",
         "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))",
+        "```",
+        "",
+        "With vLLM (an OpenAI-compatible server; the chat template is applied for you):",
+        "",
+        "```bash",
+        "vllm serve <this folder or repo>",
+        "curl http://localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\",
+        "  -d '{\"model\": \"<this folder or repo>\", \"messages\": [{\"role\": \"user\", "
+        "\"content\": \"Give three tips for staying healthy.\"}]}'",
         "```",
         "",
         "## Training",
@@ -357,7 +437,7 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str) -> 
         f"- Checkpoint: `step-{checkpoint.step}`, exported as {dtype_name}",
         f"- alpaca version: {__version__}",
         "",
-    ]
+    ] + _evaluation_lines(run, verify)
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -408,8 +488,34 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
             t_loss += _nll(hf_logits, ids, targets)
             l_loss += _nll(lev_logits, ids, targets)
             count += int(targets.sum())
+    eos_rate, stopped = _eos_stop_rate(lev, tok, rows, EOS_CHECK_TOKENS)
     return VerifyResult(max_abs_diff=max_diff, tolerance=tolerance, examples=n, tokens=count,
-                        torch_loss=t_loss / max(count, 1), levanter_loss=l_loss / max(count, 1))
+                        torch_loss=t_loss / max(count, 1), levanter_loss=l_loss / max(count, 1),
+                        eos_stop_rate=eos_rate, eos_stopped=stopped, eos_max_new_tokens=EOS_CHECK_TOKENS)
+
+
+EOS_CHECK_TOKENS = 256
+
+
+def _eos_stop_rate(model, tok, rows, max_new_tokens: int) -> tuple[float | None, int]:
+    """Greedy answers to the examples' prompts (the tokens before their first trained one): how many end with EOS.
+    None when the run trains on every token (no prompt to answer)."""
+    import haliax as hax
+    import numpy as np
+
+    from alpaca_cli.core import decode
+
+    prompts = []
+    for row in rows:
+        trained = np.flatnonzero(row["targets"][1:]) + 1
+        if not len(trained) or trained[0] < 2 or row["targets"][: trained[0]].sum() != 0:
+            return None, 0
+        prompts.append(row["input_ids"][: trained[0]].tolist())
+    with hax.axis_mapping(COMPUTE):
+        gens = decode.generate(model, prompts, max_new_tokens=max_new_tokens, max_len=model.Pos.size,
+                               eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id or 0, real_vocab=len(tok))
+    stopped = sum(g.finish == decode.EOS for g in gens)
+    return stopped / len(gens), stopped
 
 
 def _nll(logits, ids, targets) -> float:

@@ -1,37 +1,72 @@
-"""`alpaca generate`: responses from the fine-tuned model, prompted with the run's template.
+"""`alpaca generate`: answers from the fine-tuned model (or an export, or the base model), prompted with the run's
+template, decoded in batches with a KV cache (core/decode.py).
 
-Decoding re-runs the model over the whole (padded) sequence for every new token: one compiled program per batch
-shape, no cache. That is quadratic in the length, which is fine for trying a model and for evaluation sets of a few
-hundred prompts; it is not a serving engine.
+A file of requests is answered in batches of similar prompt lengths; each finished batch is appended to a progress
+file beside the output, so a killed run continues where it stopped (nothing generated twice, nothing lost) and the
+output appears whole, at the end, in the format its name asks for: `.json` is AlpacaEval's (a list of
+{"instruction", "output", "generator"}), `.jsonl` one such object per line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from alpaca_cli import io
 from alpaca_cli.config import PromptTemplates
+from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
-from alpaca_cli.core.prompts import PROMPTS_FILE
-from alpaca_cli.core.logits import model_logits
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
+from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.errors import ConfigError, DataError
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
+
+ALPACA_EVAL = dict(temperature=0.7, top_p=1.0, max_new_tokens=2048)
+"""The decoding AlpacaEval's alpaca-7b entry used (its configs: temperature 0.7, top_p 1.0, max_new_tokens 2048)."""
+OUTPUT_FORMATS = (".json", ".jsonl")
 
 
 @dataclass
 class Request:
     instruction: str
     input: str = ""
+    extra: dict = field(default_factory=dict)
+    """Other fields of the request's record that the output keeps (AlpacaEval's `dataset`, say)."""
+
+
+@dataclass
+class Answer:
+    text: str
+    finish: str
+    """decode.EOS (the model ended its answer) or decode.LENGTH (cut at max_new_tokens or the context)."""
+    new_tokens: int
+
+
+@dataclass
+class Decoding:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            problems.append(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if problems:
+            raise ConfigError(problems)
 
 
 @dataclass
@@ -42,104 +77,102 @@ class Generator:
     max_len: int
     mesh: object
 
-    def generate(
-        self, requests: Sequence[Request], *, max_new_tokens: int = 256, temperature: float = 0.0, seed: int = 0,
-        batch_size: int = 8,
-    ) -> list[str]:
-        out: list[str] = []
-        for start in range(0, len(requests), batch_size):
-            out.extend(self._batch(requests[start : start + batch_size], max_new_tokens, temperature, seed + start))
-        return out
+    @property
+    def eos_ids(self) -> list[int]:
+        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
 
-    def _batch(self, requests, max_new_tokens, temperature, seed) -> list[str]:
+    def prompt_ids(self, r: Request) -> list[int]:
+        return self.tokenizer(promptsmod.render(self.templates, r.instruction, r.input))["input_ids"]
+
+    def generate(self, requests: Sequence[Request], decoding: Decoding, *, request_ids: Sequence[int] | None = None,
+                 on_batch: Callable[[list[tuple[int, Answer]]], None] | None = None) -> list[Answer]:
+        """Answer every request. Requests are batched by prompt length (fewer shapes to compile, less padding);
+        on_batch gets each finished batch as (position in `requests`, answer) pairs."""
         import haliax as hax
-        import jax
-        import jax.numpy as jnp
-        from levanter.layers.attention import AttentionMask
 
+        ids = [self.prompt_ids(r) for r in requests]
+        for i, p in enumerate(ids):
+            if len(p) >= self.max_len:
+                raise DataError(f"request {i} is {len(p)} tokens long; the model's rows hold {self.max_len}",
+                                hint="shorten it, or train with a longer --seq-len")
+        rids = list(request_ids) if request_ids is not None else list(range(len(requests)))
+        order = sorted(range(len(requests)), key=lambda i: len(ids[i]))
+        answers: list[Answer | None] = [None] * len(requests)
         tok = self.tokenizer
-        prompts = [promptsmod.render(self.templates, r.instruction, r.input) for r in requests]
-        encoded = [tok(p)["input_ids"] for p in prompts]
-        longest = max(len(e) for e in encoded)
-        if longest >= self.max_len:
-            raise DataError(f"a prompt is {longest} tokens long; the model's rows hold {self.max_len}")
-        total = min(self.max_len, longest + max_new_tokens)
-        width = min(self.max_len, 64 * math.ceil(total / 64))  # a few shapes only: one compile per bucket
-        B = len(requests)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = np.full((B, width), pad, dtype=np.int32)
-        lengths = np.array([len(e) for e in encoded], dtype=np.int32)
-        for i, e in enumerate(encoded):
-            ids[i, : len(e)] = e
-        Batch, Pos = hax.Axis("batch", B), self.model.Pos.resize(width)
-
-        @hax.named_jit
-        def next_logits(model, tokens, at):
-            logits = model_logits(model, tokens, AttentionMask.causal()).rearrange(("batch", "position", "vocab"))
-            return jnp.take_along_axis(logits.array, at[:, None, None], axis=1)[:, 0, :]
-
-        key = jax.random.PRNGKey(seed)
-        done = np.zeros(B, dtype=bool)
-        start_lengths = lengths.copy()
-        real_vocab = len(tok)
         with hax.partitioning.set_mesh(self.mesh), hax.axis_mapping(COMPUTE):
-            for _ in range(total - int(lengths.min())):
-                if done.all():
-                    break
-                tokens = hax.named(jnp.asarray(ids), (Batch, Pos))
-                logits = np.asarray(next_logits(self.model, tokens, jnp.asarray(lengths - 1)))[:, :real_vocab]
-                if temperature > 0:
-                    key, sub = jax.random.split(key)
-                    nxt = np.asarray(jax.random.categorical(sub, jnp.asarray(logits) / temperature, axis=-1))
-                else:
-                    nxt = logits.argmax(-1)
-                for b in range(B):
-                    if done[b]:
-                        continue
-                    if lengths[b] >= width or lengths[b] - start_lengths[b] >= max_new_tokens:
-                        done[b] = True
-                        continue
-                    ids[b, lengths[b]] = nxt[b]
-                    lengths[b] += 1
-                    if nxt[b] == tok.eos_token_id or lengths[b] - start_lengths[b] >= max_new_tokens:
-                        done[b] = True
-        return [
-            tok.decode(ids[b, start_lengths[b] : lengths[b]].tolist(), skip_special_tokens=True) for b in range(B)
-        ]
+            for start in range(0, len(order), decoding.batch_size):
+                chunk = order[start : start + decoding.batch_size]
+                gens = self._decode([ids[i] for i in chunk], [rids[i] for i in chunk], decoding, pad)
+                done = []
+                for i, g in zip(chunk, gens):
+                    text = tok.decode(g.tokens, skip_special_tokens=True)
+                    answers[i] = Answer(text=text, finish=g.finish, new_tokens=len(g.tokens))
+                    done.append((i, answers[i]))
+                if on_batch is not None:
+                    on_batch(done)
+        return answers  # type: ignore[return-value]
+
+    def _decode(self, prompts, rids, d: Decoding, pad: int) -> list[decode.Generation]:
+        kwargs = dict(max_new_tokens=d.max_new_tokens, max_len=self.max_len, eos_ids=self.eos_ids,
+                      temperature=d.temperature, top_p=d.top_p, seed=d.seed, request_ids=rids, pad_id=pad,
+                      real_vocab=len(self.tokenizer))
+        if decode.supports(self.model):
+            return decode.generate(self.model, prompts, batch_size=d.batch_size, **kwargs)
+        return decode.generate_uncached(self.model, prompts, **kwargs)
 
 
-def load_generator(run: RunDir | None, *, from_export: str | None = None, step: int | None = None) -> Generator:
-    """The fine-tuned model from the run's checkpoint (Levanter) or from an exported Hugging Face folder."""
+def load_generator(run: RunDir | None, *, from_export: str | None = None, step: int | None = None,
+                   base: bool = False) -> Generator:
+    """The fine-tuned model from the run's checkpoint (final, or step), an exported Hugging Face folder, or (base)
+    the run's base model as training started from it ([PAD] rows added as training adds them)."""
     import haliax as hax
-    from transformers import AutoTokenizer
 
     mesh = local_mesh(all_devices=True)
-    mapping = FSDP
-    with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
+    with hax.partitioning.set_mesh(mesh), hax.axis_mapping(FSDP):
         if from_export:
             from alpaca_cli.core.models import open_base_model
 
-            with open_base_model(from_export) as base:
-                with io.local_dir(from_export) as local:
-                    tok = AutoTokenizer.from_pretrained(local)
-                    templates = _templates_from_export(local, run)
-                seq_len = base.context_length or 2048
-                lev_config = base.lev_config(seq_len)
-                model = base.converter(tok).load_pretrained(
-                    lev_config.model_type, ref=base.ref, config=lev_config, axis_mapping=mapping,
+            with open_base_model(from_export) as model_folder, io.local_dir(from_export) as local:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(local)
+                templates = _templates_from_export(local, run)
+                max_len = _exact_length(model_folder, model_folder.context_length or 2048)
+                lev_config = model_folder.lev_config(max_len)
+                model = model_folder.converter(tok).load_pretrained(
+                    lev_config.model_type, ref=model_folder.ref, config=lev_config, axis_mapping=FSDP,
                     resize_vocab_to_match_tokenizer=False,
                 )
-                max_len = seq_len
+        elif base:
+            from alpaca_cli.core.models import open_base_model
+            from alpaca_cli.core.train import base_model_as_trained
+
+            assert run is not None
+            tok = run.load_tokenizer()
+            templates = run.require_prepare().config.prompts
+            train = run.require_train()
+            with open_base_model(train.inputs.model) as model_folder:
+                max_len = _exact_length(model_folder, train.plan.seq_len)
+                model = base_model_as_trained(model_folder, max_len, tok, run.require_prepare().summary.added_tokens)
         else:
             from alpaca_cli.core.checkpoints import find_checkpoint, load_model
 
             assert run is not None
             tok = run.load_tokenizer()
-            model, lev_config, hf_config = load_model(run, find_checkpoint(run, step), tokenizer=tok,
-                                                      axis_mapping=mapping, mesh=mesh)
+            model, lev_config, _ = load_model(run, find_checkpoint(run, step), tokenizer=tok, axis_mapping=FSDP,
+                                              mesh=mesh)
             templates = run.require_prepare().config.prompts
             max_len = lev_config.seq_len
     return Generator(model=model, tokenizer=tok, templates=templates, max_len=max_len, mesh=mesh)
+
+
+def _exact_length(model_folder, length: int) -> int:
+    """At most the length the Levanter model computes like transformers (a sliding window it lacks)."""
+    from alpaca_cli.core.families import sliding_window_limit
+
+    window = sliding_window_limit(model_folder.hf_config)
+    return min(length, window) if window else length
 
 
 def _templates_from_export(folder: str, run: RunDir | None) -> PromptTemplates:
@@ -153,45 +186,88 @@ def _templates_from_export(folder: str, run: RunDir | None) -> PromptTemplates:
     return PromptTemplates()
 
 
+# -- files of requests -----------------------------------------------------------------------------------------------
+
+
 def read_requests(path: str) -> list[Request]:
-    """Records with `instruction` and optional `input` (JSONL, or a JSON list), e.g. an AlpacaEval set."""
-    try:
-        text = io.read_text(path)
-    except FileNotFoundError:
-        raise DataError(f"--file {path}: no such file") from None
-    rows: list = []
-    if path.endswith(".json"):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path} line {e.lineno}: malformed JSON ({e.msg})") from None
-        where = [f"record {i}" for i in range(len(rows))]
-    else:
-        where = []
-        for n, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {n}: malformed JSON ({e.msg})") from None
-                where.append(f"line {n}")
+    """Records with `instruction` and optional `input`: Alpaca records, or AlpacaEval's eval set (whose
+    `instruction` already holds any input). JSON list or JSON Lines, local or remote, gzip allowed."""
+    from alpaca_cli.core.data import read_rows
+
+    rows = read_rows(path, "--file")
     out = []
-    for w, r in zip(where, rows):
+    for where, r in rows:
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-            raise DataError(f"{path} {w}: needs a string `instruction`")
+            raise DataError(f"{path} {where}: needs a string `instruction`")
         if not isinstance(r.get("input", ""), str):
-            raise DataError(f"{path} {w}: `input` must be a string")
-        out.append(Request(r["instruction"], r.get("input", "")))
+            raise DataError(f"{path} {where}: `input` must be a string")
+        extra = {k: v for k, v in r.items() if k not in ("instruction", "input", "output", "generator")}
+        out.append(Request(r["instruction"], r.get("input") or "", extra))
     if not out:
         raise DataError(f"--file {path}: holds no records")
     return out
 
 
-def check_args(max_new_tokens: int, temperature: float) -> None:
-    problems = []
-    if max_new_tokens < 1:
-        problems.append(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        problems.append(f"--temperature must be >= 0, got {temperature}")
-    if problems:
-        raise ConfigError(problems)
+def output_record(r: Request, a: Answer, generator: str) -> dict:
+    """AlpacaEval's model-output format: the instruction verbatim, the output, the generator's name."""
+    rec = {"instruction": r.instruction}
+    if r.input:
+        rec["input"] = r.input
+    rec.update(output=a.text, generator=generator, **r.extra)
+    return rec
+
+
+def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, output: str, generator: str,
+                progress=None) -> tuple[int, int]:
+    """Answer a file of requests into `output` (.json or .jsonl), resumable. Returns (answered now, resumed).
+
+    Progress goes to OUTPUT.partial.jsonl (one line per finished request, with its index and the decoding that made
+    it) as batches finish; a rerun with the same requests and decoding skips what is there. The output is written
+    whole at the end (atomically), then the progress file is removed."""
+    if not output.endswith(OUTPUT_FORMATS):
+        raise ConfigError(f"--output {output}: use a .json (AlpacaEval) or .jsonl file name")
+    partial = output + ".partial.jsonl"
+    key = {"decoding": {k: getattr(decoding, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
+           "generator": generator}
+    done: dict[int, dict] = {}
+    if io.exists(partial):
+        for line in io.read_text(partial).splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # the line a kill cut short
+                continue
+            if rec.get("key") == key and 0 <= rec.get("index", -1) < len(requests) and \
+                    rec.get("instruction") == requests[rec["index"]].instruction:
+                done[rec["index"]] = rec
+    todo = [i for i in range(len(requests)) if i not in done]
+    resumed = len(done)
+    if resumed:
+        logger.info("Continuing %s: %d of %d requests already answered", output, resumed, len(requests))
+    if progress is not None:
+        progress.start("Generating", len(requests))
+        progress.advance(resumed)
+    lines = [json.dumps(done[i]) + "\n" for i in sorted(done)]
+
+    def on_batch(batch):
+        for j, a in batch:
+            i = todo[j]
+            rec = {"index": i, "key": key, **output_record(requests[i], a, generator), "finish": a.finish}
+            done[i] = rec
+            lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
+        io.write_text_atomic(partial, "".join(lines))  # whole lines only, even if killed mid-write
+        if progress is not None:
+            progress.advance(len(batch))
+
+    try:
+        if todo:
+            gen.generate([requests[i] for i in todo], decoding, request_ids=todo, on_batch=on_batch)
+    finally:
+        if progress is not None:
+            progress.stop()
+    records = [{k: v for k, v in done[i].items() if k not in ("index", "key", "finish")} for i in range(len(requests))]
+    if output.endswith(".json"):
+        io.write_text_atomic(output, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
+    else:
+        io.write_text_atomic(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    io.rm_tree(partial)
+    return len(todo), resumed

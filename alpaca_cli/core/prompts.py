@@ -82,3 +82,44 @@ def render(templates: PromptTemplates, instruction: str, input: str = "") -> str
     record = {"instruction": instruction, "input": input}
     template = templates.prompt_input if has_input(record) else templates.prompt_no_input
     return template.format_map(record)
+
+
+def adds_bos(tok) -> bool:
+    """Whether the tokenizer puts a BOS token in front of the text it tokenizes (Llama, Gemma: yes; Qwen: no)."""
+    return tok.bos_token_id is not None and tok("x")["input_ids"][:1] == [tok.bos_token_id]
+
+
+def chat_template(templates: PromptTemplates, *, bos: bool) -> str:
+    """A Jinja chat template (Hugging Face's format) that renders a user message exactly as training prompted it.
+
+    `apply_chat_template([{"role": "user", "content": X}], add_generation_prompt=True, tokenize=False)` is the
+    training prompt for instruction X (the no-input template), preceded by the BOS token's text when the tokenizer
+    adds one: chat templates are tokenized without special tokens, so the template carries the BOS itself, and
+    tokenizing the rendered text gives the training prompt's ids. A record's input goes in the same message,
+    `{"role": "user", "content": X, "input": Y}` (the input template). An assistant message is an answer: its text
+    and the EOS, as trained. There is no system prompt in Alpaca's format.
+    """
+
+    def expr(template: str, fields: dict[str, str]) -> str:
+        out = []
+        for literal, name, _, _ in string.Formatter().parse(template):
+            if literal:
+                escaped = literal.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+                out.append("{{ '" + escaped + "' }}")
+            if name is not None:
+                out.append("{{ " + fields[name] + " }}")
+        return "".join(out)
+
+    with_input = expr(templates.prompt_input, {"instruction": "message['content']", "input": "message['input']"})
+    no_input = expr(templates.prompt_no_input, {"instruction": "message['content']"})
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "{%- for message in messages -%}"
+        + "{%- if message['role'] == 'user' -%}"
+        + "{%- if message.get('input') -%}" + with_input + "{%- else -%}" + no_input + "{%- endif -%}"
+        + "{%- elif message['role'] == 'assistant' -%}{{ message['content'] }}{{ eos_token }}"
+        + "{%- else -%}{{ raise_exception('Alpaca prompts have user and assistant messages only, not '"
+        + " + message['role']) }}"
+        + "{%- endif -%}"
+        + "{%- endfor -%}"
+    )

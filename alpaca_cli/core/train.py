@@ -510,6 +510,19 @@ def _validation_source(cfg, run: RunDir, prepared: Prepared, plan: Plan):
     return val_cache, lengths, np.arange(len(lengths), dtype=np.int64)
 
 
+def base_model_as_trained(base, seq_len: int, tok, added: dict):
+    """The base model as training starts from it (the [PAD] rows added as Stanford adds them), float32, FSDP over
+    this process's devices: what `alpaca eval --base` compares the fine-tuned model with."""
+    import haliax as hax
+    import jmp
+
+    from alpaca_cli.core.mesh import FSDP
+
+    check_vocab(base, tok, added)
+    lev_config = base.lev_config(seq_len)
+    return load_base_weights(base, lev_config, tok, hax.Axis("vocab", len(tok)), FSDP, jmp.get_policy("p=f32,c=f32"))
+
+
 def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):
     """The base checkpoint as a Levanter model: vocabulary resized to the tokenizer (new rows = mean of the old
     ones in embeddings and LM head, as Stanford), padded for sharding if needed, parameters in param dtype."""

@@ -1,0 +1,95 @@
+"""`alpaca eval`: held-out loss, perplexity and EOS-stop rate of the fine-tuned model (and of the base model)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from alpaca_cli.options import RunDirOpt
+
+EXAMPLES = """\b
+Examples:
+  alpaca eval --data held_out.jsonl --run-dir runs/llama2-alpaca --base     the fine-tuned model beside the base model
+  alpaca eval --data held_out.jsonl --run-dir runs/x --step 499 --json
+  alpaca eval --data held_out.jsonl --from-export runs/x/hf
+Scores go to the run's manifest and, when the run has an export, to its model card.
+"""
+
+
+def eval_(
+    data: Annotated[
+        str, typer.Option(help="Held-out Alpaca records (.json/.jsonl, local or gs://), read with the run's field "
+                          "names and prepared like its training data.", show_default=False)
+    ],
+    run_dir: RunDirOpt = None,
+    step: Annotated[Optional[int], typer.Option(help="Score RUN/checkpoints/step-N instead of the final checkpoint.",
+                                                show_default=False)] = None,
+    from_export: Annotated[
+        Optional[str], typer.Option(help="Score an exported Hugging Face folder instead.", show_default=False)
+    ] = None,
+    base: Annotated[bool, typer.Option("--base", help="Also score the base model (as training started from it).")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens an answer may take before it counts as not stopping.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Examples scored together.")] = 8,
+    json_: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+) -> None:
+    """Score a model on held-out records: loss, perplexity and how often it stops on its own."""
+    import json
+
+    from alpaca_cli import config as cfgmod
+    from alpaca_cli import rundir
+    from alpaca_cli.config import PrepareConfig
+    from alpaca_cli.core import evaluate as core
+    from alpaca_cli.core.generate import load_generator
+    from alpaca_cli.errors import ConfigError
+    from alpaca_cli.records import EvalRecord
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
+    run = rundir.open_run(run_dir) if (from_export is None or run_dir is not None) else None
+    if base and run is None:
+        raise ConfigError("--base needs the run (--run-dir): its base model is the one training started from")
+    pcfg = run.require_prepare().config if run is not None else PrepareConfig()
+    held_out = core.held_out(pcfg, data)
+    gen = load_generator(run, from_export=from_export, step=step)
+    label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
+    scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+    if base:
+        del gen
+        base_gen = load_generator(run, base=True)
+        scores.append(core.score(base_gen, held_out, pcfg, label="base", max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size))
+    if run is not None:
+        from alpaca_cli.core.data import load_records
+
+        source = load_records(cfgmod.replace(pcfg, data=data)).source
+        run.start_stage("eval", EvalRecord(data=data, source=source, scores=scores))
+        run.complete_stage("eval")
+        if run.export is not None and run.export.complete:
+            from alpaca_cli.core.export import refresh_model_card
+
+            refresh_model_card(run)
+    if json_:
+        typer.echo(json.dumps([cfgmod.encode(s) for s in scores], indent=2))
+        return
+    _print_table(scores, data)
+
+
+def _checkpoint_label(run, step) -> str:
+    from alpaca_cli.core.checkpoints import find_checkpoint
+
+    return f"step-{find_checkpoint(run, step).step}"
+
+
+def _print_table(scores, data: str) -> None:
+    from rich.table import Table
+
+    from alpaca_cli import console
+
+    t = Table(title=f"held-out: {data}")
+    for col in ("model", "examples", "trained tokens", "loss", "perplexity", "EOS-stop rate"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for s in scores:
+        t.add_row(s.model, f"{s.examples:,}", f"{s.trained_tokens:,}", f"{s.loss:.4f}", f"{s.perplexity:,.2f}",
+                  f"{100 * s.eos_stop_rate:.1f}% ({s.eos_stopped}/{s.prompts} within {s.max_new_tokens} tokens)")
+    console.stdout.print(t)

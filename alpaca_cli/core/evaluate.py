@@ -1,0 +1,93 @@
+"""`alpaca eval`: how a model does on held-out records: the loss per trained token and its perplexity (on Stanford's
+labels, prepared exactly as training prepared its data), and the EOS-stop rate: the share of prompts whose greedy
+answer ends with the end-of-sequence token within max_new_tokens. A model that never learned to stop (EOS not
+trained, or not exported) scores 0 there, however good its loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from alpaca_cli.config import PrepareConfig
+from alpaca_cli.core import decode
+from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core.generate import Decoding, Generator, Request
+from alpaca_cli.core.mesh import COMPUTE
+from alpaca_cli.core.tokenize import prefix_stable, tokenize_examples
+from alpaca_cli.errors import DataError
+from alpaca_cli.records import EvalScore
+
+
+@dataclass
+class HeldOut:
+    requests: list[Request]
+    outputs: list[str]
+
+
+def held_out(pcfg: PrepareConfig, data: str) -> HeldOut:
+    """Records of `data`, read with the run's field names."""
+    from alpaca_cli.core.data import load_records
+
+    records = load_records(dataclasses.replace(pcfg, data=data))
+    requests = [Request(i, x) for i, x in zip(records.instructions, records.inputs)]
+    return HeldOut(requests, list(records.outputs))
+
+
+def score(gen: Generator, data: HeldOut, pcfg: PrepareConfig, *, label: str, max_new_tokens: int,
+          batch_size: int = 8) -> EvalScore:
+    """Loss, perplexity and EOS-stop rate of the generator's model on the held-out records."""
+    tok = gen.tokenizer
+    prompts = [promptsmod.render(gen.templates, r.instruction, r.input) for r in data.requests]
+    tokenized = tokenize_examples(tok, prompts, data.outputs, max_length=min(pcfg.max_length, gen.max_len),
+                                  on_overflow="truncate", mask_inputs=pcfg.mask_inputs,
+                                  fast_path=prefix_stable(tok)[0])
+    if not tokenized.input_ids:
+        raise DataError("no held-out example has a token to score (every prompt fills --max-length)")
+    total, count = _loss_sums(gen, tokenized.input_ids, tokenized.targets, batch_size)
+    answers = gen.generate(data.requests, Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size))
+    stopped = sum(a.finish == decode.EOS for a in answers)
+    loss = total / count
+    return EvalScore(model=label, examples=len(tokenized.input_ids), trained_tokens=int(count), loss=round(loss, 6),
+                     perplexity=round(math.exp(min(loss, 700.0)), 4),
+                     eos_stop_rate=round(stopped / len(answers), 4), eos_stopped=stopped, prompts=len(answers),
+                     max_new_tokens=max_new_tokens)
+
+
+def _loss_sums(gen: Generator, input_ids, targets, batch_size: int) -> tuple[float, float]:
+    """Summed next-token loss over the trained tokens, and their count: one example per row, rows of a bucketed
+    length, the training loss's own functions."""
+    import haliax as hax
+    import jax.numpy as jnp
+
+    from alpaca_cli.core.batches import PackedRow, build_row, row_activations, token_losses
+
+    real_vocab = len(gen.tokenizer)
+    pad = gen.tokenizer.pad_token_id if gen.tokenizer.pad_token_id is not None else 0
+
+    @hax.named_jit
+    def sums(model, row):
+        act, _ = row_activations(model, row)
+        per_token = token_losses(model, act, row.tokens, row.weights > 0, real_vocab)
+        return hax.sum(per_token * row.weights).scalar(), hax.sum(row.weights).scalar()
+
+    order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+    total = count = 0.0
+    with hax.partitioning.set_mesh(gen.mesh), hax.axis_mapping(COMPUTE):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = 16
+            while width < max(len(input_ids[i]) for i in chunk):
+                width *= 2
+            width = min(width, gen.max_len)
+            built = [build_row([(input_ids[i], targets[i])], width, pad, 1.0) for i in chunk]
+            built += [build_row([], width, pad, 1.0)] * (batch_size - len(chunk))  # one shape per width
+            Batch, Pos = hax.Axis("batch", len(built)), hax.Axis("position", width)
+            arrays = [np.stack([b[k] for b in built]) for k in range(4)]
+            row = PackedRow(*(hax.named(jnp.asarray(a), (Batch, Pos)) for a in arrays))
+            s, c = sums(gen.model, row)
+            total += float(s)
+            count += float(c)
+    return total, count
