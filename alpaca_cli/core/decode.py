@@ -87,7 +87,7 @@ def init_cache(model, batch: int, width: int, dtype) -> KVCache:
 
 
 def _attend(q, k, v, pos_ids, cache: KVCache, layer_idx, *, scaling_factor=None, soft_cap=None, upcast=True,
-            window=None):
+            window=None, keys=None):
     """Write k, v {batch, position, kv_head, head_size} at (layer, row, pos_ids[row, t]) and attend q
     {batch, position, kv_head, q_heads_per_group, head_size} over the cached keys at or before each query."""
     B = pos_ids.array.shape[0]
@@ -101,6 +101,8 @@ def _attend(q, k, v, pos_ids, cache: KVCache, layer_idx, *, scaling_factor=None,
 
     kc = cache.k["layer", layer_idx]
     vc = cache.v["layer", layer_idx]
+    if keys is not None:  # the prefill: its queries see only the first `keys` slots (the rest are empty)
+        kc, vc = kc["key_position", hax.ds(0, keys)], vc["key_position", hax.ds(0, keys)]
     key_pos = hax.arange(kc.resolve_axis("key_position")).broadcast_axis(pos_ids.axes)
     mask = key_pos <= pos_ids
     if window is not None:  # the layer sees the last `window` positions, the query's own included
@@ -114,17 +116,17 @@ def _attend(q, k, v, pos_ids, cache: KVCache, layer_idx, *, scaling_factor=None,
     return out, cache
 
 
-def _cached_attention(attn, x, pos_ids, cache, layer_idx, window=None):
+def _cached_attention(attn, x, pos_ids, cache, layer_idx, window=None, keys=None):
     """Levanter's Attention module over new tokens, its K/V appended to the cache."""
     q, k, v = attn._compute_qkv(x, key=None, pos_ids=pos_ids)  # projections, qk-norm and rotary as in training
     cfg = attn.config
     out, cache = _attend(q, k, v, pos_ids, cache, layer_idx, scaling_factor=cfg.scaling_factor,
-                         soft_cap=cfg.logits_soft_cap, upcast=cfg.upcast_attn, window=window)
+                         soft_cap=cfg.logits_soft_cap, upcast=cfg.upcast_attn, window=window, keys=keys)
     out = out.flatten_axes(("kv_head", "q_heads_per_group"), "heads").astype(x.dtype)
     return attn.o_proj(out, key=None), cache
 
 
-def _gpt2_block(block, x, pos_ids, cache, i):
+def _gpt2_block(block, x, pos_ids, cache, i, keys=None):
     cfg = block.attn.config
     h = block.ln_1(x)
     q, k, v = block.attn.c_attn(h, key=None).rearrange((..., "qkv", "heads", "position", "head_size")).unbind("qkv")
@@ -132,13 +134,13 @@ def _gpt2_block(block, x, pos_ids, cache, i):
         q = q / (i + 1.0)
     q = q.rename({"heads": "kv_head"}).broadcast_axis(hax.Axis("q_heads_per_group", 1))
     k, v = k.rename({"heads": "kv_head"}), v.rename({"heads": "kv_head"})
-    out, cache = _attend(q, k, v, pos_ids, cache, i, upcast=cfg.upcast_attn)
+    out, cache = _attend(q, k, v, pos_ids, cache, i, upcast=cfg.upcast_attn, keys=keys)
     out = out["q_heads_per_group", 0].rename({"kv_head": "heads"}).astype(x.dtype)
     x = x + block.attn.c_proj(out, key=None)
     return x + block.mlp(block.ln_2(x), key=None), cache
 
 
-def _layer(layer, x, pos_ids, cache, i):
+def _layer(layer, x, pos_ids, cache, i, keys=None):
     """One decoder layer with the cache; the wiring mirrors each family's __call__ in levanter/models/*.py."""
     from levanter.models.gemma import Gemma2DecoderLayer, GemmaDecoderLayer
     from levanter.models.gpt2 import Gpt2Block
@@ -149,18 +151,18 @@ def _layer(layer, x, pos_ids, cache, i):
 
     if isinstance(layer, Gemma2DecoderLayer):  # Gemma-2/3: four norms; sliding layers carry their window
         window = getattr(layer.config, "layer_window", None)
-        a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, window)
+        a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, window, keys)
         x = x + layer.post_attention_layernorm(a)
         m = layer.mlp(layer.pre_feedforward_layernorm(x), key=None)
         return x + layer.post_feedforward_layernorm(m), cache
     if isinstance(layer, Olmo2DecoderLayer):  # OLMo-2: norms after attention and MLP only
-        a, cache = _cached_attention(layer.self_attn, x, pos_ids, cache, i)
+        a, cache = _cached_attention(layer.self_attn, x, pos_ids, cache, i, keys=keys)
         x = x + layer.post_attention_layernorm(a)
         return x + layer.post_feedforward_layernorm(layer.mlp(x, key=None)), cache
     if isinstance(layer, Gpt2Block):
-        return _gpt2_block(layer, x, pos_ids, cache, i)
+        return _gpt2_block(layer, x, pos_ids, cache, i, keys)
     if isinstance(layer, (LlamaDecoderLayer, QwenDecoderLayer, GemmaDecoderLayer, MixtralDecoderLayer)):
-        a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i)
+        a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, keys=keys)
         if getattr(layer, "post_attn_layernorm", None) is not None:  # Llama's hybrid norm
             a = layer.post_attn_layernorm(a)
         x = x + a
@@ -177,8 +179,10 @@ def _layer(layer, x, pos_ids, cache, i):
     raise NotImplementedError(f"no cached decoding for {type(layer).__name__}")
 
 
-def forward_cached(model, tokens: NamedArray, pos_ids: NamedArray, cache: KVCache) -> tuple[NamedArray, KVCache]:
-    """Final-norm activations of `tokens` {batch, position} at `pos_ids`; their K/V appended to the cache."""
+def forward_cached(model, tokens: NamedArray, pos_ids: NamedArray, cache: KVCache, keys: int | None = None
+                   ) -> tuple[NamedArray, KVCache]:
+    """Final-norm activations of `tokens` {batch, position} at `pos_ids`; their K/V appended to the cache. keys
+    (static): attend over the first `keys` cache slots only (the prefill)."""
     from levanter.models.gemma import GemmaConfig
     from levanter.models.gpt2 import Gpt2Config
 
@@ -193,9 +197,13 @@ def forward_cached(model, tokens: NamedArray, pos_ids: NamedArray, cache: KVCach
 
     def body(layer, carry, i):
         x, cache = carry
-        return _layer(layer, x, pos_ids, cache, i.scalar() if isinstance(i, NamedArray) else i)
+        return _layer(layer, x, pos_ids, cache, i.scalar() if isinstance(i, NamedArray) else i, keys)
 
-    x, cache = layers.fold_via(body)((x, cache), hax.arange(model.config.Layers))
+    if hasattr(layers, "blocks"):  # unrolled layers (BlockSeq: Gemma-3's, whose layers differ): a Python loop
+        for i, layer in enumerate(layers.blocks):
+            x, cache = _layer(layer, x, pos_ids, cache, i, keys)
+    else:  # Levanter's scanned stack: the layer index comes with each layer's slice
+        x, cache = layers.fold_via(body)((x, cache), hax.arange(model.config.Layers))
     return final_norm(x), cache
 
 
@@ -237,7 +245,7 @@ def _generate(model, prompts, prompt_lens, max_new, eos_ids, temperature, top_p,
     vocab_ok = jnp.arange(model.Vocab.size) < real_vocab
 
     pos = hax.named(jnp.broadcast_to(jnp.arange(P, dtype=jnp.int32), (B, P)), ("batch", "position"))
-    act, cache = forward_cached(model, prompts, pos, cache)
+    act, cache = forward_cached(model, prompts, pos, cache, keys=P)
     act = act.rearrange(("batch", "position", "embed")).array
     logits = _logits(model, hax.named(act[jnp.arange(B), prompt_lens - 1], ("batch", "embed")))
 
