@@ -116,6 +116,39 @@ class MemoryEstimate:
 
 
 @dataclass
+class CompiledMemory:
+    """What XLA says one device holds in the compiled training step (GiB), and what that means for the target."""
+
+    arguments: float = 0.0
+    outputs: float = 0.0
+    aliased: float = 0.0
+    """Outputs written in place of (donated) arguments: the new state reuses the old one's memory."""
+    temporaries: float = 0.0
+    total: float = 0.0
+    """arguments + outputs - aliased + temporaries, on XLA:CPU (an over-estimate for accelerators)."""
+    target_memory: float = 0.0
+    target_usable: float = 0.0
+    verdict: str = ""
+    """fits, borderline or does not fit (with the margins of docs/planning.md)."""
+    verdict_text: str = ""
+
+
+@dataclass
+class CompiledPlan:
+    target: str = ""
+    memory_per_device_gib: CompiledMemory = field(default_factory=CompiledMemory)
+    compiled_flops_per_step: float = 0.0
+    """Matrix-product FLOPs of the compiled step, all devices (recomputation for remat included)."""
+    model_flops_per_step: float = 0.0
+    """6 x parameters x tokens + attention: what MFU counts."""
+    step_seconds_at_40_mfu: float = 0.0
+    step_seconds_at_60_mfu: float = 0.0
+    epoch_hours_at_40_mfu: float = 0.0
+    epoch_hours_at_60_mfu: float = 0.0
+    compile_seconds: float = 0.0
+
+
+@dataclass
 class PlanRecord:
     """The training plan as `--dry-run` prints it and the manifest keeps it."""
 
@@ -145,6 +178,8 @@ class PlanRecord:
     remat: bool = True
     optimizer: OptimizerSummary = field(default_factory=OptimizerSummary)
     memory_per_device_gib: MemoryEstimate = field(default_factory=MemoryEstimate)
+    compiled: Optional[CompiledPlan] = None
+    """With --target: the compiled step's memory, FLOPs and times on that machine."""
 
 
 @dataclass

@@ -99,6 +99,13 @@ def train(
     ] = None,
     tensorboard_dir: Annotated[Optional[str], _opt("Also write TensorBoard logs here.", "tensorboard_dir")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit (no weights are loaded).")] = False,
+    target: Annotated[
+        Optional[str],
+        typer.Option(help="With --dry-run: plan for this machine (e.g. 8xa100-80g, v3-32, 1xh200; see docs/planning.md): "
+                     "the training step is compiled for its devices, simulated on CPU, and its memory per device, "
+                     "FLOPs and time per epoch are reported. Only the base model's config.json is read.",
+                     show_default=False),
+    ] = None,
     json_: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as one JSON object.")] = False,
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
@@ -142,6 +149,14 @@ def train(
         "wandb_project": wandb_project,
         "tensorboard_dir": tensorboard_dir,
     }
+    if target is not None:
+        from alpaca_cli.core import topology
+        from alpaca_cli.core.compiled_plan import simulate_devices
+        from alpaca_cli.errors import ConfigError
+
+        if not dry_run:
+            raise ConfigError("--target plans a run for another machine: use it with --dry-run")
+        simulate_devices(topology.get(target).devices)  # before anything starts JAX
     cfg = cfgmod.load_config(TrainConfig, config, set_, flags, file_adapter=adapt_tutorial_yaml)
     distributed.initialize(coordinator_address, num_processes, process_id)
     from alpaca_cli.core import train as core
@@ -155,7 +170,7 @@ def train(
         if distributed.is_writer() and not quiet:
             console.stderr.print(plan_table(plan))
 
-    result = core.train(cfg, run, dry_run=dry_run, progress_factory=progress, on_plan=show_plan)
+    result = core.train(cfg, run, dry_run=dry_run, target=target, progress_factory=progress, on_plan=show_plan)
     if not distributed.is_writer():
         return
     if result.status == "planned":
@@ -198,6 +213,18 @@ def plan_table(plan):
         ("memory per device", f"~{mem.model_and_optimizer:.2f} GiB model+optimizer, "
                               f"~{mem.activations_estimate:.2f} GiB activations (estimate)"),
     ]
+    c = plan.compiled
+    if c is not None:
+        m = c.memory_per_device_gib
+        rows += [
+            ("compiled step", f"{m.total:.2f} GiB per device on XLA:CPU: arguments {m.arguments:.2f}, outputs "
+                              f"{m.outputs:.2f} (reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}; "
+                              f"compiled in {c.compile_seconds:.0f} s"),
+            ("verdict", m.verdict_text),
+            ("FLOPs per step", f"{c.model_flops_per_step:.3g} (model), {c.compiled_flops_per_step:.3g} (compiled)"),
+            ("time", f"{c.step_seconds_at_40_mfu:.2f} s / step, {c.epoch_hours_at_40_mfu:.2f} h / epoch at 40% MFU; "
+                     f"{c.step_seconds_at_60_mfu:.2f} s, {c.epoch_hours_at_60_mfu:.2f} h at 60%"),
+        ]
     for k, v in rows:
         t.add_row(k, str(v))
     return t

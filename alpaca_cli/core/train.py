@@ -219,13 +219,27 @@ def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
 # -- training -------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_factory=None, on_plan=None) -> TrainResult:
+def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str | None = None, progress_factory=None,
+          on_plan=None) -> TrainResult:
     """Plan, then (unless dry_run) train or resume. Returns what was done.
 
-    on_plan(plan) is called with the plan before any weights are loaded.
+    target (with dry_run): plan for that machine (core/topology.py) instead of the devices present, and compile the
+    training step for it (core/compiled_plan.py; the process must have started JAX with the target's device count
+    of simulated CPU devices: compiled_plan.simulate_devices). on_plan(plan) is called with the plan before any
+    weights are loaded.
     """
+    from alpaca_cli.core import topology
+
+    machine = topology.get(target) if target else None
+    if machine is not None and not dry_run:
+        raise ConfigError("--target plans a run for another machine: use it with --dry-run")
     distributed.initialize()
     import jax
+
+    if machine is not None:
+        from alpaca_cli.core.compiled_plan import check_devices
+
+        check_devices(machine)
 
     _check_tracker_packages(cfg)
     # every process decides from the same manifest: process 0's, as it was when training started
@@ -239,8 +253,8 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_fact
 
     n_devices = jax.device_count()
     dp, tp = _mesh_shape(cfg, n_devices)
-    attention = attention_mod.choose(cfg.attention, cfg.attention_block, cfg.seq_len,
-                                     attention_mod.platform_of(jax.devices()[0]))
+    platform = machine.platform if machine is not None else attention_mod.platform_of(jax.devices()[0])
+    attention = attention_mod.choose(cfg.attention, cfg.attention_block, cfg.seq_len, platform)
     row_multiple = _row_multiple(cfg, dp)
     seed = cfg.trainer.seed
 
@@ -273,6 +287,11 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_fact
         )
         fingerprint = plan_fingerprint(prepared.fingerprint, cfg, plan)
         if dry_run:
+            if machine is not None:
+                summary.platform = machine.name
+                summary.hosts = machine.hosts
+                summary.compiled = _compiled_plan(cfg, run, plan, summary, lev_config, len(prepared.tokenizer),
+                                                  machine)
             return TrainResult("planned", summary)
 
         previous = run.train
@@ -315,6 +334,42 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, progress_fact
                     "training resumes from the last complete checkpoint",
                 ) from e
             raise
+
+
+def _compiled_plan(cfg, run, plan, summary, lev_config, vocab, machine):
+    """Compile the step for the target's devices and turn XLA's figures into a verdict and times."""
+    from levanter.tracker.tracker import NoopConfig
+
+    from alpaca_cli.core import compiled_plan as cp
+    from alpaca_cli.records import CompiledMemory, CompiledPlan
+
+    trainer_config = dataclasses.replace(_trainer_config(cfg, run, plan, cp.scratch_dir(), NoopConfig()),
+                                         id="dry-run")
+    step = cp.compile_step(cfg, plan, lev_config, vocab, machine, trainer_config)
+    verdict, text = cp.verdict(step, machine)
+    tokens = plan.rows_per_step * cfg.seq_len
+    model_flops = cp.model_flops_per_step(summary.parameters, lev_config, tokens)
+    peak = machine.peak_tflops * 1e12 * machine.devices
+    steps_per_epoch = plan.steps / plan.epochs if plan.epochs else plan.steps
+
+    def seconds(mfu):
+        return model_flops / (mfu * peak)
+
+    r = lambda x, n=3: round(float(x), n)  # noqa: E731
+    return CompiledPlan(
+        target=machine.name,
+        memory_per_device_gib=CompiledMemory(
+            arguments=r(step.arguments_gib), outputs=r(step.outputs_gib), aliased=r(step.aliased_gib),
+            temporaries=r(step.temporaries_gib), total=r(step.total_gib), target_memory=machine.memory_gib,
+            target_usable=r(machine.usable_gib), verdict=verdict, verdict_text=text,
+        ),
+        compiled_flops_per_step=float(f"{step.flops_per_device * machine.devices:.4e}"),
+        model_flops_per_step=float(f"{model_flops:.4e}"),
+        step_seconds_at_40_mfu=r(seconds(0.4)), step_seconds_at_60_mfu=r(seconds(0.6)),
+        epoch_hours_at_40_mfu=r(seconds(0.4) * steps_per_epoch / 3600, 2),
+        epoch_hours_at_60_mfu=r(seconds(0.6) * steps_per_epoch / 3600, 2),
+        compile_seconds=r(step.compile_seconds, 1),
+    )
 
 
 def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):

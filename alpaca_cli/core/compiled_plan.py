@@ -1,0 +1,269 @@
+"""The compiled plan (`alpaca train --dry-run --target NAME`): the real training step, compiled ahead of time for the
+target's device count on simulated CPU devices, with abstract inputs: nothing is allocated (a 7B model's 27 GB of
+weights are never read, let alone materialised), and XLA says what each device would hold.
+
+What is compiled is Levanter's own step (`Trainer._jit_train_step_fn_no_hook`) for our loss and packed rows, the
+trainer state's shape from `eqx.filter_eval_shape` of what `Trainer.initial_state` runs, each leaf carrying the
+sharding the real run gives it (without them XLA cannot reuse the donated state and over-counts). The step's
+per-device memory is XLA's `memory_analysis()`: arguments + outputs - aliased (reused) + temporaries.
+
+How far a CPU compile predicts a TPU or GPU (docs/planning.md has the measurements): XLA:CPU computes bfloat16
+matrix products in float32 (saved activations twice the size), and the TPU compiler works harder at fitting when
+memory is tight; CPU totals were 1.3-1.6x what TPU compiles of the same step needed, temporaries up to 2.4x. So the
+verdict keeps a margin: `fits` when the CPU figure is within 90% of what the target can use; `does not fit` when
+even the arguments plus 40% of the temporaries (the lowest TPU/CPU ratio seen: 0.42) exceed it; `borderline`
+between, with the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+from alpaca_cli.core.topology import Target
+
+FITS, BORDERLINE, DOES_NOT_FIT = "fits", "borderline", "does not fit"
+FIT_MARGIN = 0.9
+TEMP_FLOOR = 0.4
+
+
+@dataclass
+class CompiledStep:
+    arguments_gib: float
+    outputs_gib: float
+    aliased_gib: float
+    temporaries_gib: float
+    flops_per_device: float
+    """Matrix-product FLOPs of one step on one device, from the compiled program (loop bodies times their trip
+    counts: XLA's cost_analysis counts each scanned layer once)."""
+    compile_seconds: float
+
+    @property
+    def total_gib(self) -> float:
+        return self.arguments_gib + self.outputs_gib - self.aliased_gib + self.temporaries_gib
+
+
+def simulate_devices(n: int) -> None:
+    """Make JAX start with n CPU devices (before anything starts its backend; the CLI calls this first thing)."""
+    import os
+
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+
+
+def check_devices(target: Target) -> None:
+    import jax
+
+    from alpaca_cli.errors import ConfigError
+
+    if jax.device_count() != target.devices or jax.devices()[0].platform != "cpu":
+        raise ConfigError(
+            f"--target {target.name} needs {target.devices} simulated CPU devices, and this process already started "
+            f"JAX with {jax.device_count()} {jax.devices()[0].platform} device(s)",
+            hint="run `alpaca train --dry-run --target ...` as its own command",
+        )
+
+
+def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_config) -> CompiledStep:
+    """Lower and compile the sharded training step for `plan`'s rows on the (simulated) devices."""
+    import equinox as eqx
+    import haliax as hax
+    import haliax.partitioning as hpart
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jrandom
+    from levanter.layers.attention import AttentionBackend
+    from levanter.trainer import Trainer
+    from levanter.trainer_state import TrainerState
+
+    from alpaca_cli.core.batches import PackedRow, make_loss_fn
+
+    if lev_config.attn_backend == AttentionBackend.SPLASH:
+        # a TPU Pallas kernel cannot be compiled for CPU; Levanter's JAX flash attention with the same blocks is
+        # the stand-in (both blockwise: neither materialises [row, row] scores)
+        lev_config = dataclasses.replace(lev_config, attn_backend=AttentionBackend.JAX_FLASH)
+    trainer_config._initialize_jax_config()
+    trainer_config._validate_and_set_defaults()
+    pdp = trainer_config.per_device_parallelism
+    accum = max(1, plan.rows_per_step // (pdp * trainer_config.data_axis_size))
+    optimizer = cfg.optimizer.build(plan.steps)
+    _, model_key, training_key = jrandom.split(jrandom.PRNGKey(0), 3)
+    t0 = time.time()
+    with Trainer(trainer_config, optimizer, make_loss_fn(vocab, accum_steps=accum), add_default_hooks=False) as trainer:
+        mesh, params, compute = trainer.device_mesh, trainer.parameter_axis_mapping, trainer.compute_axis_mapping
+        Vocab = hpart.round_axis_for_partitioning(hax.Axis("vocab", vocab), params)
+
+        def init_state(model_init, key):  # what Trainer.initial_state initialises (or restores)
+            return TrainerState.init(trainer.optimizer, model_init(), key=key, is_trainable=True, mp=trainer.mp,
+                                     quantization=trainer.config.quantization,
+                                     model_averaging=trainer.config.model_averaging)
+
+        state = eqx.filter_eval_shape(init_state, lambda: lev_config.build(Vocab, key=model_key), training_key)
+        state = _with_shardings(state, hpart.infer_resource_partitions(state, params, preserve_existing_shardings=False,
+                                                                       mesh=mesh))
+        B, Pos = trainer.TrainBatch, lev_config.Pos
+        row = PackedRow(*(hax.NamedArray(jax.ShapeDtypeStruct((B.size, Pos.size), dt), (B, Pos))
+                          for dt in (jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
+        row = _with_shardings(row, hpart.infer_resource_partitions(row, compute, preserve_existing_shardings=False,
+                                                                   mesh=mesh))
+        with _shapes_count_as_arrays(hpart):
+            lowered = trainer._jit_train_step_fn_no_hook.lower(state, (row,), {})
+        compiled = lowered.compile()
+    mem = compiled.memory_analysis()
+    gib = 2.0**30
+    return CompiledStep(
+        arguments_gib=mem.argument_size_in_bytes / gib,
+        outputs_gib=mem.output_size_in_bytes / gib,
+        aliased_gib=mem.alias_size_in_bytes / gib,
+        temporaries_gib=mem.temp_size_in_bytes / gib,
+        flops_per_device=hlo_matmul_flops(compiled.as_text()),
+        compile_seconds=time.time() - t0,
+    )
+
+
+def verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
+    """(fits | borderline | does not fit, one line saying so with the numbers)."""
+    usable = target.usable_gib
+    need = step.total_gib
+    at_least = step.arguments_gib + TEMP_FLOOR * step.temporaries_gib
+    where = f"{target.name} ({target.memory_gib:g} GiB per device, {usable:.1f} usable)"
+    if need <= FIT_MARGIN * usable:
+        return FITS, f"fits {where}: {need:.1f} GiB per device (XLA:CPU)"
+    if at_least > usable:
+        return DOES_NOT_FIT, (f"does not fit {where}: {need:.1f} GiB per device (XLA:CPU), at least {at_least:.1f} "
+                              f"on the accelerator; use fewer rows per device (--per-device-rows), more devices, "
+                              f"--remat, or a shorter --seq-len")
+    return BORDERLINE, (f"borderline on {where}: {need:.1f} GiB per device on XLA:CPU, which over-estimates "
+                        f"accelerators (at least {at_least:.1f}); try --per-device-rows lower to be sure")
+
+
+def model_flops_per_step(params: int, lev_config, tokens: int) -> float:
+    """The standard model FLOPs of a training step (forward and backward): 6 x parameters x tokens, plus causal
+    attention's 6 x layers x row x attention width per token. What MFU is measured against (no recomputation)."""
+    layers = getattr(lev_config, "num_layers", 0) or 0
+    heads = getattr(lev_config, "num_heads", 0) or 0
+    head_dim = getattr(lev_config, "head_dim", None) or (lev_config.hidden_dim // max(heads, 1))
+    return 6.0 * params * tokens + 6.0 * layers * lev_config.seq_len * heads * head_dim * tokens
+
+
+def _with_shardings(shape_tree, sharding_tree):
+    """ShapeDtypeStructs (bare or inside NamedArrays) carrying the given shardings."""
+    import haliax as hax
+    import jax
+
+    def one(x, s):
+        if isinstance(x, hax.NamedArray) and isinstance(x.array, jax.ShapeDtypeStruct):
+            return hax.NamedArray(jax.ShapeDtypeStruct(x.array.shape, x.array.dtype, sharding=s), x.axes)
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return x
+
+    return jax.tree_util.tree_map(one, shape_tree, sharding_tree, is_leaf=lambda v: isinstance(v, hax.NamedArray))
+
+
+class _shapes_count_as_arrays:
+    """haliax's named_jit splits its arguments with equinox.is_array, which is False for a ShapeDtypeStruct: the
+    abstract state would be taken for static values. While lowering, shapes count as arrays (as in jax.jit)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        import equinox as eqx
+        import jax
+
+        if not hasattr(self.module, "is_array"):
+            raise RuntimeError("haliax.partitioning.is_array is gone: revisit alpaca_cli/core/compiled_plan.py")
+        self.saved = self.module.is_array
+        self.module.is_array = lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x)
+
+    def __exit__(self, *exc):
+        self.module.is_array = self.saved
+
+
+# -- FLOPs of a compiled program -------------------------------------------------------------------------------------
+
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_INST = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_SHAPE = re.compile(r"^([a-z]\w*)\[([\d,]*)\]")
+_REDUCERS = ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "map", "all-reduce",
+             "all-reduce-start", "reduce-scatter")
+
+
+def hlo_matmul_flops(text: str) -> float:
+    """FLOPs of the dot products (and convolutions) of an optimized HLO module, one device's program: fusions and
+    calls followed, while-loop bodies counted `known_trip_count` times, a conditional's costliest branch."""
+    comps: dict[str, list] = {}
+    entry = current = None
+    for line in text.splitlines():
+        m = _COMP.match(line)
+        if m and not line.startswith(" "):
+            current = m.group(2)
+            comps[current] = []
+            entry = current if m.group(1) else entry
+            continue
+        if current is None:
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        mi = _INST.match(line)
+        if mi:
+            comps[current].append((mi.group(2), mi.group(3), mi.group(4), mi.group(5)))
+
+    def dims(shape: str):
+        m = _SHAPE.match(shape.strip())
+        return [int(d) for d in m.group(2).split(",") if d] if m else None
+
+    def operands(rest: str):
+        depth, end = 1, len(rest)
+        for i, ch in enumerate(rest):
+            depth += (ch == "(") - (ch == ")")
+            if depth == 0:
+                end = i
+                break
+        return re.findall(r"%([\w.\-]+)", rest[:end])
+
+    @lru_cache(maxsize=None)
+    def flops(comp: str) -> float:
+        total = 0.0
+        shapes = {name: shape for name, shape, _, _ in comps.get(comp, [])}
+        for _, shape, op, rest in comps.get(comp, []):
+            if op == "dot":
+                out, ops = dims(shape), operands(rest)
+                lhs = dims(shapes.get(ops[0], "")) if ops else None
+                mc = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+                if out is not None and lhs is not None and mc:
+                    total += 2.0 * math.prod(out) * math.prod(lhs[int(d)] for d in mc.group(1).split(",") if d)
+            elif op == "convolution":
+                out, ops = dims(shape), operands(rest)
+                rhs = dims(shapes.get(ops[1], "")) if len(ops) > 1 else None
+                ml = re.search(r"dim_labels=\w+_(\w+)->", rest)
+                if out is not None and rhs is not None and ml:
+                    total += 2.0 * math.prod(out) * math.prod(d for d, lab in zip(rhs, ml.group(1)) if lab != "o")
+            if op == "while":
+                body = re.search(r"body=%?([\w.\-]+)", rest)
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                if body:
+                    total += (int(trip.group(1)) if trip else 1) * flops(body.group(1))
+            elif op == "conditional":
+                mb = re.search(r"branch_computations=\{([^}]*)\}", rest)
+                if mb:
+                    total += max(flops(b.strip().lstrip("%")) for b in mb.group(1).split(","))
+            elif op not in _REDUCERS:
+                for key in ("calls", "to_apply"):
+                    for mc in re.finditer(key + r"=%?([\w.\-]+)", rest):
+                        total += flops(mc.group(1))
+        return total
+
+    return flops(entry) if entry else 0.0
+
+
+def scratch_dir() -> str:
+    return tempfile.mkdtemp(prefix="alpaca-plan-")

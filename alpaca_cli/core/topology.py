@@ -1,0 +1,77 @@
+"""The machines a run can be planned for (`alpaca train --dry-run --target NAME`): device count, memory per device
+and peak bfloat16 throughput, as the vendors publish them. The same table is in docs/planning.md.
+
+A JAX device is what holds one shard: a TPU v2/v3 core (two per chip), a TPU v4/v5p chip (its two cores act as one,
+"megacore"), a v5e chip, a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from alpaca_cli.core.attention import Platform
+from alpaca_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    platform: Platform
+    devices: int
+    hosts: int
+    memory_gib: float
+    """HBM per device."""
+    peak_tflops: float
+    """Dense bfloat16 matrix throughput per device (TFLOP/s)."""
+    note: str = ""
+
+    @property
+    def usable_gib(self) -> float:
+        """What a training step may use per device: TPUs reserve about 0.5 GiB per core for the runtime; JAX on a
+        GPU preallocates 75% of its memory (XLA_PYTHON_CLIENT_MEM_FRACTION) and CUDA, cuBLAS and NCCL take about
+        1 GiB of that."""
+        if self.platform.kind == "tpu":
+            return self.memory_gib - 0.5
+        if self.platform.kind == "gpu":
+            return 0.75 * self.memory_gib - 1.0
+        return self.memory_gib
+
+
+TPU_V3, TPU_V4, TPU_V5, TPU_V6 = Platform("tpu", 3), Platform("tpu", 4), Platform("tpu", 5), Platform("tpu", 6)
+GPU = Platform("gpu")
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target("v3-8", TPU_V3, 8, 1, 16, 61.5, "8 cores of 4 chips (123 TFLOP/s per chip)"),
+        Target("v3-32", TPU_V3, 32, 4, 16, 61.5, "the tutorial's pod slice: 4 hosts x 8 cores"),
+        Target("v4-8", TPU_V4, 4, 1, 32, 275, "4 chips (megacore)"),
+        Target("v4-32", TPU_V4, 16, 4, 32, 275, "16 chips on 4 hosts"),
+        Target("v5e-8", TPU_V5, 8, 1, 16, 197, "8 chips (v5 lite)"),
+        Target("v5e-16", TPU_V5, 16, 4, 16, 197, "16 chips on 4 hosts"),
+        Target("v5p-8", TPU_V5, 4, 1, 95, 459, "4 chips (megacore)"),
+        Target("1x24g", GPU, 1, 1, 24, 165, "one 24 GB GPU (RTX 4090 / L4 class; throughput of a 4090)"),
+        Target("1xa100-40g", GPU, 1, 1, 40, 312),
+        Target("1xa100-80g", GPU, 1, 1, 80, 312),
+        Target("8xa100-40g", GPU, 8, 1, 40, 312),
+        Target("8xa100-80g", GPU, 8, 1, 80, 312, "Stanford's machine"),
+        Target("8xh100-80g", GPU, 8, 1, 80, 989, "SXM"),
+        Target("1xh200", GPU, 1, 1, 140, 989, "141 GB (about 140 GiB usable by CUDA)"),
+    )
+}
+
+
+def cpu_target(devices: int) -> Target:
+    """The devices this process has, when they are CPUs (the plan without --target on a laptop or in tests)."""
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return Target("cpu", Platform("cpu"), devices, 1, ram / devices, 0.5, "this machine's CPU (peak is a guess)")
+
+
+def get(name: str) -> Target:
+    if name == "cpu":
+        return cpu_target(1)
+    if name not in TARGETS:
+        raise ConfigError(f"--target {name!r} is not a known machine; known: cpu, {', '.join(TARGETS)}")
+    return TARGETS[name]
