@@ -113,6 +113,9 @@ class ExportConfig:
     private: bool = False
     revision: Optional[str] = None
     commit_message: Optional[str] = None
+    adapter: bool = False
+    """For a LoRA run: write a PEFT adapter (adapter_config.json, adapter_model.safetensors) instead of the merged
+    model."""
     verify: bool = False
     """Load the export with transformers (torch) and compare logits with Levanter's."""
     verify_examples: int = 4
@@ -151,6 +154,7 @@ RECIPE_OPTIMIZER: dict[str, Any] = {
     "max_grad_norm": 1.0,
 }
 ATTENTION_BACKENDS = ("auto", "flash", "splash", "vanilla")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -183,6 +187,15 @@ class TrainOptions:
     The final checkpoint is the newest one."""
     max_segments_per_row: int = 64
     """Most examples packed into one row."""
+    lora_r: int = 0
+    """LoRA rank. 0 (the default) trains every weight; r > 0 trains rank-r adapters on lora_targets and freezes the
+    base model (held in the compute dtype): a 7B model on one GPU."""
+    lora_alpha: Optional[float] = None
+    """LoRA scale numerator (the adapter's output is multiplied by alpha / r). Default: 2 x lora_r."""
+    lora_dropout: float = 0.05
+    """Dropout on the adapters' input (alpaca-lora's 0.05)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Projections that get adapters (module names): attention and MLP."""
     val_fraction: float = 0.0
     """Hold out this fraction of the prepared examples and report their loss."""
     val_data: Optional[str] = None
@@ -223,7 +236,23 @@ class TrainOptions:
             p.append(f"max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
         if self.eval_every < 1:
             p.append(f"eval_every (--eval-every) must be >= 1, got {self.eval_every}")
+        if self.lora_r < 0:
+            p.append(f"lora_r (--lora-r) must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            p.append(f"lora_alpha (--lora-alpha) must be a positive number, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            p.append(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_r and not self.lora_targets:
+            p.append("lora_targets (--lora-targets) names no module")
         return p
+
+    @property
+    def lora(self) -> bool:
+        return self.lora_r > 0
+
+    @property
+    def lora_scale_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
 
 
 def default_text(cls: type, key: str) -> str:

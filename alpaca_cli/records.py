@@ -126,6 +126,10 @@ class CompiledMemory:
     temporaries: float = 0.0
     total: float = 0.0
     """arguments + outputs - aliased + temporaries, on XLA:CPU (an over-estimate for accelerators)."""
+    cpu_upcast: float = 0.0
+    """Of the temporaries: float32 copies of 16-bit weights that only XLA:CPU makes (not on TPUs and GPUs)."""
+    accelerator_total: float = 0.0
+    """total - cpu_upcast: the figure the verdict judges."""
     target_memory: float = 0.0
     target_usable: float = 0.0
     verdict: str = ""
@@ -176,10 +180,23 @@ class PlanRecord:
     """The attention kernel: flash, splash or vanilla."""
     attention_block: Optional[int] = None
     remat: bool = True
+    lora_r: int = 0
+    trainable_parameters: int = 0
+    """Parameters the optimizer updates: all of them, or the adapters' with LoRA."""
     optimizer: OptimizerSummary = field(default_factory=OptimizerSummary)
     memory_per_device_gib: MemoryEstimate = field(default_factory=MemoryEstimate)
     compiled: Optional[CompiledPlan] = None
     """With --target: the compiled step's memory, FLOPs and times on that machine."""
+
+
+@dataclass
+class LoraRecord:
+    """The adapters a LoRA run trains (export and generate rebuild them to load its checkpoints)."""
+
+    r: int = 0
+    alpha: float = 0.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +230,8 @@ class TrainRecord(StageRecord):
     plan_fingerprint: Optional[str] = None
     vocab_trained: Optional[int] = None
     """Rows of the trained embedding matrix (the tokenizer's size, padded for sharding)."""
+    lora: Optional[LoraRecord] = None
+    """Set for a LoRA run: its checkpoints hold the adapters (and their optimizer state) only."""
     progress: Optional[TrainProgress] = None
     final_checkpoint: Optional[str] = None
     """Relative to the run directory."""

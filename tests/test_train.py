@@ -91,7 +91,8 @@ def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, token
     from levanter.trainer import TrainerConfig
 
     from alpaca_cli.core.models import open_base_model
-    from alpaca_cli.core.train import TP_AXES, load_base_weights
+    from alpaca_cli.core.models import load_base_weights
+    from alpaca_cli.core.train import TP_AXES
 
     assert jax.device_count() == 4
     tc = dataclasses.replace(TrainerConfig(), model_axis_size=2, tensor_parallel_axes=TP_AXES, fsdp_axis="embed")

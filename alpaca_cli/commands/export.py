@@ -45,6 +45,9 @@ def export(
         Optional[str], typer.Option(help="Branch to upload to (created if missing). Default: main.", show_default=False)
     ] = None,
     commit_message: Annotated[Optional[str], typer.Option(help="Hub commit message.", show_default=False)] = None,
+    adapter: Annotated[
+        bool, typer.Option("--adapter", help="For a LoRA run: a PEFT adapter instead of the merged model.")
+    ] = False,
     verify: Annotated[
         bool, typer.Option("--verify", help="Load the export with transformers (torch) and compare logits with Levanter's.")
     ] = False,
@@ -76,6 +79,7 @@ def export(
             "private": private or None,
             "revision": revision,
             "commit_message": commit_message,
+            "adapter": adapter or None,
             "verify": verify or None,
             "verify_tolerance": verify_tolerance,
         },

@@ -81,6 +81,21 @@ def train(
                      help=describe("Gradient checkpointing (less memory); --no-remat is faster where memory allows.",
                                    T, "remat"), show_default=False),
     ] = None,
+    lora_r: Annotated[
+        Optional[int],
+        _opt("LoRA: train rank-R adapters on the attention and MLP projections, the base frozen (0: every weight).",
+             "lora_r", min=0),
+    ] = None,
+    lora_alpha: Annotated[
+        Optional[float], _opt("LoRA scale numerator (adapters scaled by alpha / r). Default: 2 x r.", "lora_alpha",
+                              default=False)
+    ] = None,
+    lora_dropout: Annotated[Optional[float], _opt("Dropout on the adapters' input.", "lora_dropout")] = None,
+    lora_targets: Annotated[
+        Optional[str],
+        _opt("Comma-separated module names that get adapters, e.g. q_proj,v_proj. Default: attention and MLP "
+             "projections.", "lora_targets", default=False),
+    ] = None,
     checkpoint_every: Annotated[Optional[int], _opt("Save a checkpoint every N steps.", "checkpoint_every")] = None,
     checkpoint_minutes: Annotated[
         Optional[float], _opt("Also save one at least this often (minutes).", "checkpoint_minutes")
@@ -139,6 +154,10 @@ def train(
         "attention": attention,
         "attention_block": attention_block,
         "remat": remat,
+        "lora_r": lora_r,
+        "lora_alpha": lora_alpha,
+        "lora_dropout": lora_dropout,
+        "lora_targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
         "checkpoint_every": checkpoint_every,
         "checkpoint_minutes": checkpoint_minutes,
         "keep_checkpoints": keep_checkpoints,
@@ -196,6 +215,9 @@ def plan_table(plan):
     opt = plan.optimizer
     rows = [
         ("model", f"{plan.model} ({plan.model_type}, {plan.parameters:,} parameters)"),
+        ("trained", "every parameter" if not plan.lora_r else
+         f"LoRA rank {plan.lora_r}: {plan.trainable_parameters:,} parameters "
+         f"({100 * plan.trainable_parameters / max(1, plan.parameters):.2f}%), the base frozen"),
         ("devices", f"{plan.devices} {plan.platform} on {plan.hosts} host(s): "
                     f"{plan.mesh.data_parallel_fsdp} data-parallel/FSDP x {plan.mesh.tensor_parallel} tensor-parallel"),
         ("precision", plan.precision),
@@ -218,8 +240,9 @@ def plan_table(plan):
         m = c.memory_per_device_gib
         rows += [
             ("compiled step", f"{m.total:.2f} GiB per device on XLA:CPU: arguments {m.arguments:.2f}, outputs "
-                              f"{m.outputs:.2f} (reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}; "
-                              f"compiled in {c.compile_seconds:.0f} s"),
+                              f"{m.outputs:.2f} (reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}"
+                              + (f" (of which {m.cpu_upcast:.2f} float32 copies of bfloat16 weights, CPU only)"
+                                 if m.cpu_upcast else "") + f"; compiled in {c.compile_seconds:.0f} s"),
             ("verdict", m.verdict_text),
             ("FLOPs per step", f"{c.model_flops_per_step:.3g} (model), {c.compiled_flops_per_step:.3g} (compiled)"),
             ("time", f"{c.step_seconds_at_40_mfu:.2f} s / step, {c.epoch_hours_at_40_mfu:.2f} h / epoch at 40% MFU; "

@@ -112,9 +112,12 @@ def find_checkpoint(run: RunDir, step: int | None = None) -> Checkpoint:
     raise StageError(f"no checkpoint step-{step} in {run.checkpoints_dir} (available: {names})")
 
 
-def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=None, mesh=None, dtype=None):
+def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=None, mesh=None, dtype=None,
+               merge: bool = True):
     """The fine-tuned Levanter model from a checkpoint, with the tokenizer's vocabulary (sharding padding removed).
 
+    A LoRA run's checkpoints hold its adapters only: the base weights are read from the run's base model again
+    (as training read them), the adapters restored onto them, and (merge) folded into the projections.
     Returns (model, lev_config, hf_config of the base model).
     """
     import equinox as eqx
@@ -132,10 +135,13 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
         lev_config = base.lev_config(seq_len)
         hf_config = base.hf_config
     Vocab = hax.Axis("vocab", vocab_trained)
-    shape = eqx.filter_eval_shape(lev_config.build, Vocab, key=jax.random.PRNGKey(0))
     try:
-        model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh,
-                                discover_latest=False)
+        if train.lora is not None:
+            model = _load_lora(run, train, lev_config, tokenizer, Vocab, checkpoint, axis_mapping, mesh, merge)
+        else:
+            shape = eqx.filter_eval_shape(lev_config.build, Vocab, key=jax.random.PRNGKey(0))
+            model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh,
+                                    discover_latest=False)
     except (KeyError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise StageError(
@@ -147,7 +153,29 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
         model = hax.named_jit(lambda m: m.resize_vocab(len(tokenizer)), axis_resources=axis_mapping)(model)
     if dtype is not None:
         model = hax.named_jit(
-            lambda m: jax.tree_util.tree_map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, m),
+            lambda m: jax.tree_util.tree_map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, m),
             axis_resources=axis_mapping,
         )(model)
     return model, lev_config, hf_config
+
+
+def _load_lora(run: RunDir, train, lev_config, tokenizer, Vocab, checkpoint, axis_mapping, mesh, merge: bool):
+    import equinox as eqx
+    import jax
+    import jmp
+    from levanter.checkpoint import load_checkpoint
+    from levanter.lora import combine_lora_params, partition_lora_params
+
+    from alpaca_cli.core import lora
+    from alpaca_cli.core.models import load_base_weights, open_base_model
+
+    added = run.require_prepare().summary.added_tokens
+    with open_base_model(train.inputs.model) as base:
+        frozen = load_base_weights(base, lev_config, tokenizer, Vocab, axis_mapping, jmp.get_policy("p=f32,c=f32"))
+    del added
+    model = lora.add_adapters(frozen, train.lora, jax.random.PRNGKey(0))
+    base_part, adapters = partition_lora_params(model)
+    adapters = load_checkpoint(eqx.filter_eval_shape(lambda: adapters), checkpoint.path, subpath="model",
+                               axis_mapping=axis_mapping, mesh=mesh, discover_latest=False)
+    model = combine_lora_params(base_part, adapters)
+    return lora.merge(model) if merge else model

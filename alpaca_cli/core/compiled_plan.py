@@ -42,10 +42,21 @@ class CompiledStep:
     """Matrix-product FLOPs of one step on one device, from the compiled program (loop bodies times their trip
     counts: XLA's cost_analysis counts each scanned layer once)."""
     compile_seconds: float
+    upcast_gib: float = 0.0
+    """Float32 copies XLA:CPU makes of the 16-bit arguments (LoRA's frozen bfloat16 base) to multiply them: CPUs
+    have no bfloat16 matrix unit; TPUs and GPUs multiply bfloat16 as it is, so these are not on an accelerator."""
 
     @property
     def total_gib(self) -> float:
         return self.arguments_gib + self.outputs_gib - self.aliased_gib + self.temporaries_gib
+
+    @property
+    def accelerator_temporaries_gib(self) -> float:
+        return max(0.0, self.temporaries_gib - self.upcast_gib)
+
+    @property
+    def accelerator_total_gib(self) -> float:
+        return self.total_gib - (self.temporaries_gib - self.accelerator_temporaries_gib)
 
 
 def simulate_devices(n: int) -> None:
@@ -70,7 +81,7 @@ def check_devices(target: Target) -> None:
         )
 
 
-def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_config) -> CompiledStep:
+def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_config, lora_record=None) -> CompiledStep:
     """Lower and compile the sharded training step for `plan`'s rows on the (simulated) devices."""
     import equinox as eqx
     import haliax as hax
@@ -100,13 +111,22 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
         Vocab = hpart.round_axis_for_partitioning(hax.Axis("vocab", vocab), params)
 
         def init_state(model_init, key):  # what Trainer.initial_state initialises (or restores)
-            return TrainerState.init(trainer.optimizer, model_init(), key=key, is_trainable=True, mp=trainer.mp,
+            model = model_init()
+            trainable = True
+            if lora_record is not None:  # adapters trained, the base frozen (cast to the compute dtype)
+                from alpaca_cli.core import lora
+
+                model = lora.add_adapters(model, lora_record, model_key)
+                trainable = lora.trainable(model)
+            return TrainerState.init(trainer.optimizer, model, key=key, is_trainable=trainable, mp=trainer.mp,
                                      quantization=trainer.config.quantization,
                                      model_averaging=trainer.config.model_averaging)
 
         state = eqx.filter_eval_shape(init_state, lambda: lev_config.build(Vocab, key=model_key), training_key)
         state = _with_shardings(state, hpart.infer_resource_partitions(state, params, preserve_existing_shardings=False,
                                                                        mesh=mesh))
+        half = sum(_per_device_bytes(x) for x in jax.tree_util.tree_leaves(state)
+                   if isinstance(x, jax.ShapeDtypeStruct) and x.dtype.itemsize == 2)
         B, Pos = trainer.TrainBatch, lev_config.Pos
         row = PackedRow(*(hax.NamedArray(jax.ShapeDtypeStruct((B.size, Pos.size), dt), (B, Pos))
                           for dt in (jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
@@ -124,23 +144,31 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
         temporaries_gib=mem.temp_size_in_bytes / gib,
         flops_per_device=hlo_matmul_flops(compiled.as_text()),
         compile_seconds=time.time() - t0,
+        upcast_gib=(2 * half / gib) if target.platform.kind != "cpu" else 0.0,
     )
 
 
 def verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
     """(fits | borderline | does not fit, one line saying so with the numbers)."""
     usable = target.usable_gib
-    need = step.total_gib
-    at_least = step.arguments_gib + TEMP_FLOOR * step.temporaries_gib
+    need = step.accelerator_total_gib
+    at_least = step.arguments_gib + TEMP_FLOOR * step.accelerator_temporaries_gib
     where = f"{target.name} ({target.memory_gib:g} GiB per device, {usable:.1f} usable)"
+    upcast = (f", leaving out the {step.upcast_gib:.1f} GiB of float32 copies of bfloat16 weights only XLA:CPU makes"
+              if step.upcast_gib else "")
     if need <= FIT_MARGIN * usable:
-        return FITS, f"fits {where}: {need:.1f} GiB per device (XLA:CPU)"
+        return FITS, f"fits {where}: {need:.1f} GiB per device (XLA:CPU{upcast})"
     if at_least > usable:
-        return DOES_NOT_FIT, (f"does not fit {where}: {need:.1f} GiB per device (XLA:CPU), at least {at_least:.1f} "
-                              f"on the accelerator; use fewer rows per device (--per-device-rows), more devices, "
-                              f"--remat, or a shorter --seq-len")
-    return BORDERLINE, (f"borderline on {where}: {need:.1f} GiB per device on XLA:CPU, which over-estimates "
+        return DOES_NOT_FIT, (f"does not fit {where}: {need:.1f} GiB per device (XLA:CPU{upcast}), at least "
+                              f"{at_least:.1f} on the accelerator; use fewer rows per device (--per-device-rows), "
+                              f"more devices, --remat, or a shorter --seq-len")
+    return BORDERLINE, (f"borderline on {where}: {need:.1f} GiB per device on XLA:CPU{upcast}, which over-estimates "
                         f"accelerators (at least {at_least:.1f}); try --per-device-rows lower to be sure")
+
+
+def _per_device_bytes(x) -> int:
+    shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+    return int(math.prod(shard)) * x.dtype.itemsize
 
 
 def model_flops_per_step(params: int, lev_config, tokens: int) -> float:

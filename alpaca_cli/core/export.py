@@ -173,6 +173,19 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
     mapping = FSDP
     staging = tempfile.mkdtemp(prefix="alpaca-export-")
     try:
+        if cfg.adapter:
+            with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
+                verify = _export_adapter(cfg, run, checkpoint, staging, tok, mapping, mesh, export_dir)
+            files = sorted(os.listdir(staging))
+            weight_bytes = os.path.getsize(os.path.join(staging, "adapter_model.safetensors"))
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            _publish(staging, export_dir)
+            result = ExportResult(export_dir=export_dir, dtype="float32", step=checkpoint.step, files=files,
+                                  weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
+            if cfg.push_to_hub:
+                source = export_dir if not io.is_remote(export_dir) else staging
+                result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token)
+            return result
         with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
             model, lev_config, base_hf_config = load_model(run, checkpoint, tokenizer=tok, axis_mapping=mapping, mesh=mesh)
             with open_run_base(run) as base:
@@ -206,6 +219,102 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_adapter(cfg, run, checkpoint, staging, tok, mapping, mesh, export_dir):
+    """A LoRA run's adapters in PEFT's format, with the prepared tokenizer (its [PAD]), the templates and a card."""
+    from alpaca_cli.core import lora
+
+    train = run.require_train()
+    if train.lora is None:
+        raise ConfigError(f"--adapter: run {run.url} trained every weight, so it has no adapter",
+                          hint="export the model itself (without --adapter)")
+    model, _, _ = load_model(run, checkpoint, tokenizer=tok, axis_mapping=mapping, mesh=mesh, merge=False)
+    base_spec = _base_reference(train.inputs.model)
+    lora.save_adapter(model, train.lora, base_spec, staging)
+    tok.save_pretrained(staging)
+    with open(os.path.join(staging, PROMPTS_FILE), "w") as f:
+        json.dump(dataclasses.asdict(run.require_prepare().config.prompts), f, indent=2)
+    verify = None
+    if cfg.verify:
+        verify = verify_adapter(staging, lora.merge(model), run, tok, cfg, train.inputs.model)
+        if not verify.ok:
+            raise AlpacaError(
+                f"--verify: PEFT's logits with the adapter differ from Levanter's by {verify.max_abs_diff:.3g} "
+                f"(tolerance {verify.tolerance:g}); the adapter at {export_dir} was not written"
+            )
+    _write_adapter_card(run, staging, checkpoint, base_spec, verify)
+    return verify
+
+
+def _base_reference(spec: str) -> str:
+    """What an adapter names as its base: the Hub id, or the folder (absolute), or the demo model's cache folder."""
+    from alpaca_cli.core.models import DEMO_MODEL
+
+    if spec == DEMO_MODEL:
+        from alpaca_cli.core.demo_model import demo_model_dir
+
+        return demo_model_dir()
+    return os.path.abspath(os.path.expanduser(spec)) if os.path.exists(os.path.expanduser(spec)) else spec
+
+
+def verify_adapter(folder: str, merged, run: RunDir, tok, cfg: ExportConfig, base_spec: str) -> VerifyResult:
+    """transformers' base model, its embeddings resized to the prepared tokenizer, with PEFT's adapter loaded, against
+    Levanter's merged model: the logits on prepared examples (float32)."""
+    try:
+        import peft
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise ConfigError("--verify with --adapter needs torch and peft", hint="pip install torch peft") from None
+    from alpaca_cli.core.models import open_base_model
+
+    with open_base_model(base_spec) as base:
+        hf = AutoModelForCausalLM.from_pretrained(base.ref, dtype=torch.float32, attn_implementation="eager")
+    old = hf.get_input_embeddings().weight.shape[0]
+    hf.resize_token_embeddings(len(tok))
+    with torch.no_grad():  # new rows: exactly the mean of the others, as training initialised [PAD] (and Stanford)
+        for w in {id(x): x for x in (hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)}.values():
+            w[old:] = w[:old].mean(0)
+    hf = peft.PeftModel.from_pretrained(hf, folder).eval()
+    return _compare(hf, merged, run, tok, "float32",
+                    cfg.verify_tolerance if cfg.verify_tolerance is not None else 1e-4, cfg.verify_examples)
+
+
+def _write_adapter_card(run: RunDir, folder: str, checkpoint, base_spec: str, verify) -> None:
+    train, prep = run.require_train(), run.require_prepare()
+    lo, prompts = train.lora, prep.config.prompts
+    example = prompts.prompt_no_input.format(instruction="Give three tips for staying healthy.")
+    lines = ["---", "library_name: peft", f"base_model: {base_spec}", "tags:", "- alpaca", "- lora", "- levanter",
+             "---", "", f"# {run.name} (LoRA adapter)", "",
+             f"A LoRA adapter (rank {lo.r}, alpha {lo.alpha:g}, on {', '.join(lo.targets)}) instruction-tuned from "
+             f"`{train.inputs.model}` the way Stanford Alpaca was, with alpaca {__version__} on Levanter, "
+             f"checkpoint `step-{checkpoint.step}`.", "",
+             "The tokenizer here is the base model's with the tokens training added "
+             f"({', '.join(prep.summary.added_tokens.values()) or 'none'}): resize the base model's embeddings to it "
+             "and set the new rows to the mean of the others (Stanford Alpaca's initialisation; with LoRA the "
+             "embeddings stayed frozen, so that is what training used) before loading the adapter.", "",
+             "```python", "import torch", "from peft import PeftModel",
+             "from transformers import AutoModelForCausalLM, AutoTokenizer",
+             "", 'tok = AutoTokenizer.from_pretrained("<this folder or repo>")',
+             f'model = AutoModelForCausalLM.from_pretrained("{base_spec}")',
+             "old = model.get_input_embeddings().weight.shape[0]",
+             "model.resize_token_embeddings(len(tok))",
+             "with torch.no_grad():",
+             "    for w in {id(x): x for x in (model.get_input_embeddings().weight,",
+             "                                 model.get_output_embeddings().weight)}.values():",
+             "        w[old:] = w[:old].mean(0)",
+             'model = PeftModel.from_pretrained(model, "<this folder or repo>")',
+             f"prompt = {example!r}", 'ids = tok(prompt, return_tensors="pt").input_ids',
+             "out = model.generate(input_ids=ids, max_new_tokens=256)",
+             "print(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))", "```", "",
+             "Prompt templates (`alpaca_prompts.json`):", "", "```text", prompts.prompt_input, "```", "", "```text",
+             prompts.prompt_no_input, "```", ""]
+    if verify is not None:
+        lines += [f"Checked: PEFT's logits with this adapter equal Levanter's within {verify.max_abs_diff:.2g} on "
+                  f"{verify.examples} prepared examples.", ""]
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("\n".join(lines))
 
 
 @contextlib.contextmanager
@@ -444,6 +553,18 @@ def _write_model_card(run: RunDir, folder: str, checkpoint, dtype_name: str, ver
 
 def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg: ExportConfig) -> VerifyResult:
     """Load the export with transformers (torch) and compare its logits with Levanter's on prepared examples."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else (1e-4 if dtype_name == "float32" else 5e-2)
+    # eager: transformers' reference attention (its SDPA path skips Gemma-2's attention soft-capping)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name), attn_implementation="eager")
+    hf = hf.float().eval()  # compare in float32: the export's rounding, not torch's bf16 kernels, is what we test
+    return _compare(hf, lev_model, run, tok, dtype_name, tolerance, cfg.verify_examples)
+
+
+def _compare(hf, lev_model, run: RunDir, tok, dtype_name: str, tolerance: float, examples: int) -> VerifyResult:
+    """transformers' (torch) logits against Levanter's on the first prepared examples, and the EOS-stop rate."""
     import equinox as eqx
     import haliax as hax
     import jax
@@ -451,16 +572,11 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
     import numpy as np
     import torch
     from levanter.layers.attention import AttentionMask
-    from transformers import AutoModelForCausalLM
 
     from alpaca_cli.core import cache as cachemod
 
-    tolerance = cfg.verify_tolerance if cfg.verify_tolerance is not None else (1e-4 if dtype_name == "float32" else 5e-2)
-    # eager: transformers' reference attention (its SDPA path skips Gemma-2's attention soft-capping)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype_name), attn_implementation="eager")
-    hf = hf.float().eval()  # compare in float32: the export's rounding, not torch's bf16 kernels, is what we test
     prepared = cachemod.open_cache(run.cache_dir)
-    n = min(cfg.verify_examples, len(prepared))
+    n = min(examples, len(prepared))
     rows = prepared.rows(range(n))
 
     # Levanter side: the trained model rounded to the export dtype, computed in float32 at full precision
@@ -482,7 +598,7 @@ def verify_export(folder: str, lev_model, run: RunDir, tok, dtype_name: str, cfg
             Pos = lev.Pos.resize(len(ids))
             lev_logits = np.asarray(logits_fn(lev, hax.named(jnp.asarray(ids, dtype=jnp.int32), Pos)).array, dtype=np.float64)
             with torch.no_grad():
-                hf_logits = hf(torch.tensor([ids.tolist()])).logits[0].double().numpy()
+                hf_logits = hf(input_ids=torch.tensor([ids.tolist()])).logits[0].double().numpy()
             max_diff = max(max_diff, float(np.abs(lev_logits - hf_logits).max()))
             targets = row["targets"].astype(bool)[1:]
             t_loss += _nll(hf_logits, ids, targets)

@@ -145,8 +145,7 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
                     resize_vocab_to_match_tokenizer=False,
                 )
         elif base:
-            from alpaca_cli.core.models import open_base_model
-            from alpaca_cli.core.train import base_model_as_trained
+            from alpaca_cli.core.models import base_model_as_trained, open_base_model
 
             assert run is not None
             tok = run.load_tokenizer()

@@ -182,3 +182,42 @@ def check_vocab(base: BaseModel, tokenizer, added: dict) -> None:
             raise ConfigError(
                 f"the prepared tokenizer ({what}) is not the tokenizer of --model {base.spec}", hint=hint
             )
+
+
+def base_model_as_trained(base, seq_len: int, tok, added: dict):
+    """The base model as training starts from it (the [PAD] rows added as Stanford adds them), float32, FSDP over
+    this process's devices: what `alpaca eval --base` compares the fine-tuned model with."""
+    import haliax as hax
+    import jmp
+
+    from alpaca_cli.core.mesh import FSDP
+
+    check_vocab(base, tok, added)
+    lev_config = base.lev_config(seq_len)
+    return load_base_weights(base, lev_config, tok, hax.Axis("vocab", len(tok)), FSDP, jmp.get_policy("p=f32,c=f32"))
+
+
+def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp, dtype=None):
+    """The base checkpoint as a Levanter model: vocabulary resized to the tokenizer (new rows = mean of the old
+    ones in embeddings and LM head, as Stanford), padded for sharding if needed, parameters in param dtype (or
+    `dtype`: LoRA's frozen base is held in the compute dtype)."""
+    import haliax as hax
+
+    converter = base.converter(tok)
+    try:
+        model = converter.load_pretrained(
+            lev_config.model_type, ref=base.ref, config=lev_config, axis_mapping=param_mapping,
+            dtype=dtype or mp.param_dtype, resize_vocab_to_match_tokenizer=True,
+        )
+    except (KeyError, ValueError, TypeError) as e:  # a weight missing or of the wrong shape for this config
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(
+            f"--model {base.spec}: its weights do not match its config.json (model_type {base.model_type}): "
+            f"{type(e).__name__}: {first}",
+            hint="check that config.json belongs to these weights",
+        ) from e
+    if model.Vocab.size != Vocab.size:
+        model = hax.named_jit(lambda m: m.resize_vocab(Vocab.size), axis_resources=param_mapping)(model)
+    if dtype is not None:
+        return model
+    return hax.named_jit(mp.cast_to_param, axis_resources=param_mapping)(model)

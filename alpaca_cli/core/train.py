@@ -21,8 +21,9 @@ from alpaca_cli import config as cfgmod
 from alpaca_cli import distributed, io, logs
 from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
+from alpaca_cli.core import lora as lora_mod
 from alpaca_cli.core.checkpoints import checkpoint_step, latest_checkpoint, save_base_files
-from alpaca_cli.core.models import check_vocab, open_base_model
+from alpaca_cli.core.models import check_vocab, load_base_weights, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError
 from alpaca_cli.records import (
@@ -118,14 +119,25 @@ def _check_shapes(cfg, lev_config, base, dp: int) -> None:
         raise ConfigError(problems)
 
 
-def parameter_count(lev_config, vocab: int) -> int:
+def parameter_count(lev_config, vocab: int, lora_record=None) -> tuple[int, int]:
+    """(parameters of the model, of them trained): all, or the adapters' with LoRA. From shapes alone."""
     import equinox as eqx
     import haliax as hax
     import jax
 
-    shape = eqx.filter_eval_shape(lev_config.build, hax.Axis("vocab", vocab), key=jax.random.PRNGKey(0))
-    leaves = [x for x in jax.tree_util.tree_leaves(shape) if hasattr(x, "shape") and hasattr(x, "dtype")]
-    return int(sum(np.prod(x.shape) for x in leaves))
+    def count(tree) -> int:
+        leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
+        return int(sum(np.prod(x.shape) for x in leaves))
+
+    key = jax.random.PRNGKey(0)
+    shape = eqx.filter_eval_shape(lev_config.build, hax.Axis("vocab", vocab), key=key)
+    if lora_record is None:
+        return count(shape), count(shape)
+    from alpaca_cli.core import lora
+
+    adapted = eqx.filter_eval_shape(lambda: lora.add_adapters(lev_config.build(hax.Axis("vocab", vocab), key=key),
+                                                              lora_record, key))
+    return count(shape), count(lora.adapters_only(adapted))
 
 
 def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compute_bytes: int, vocab: int) -> float:
@@ -150,8 +162,8 @@ def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compu
 
 
 def plan_summary(
-    cfg: TrainConfig, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, lev_config, mp,
-    vocab: int, model: str, model_type: str, attention,
+    cfg: TrainConfig, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, trainable: int,
+    lev_config, mp, vocab: int, model: str, model_type: str, attention,
 ) -> PlanRecord:
     import jax
     import jax.numpy as jnp
@@ -159,7 +171,9 @@ def plan_summary(
     param_bytes = jnp.dtype(mp.param_dtype).itemsize
     compute_bytes = jnp.dtype(mp.compute_dtype).itemsize
     # params + grads in param dtype + Adam's two moments in float32, all sharded over every device (FSDP x TP)
-    state_bytes = params * (2 * param_bytes + 8) / n_devices
+    # trained parameters: the parameter, its gradient (param dtype) and Adam's two float32 moments; with LoRA the
+    # frozen base is held in the compute dtype
+    state_bytes = (trainable * (2 * param_bytes + 8) + (params - trainable) * compute_bytes) / n_devices
     act_bytes = activation_bytes(cfg, lev_config, plan.rows_per_step / dp, compute_bytes, vocab) / tp
     return PlanRecord(
         model=model,
@@ -185,6 +199,8 @@ def plan_summary(
         attention=attention.backend,
         attention_block=attention.block,
         remat=cfg.remat,
+        lora_r=cfg.lora_r,
+        trainable_parameters=trainable,
         optimizer=OptimizerSummary(
             learning_rate=cfg.optimizer.learning_rate,
             weight_decay=cfg.optimizer.weight_decay,
@@ -212,6 +228,7 @@ def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
         "val_fraction": cfg.val_fraction,
         "rows_per_step": plan.rows_per_step,
         "plan_steps": plan.steps,
+        "lora": dataclasses.asdict(lora_mod.record(cfg)) if cfg.lora else None,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -279,10 +296,13 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
         base.check_supported(cfg.seq_len)
         lev_config = base.lev_config(cfg.seq_len, attention, cfg.remat)
         _check_shapes(cfg, lev_config, base, dp)
-        params = parameter_count(lev_config, len(prepared.tokenizer))
+        lora_record = lora_mod.record(cfg)
+        if lora_record is not None:
+            lora_mod.check_family(base.model_type, cfg.model_name_or_path)
+        params, trained = parameter_count(lev_config, len(prepared.tokenizer), lora_record)
         summary = plan_summary(
             cfg, plan, n_devices=n_devices, n_hosts=jax.process_count(), dp=dp, tp=tp, params=params,
-            lev_config=lev_config, mp=cfg.trainer.mp, vocab=len(prepared.tokenizer),
+            trainable=trained, lev_config=lev_config, mp=cfg.trainer.mp, vocab=len(prepared.tokenizer),
             model=cfg.model_name_or_path, model_type=base.model_type, attention=attention,
         )
         fingerprint = plan_fingerprint(prepared.fingerprint, cfg, plan)
@@ -313,6 +333,7 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
             record = TrainRecord(
                 config=cfgmod.encode(cfg),
                 inputs=TrainInputs(prepared=prepared.fingerprint, model=cfg.model_name_or_path),
+                lora=lora_record,
             )
         # a resumed stage is started again too: this process, now, is its writer
         record.plan, record.plan_fingerprint = summary, fingerprint
@@ -345,7 +366,7 @@ def _compiled_plan(cfg, run, plan, summary, lev_config, vocab, machine):
 
     trainer_config = dataclasses.replace(_trainer_config(cfg, run, plan, cp.scratch_dir(), NoopConfig()),
                                          id="dry-run")
-    step = cp.compile_step(cfg, plan, lev_config, vocab, machine, trainer_config)
+    step = cp.compile_step(cfg, plan, lev_config, vocab, machine, trainer_config, lora_mod.record(cfg))
     verdict, text = cp.verdict(step, machine)
     tokens = plan.rows_per_step * cfg.seq_len
     model_flops = cp.model_flops_per_step(summary.parameters, lev_config, tokens)
@@ -360,7 +381,8 @@ def _compiled_plan(cfg, run, plan, summary, lev_config, vocab, machine):
         target=machine.name,
         memory_per_device_gib=CompiledMemory(
             arguments=r(step.arguments_gib), outputs=r(step.outputs_gib), aliased=r(step.aliased_gib),
-            temporaries=r(step.temporaries_gib), total=r(step.total_gib), target_memory=machine.memory_gib,
+            temporaries=r(step.temporaries_gib), total=r(step.total_gib), cpu_upcast=r(step.upcast_gib),
+            accelerator_total=r(step.accelerator_total_gib), target_memory=machine.memory_gib,
             target_usable=r(machine.usable_gib), verdict=verdict, verdict_text=text,
         ),
         compiled_flops_per_step=float(f"{step.flops_per_device * machine.devices:.4e}"),
@@ -479,16 +501,27 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
             logger.info("Vocabulary padded from %d to %d for sharding (masked out of the loss)", real_vocab, Vocab.size)
         run.train.vocab_trained = Vocab.size
         run.save()
-        _, model_key, training_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 3)
+        _, model_key, training_key, lora_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 4)
 
-        state = trainer.initial_state(training_key, model_init=lambda: lev_config.build(Vocab, key=model_key))
-        start_step = int(state.step)
-        if start_step == 0:
+        if cfg.lora:
+            # the frozen base is loaded every time (the checkpoints hold the adapters only), straight into the
+            # compute dtype (a 7B model in float32 would not fit where LoRA is for); the trainer restores the
+            # adapters and their optimizer state from the latest checkpoint, if any
             logger.info("Loading base weights from %s", cfg.model_name_or_path)
-            state = dataclasses.replace(state, model=None)
-            model = load_base_weights(base, lev_config, tok, Vocab, param_mapping, trainer.mp)
-            state = dataclasses.replace(state, model=model)
+            model = load_base_weights(base, lev_config, tok, Vocab, param_mapping, trainer.mp,
+                                      dtype=trainer.mp.compute_dtype)
+            model = lora_mod.add_adapters(model, run.train.lora, lora_key)
+            state = trainer.initial_state(training_key, model=model, is_trainable=lora_mod.trainable(model))
+            start_step = int(state.step)
         else:
+            state = trainer.initial_state(training_key, model_init=lambda: lev_config.build(Vocab, key=model_key))
+            start_step = int(state.step)
+            if start_step == 0:
+                logger.info("Loading base weights from %s", cfg.model_name_or_path)
+                state = dataclasses.replace(state, model=None)
+                model = load_base_weights(base, lev_config, tok, Vocab, param_mapping, trainer.mp)
+                state = dataclasses.replace(state, model=model)
+        if start_step:
             logger.info("Resuming from the checkpoint after step %d of %d", start_step, plan.steps)
 
         if start_step >= plan.steps:
@@ -563,42 +596,6 @@ def _validation_source(cfg, run: RunDir, prepared: Prepared, plan: Plan):
     if too_long:
         raise ConfigError(f"{too_long} example(s) of --val-data are longer than --seq-len {cfg.seq_len}")
     return val_cache, lengths, np.arange(len(lengths), dtype=np.int64)
-
-
-def base_model_as_trained(base, seq_len: int, tok, added: dict):
-    """The base model as training starts from it (the [PAD] rows added as Stanford adds them), float32, FSDP over
-    this process's devices: what `alpaca eval --base` compares the fine-tuned model with."""
-    import haliax as hax
-    import jmp
-
-    from alpaca_cli.core.mesh import FSDP
-
-    check_vocab(base, tok, added)
-    lev_config = base.lev_config(seq_len)
-    return load_base_weights(base, lev_config, tok, hax.Axis("vocab", len(tok)), FSDP, jmp.get_policy("p=f32,c=f32"))
-
-
-def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp):
-    """The base checkpoint as a Levanter model: vocabulary resized to the tokenizer (new rows = mean of the old
-    ones in embeddings and LM head, as Stanford), padded for sharding if needed, parameters in param dtype."""
-    import haliax as hax
-
-    converter = base.converter(tok)
-    try:
-        model = converter.load_pretrained(
-            lev_config.model_type, ref=base.ref, config=lev_config, axis_mapping=param_mapping, dtype=mp.param_dtype,
-            resize_vocab_to_match_tokenizer=True,
-        )
-    except (KeyError, ValueError, TypeError) as e:  # a weight missing or of the wrong shape for this config
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(
-            f"--model {base.spec}: its weights do not match its config.json (model_type {base.model_type}): "
-            f"{type(e).__name__}: {first}",
-            hint="check that config.json belongs to these weights",
-        ) from e
-    if model.Vocab.size != Vocab.size:
-        model = hax.named_jit(lambda m: m.resize_vocab(Vocab.size), axis_resources=param_mapping)(model)
-    return hax.named_jit(mp.cast_to_param, axis_resources=param_mapping)(model)
 
 
 def _finish(run: RunDir, plan: Plan, final: str | None, loss) -> None:

@@ -1,0 +1,129 @@
+"""LoRA (`alpaca train --lora-r R`): rank-R adapters on the attention and MLP projections, the base model frozen.
+
+Levanter's own LoRA (levanter.lora) does the tree surgery (`loraize`), the trainable-parameter filter the trainer
+takes (`lora_trainable_params_filter`: the optimizer state and the checkpoints hold the adapters only) and the merge.
+Here: which families and modules, the run record, and the two exports:
+- merged (the default): the adapters folded into the base weights, a plain Hugging Face checkpoint like a full run's;
+- `--adapter`: a PEFT adapter (adapter_config.json, adapter_model.safetensors). With LoRA the embedding is frozen, so
+  the [PAD] row prepare added is the mean of the others (Stanford's initialisation, never trained): load the base
+  model, `resize_token_embeddings(len(tokenizer))` (transformers initialises new rows to the mean too), then
+  `PeftModel.from_pretrained`. The adapter's model card says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from alpaca_cli.errors import ConfigError
+from alpaca_cli.records import LoraRecord
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2")
+"""Families whose projections are plain linear layers named as transformers names them (PEFT finds them by name).
+GPT-2 (fused Conv1D projections) and Mixtral (expert tensors) are refused."""
+PEFT_PREFIX = "base_model.model"
+"""Where PEFT keeps the wrapped model's modules in an adapter's state dict (keys base_model.model.model.layers...)."""
+
+
+def record(cfg) -> LoraRecord | None:
+    if not cfg.lora:
+        return None
+    return LoraRecord(r=cfg.lora_r, alpha=cfg.lora_scale_alpha, dropout=cfg.lora_dropout,
+                      targets=list(cfg.lora_targets))
+
+
+def check_family(model_type: str, spec: str) -> None:
+    if model_type not in FAMILIES:
+        raise ConfigError(f"--lora-r: LoRA is not available for {model_type} models (--model {spec}); "
+                          f"it is for {', '.join(FAMILIES)}", hint="train every weight instead (no --lora-r)")
+
+
+def levanter_config(lora: LoraRecord):
+    from levanter.lora import LoraConfig
+
+    return LoraConfig(target_modules=list(lora.targets), r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+
+
+def add_adapters(model, lora: LoraRecord, key):
+    """The model with adapters on the target projections (B initialised to 0: the model computes what it did)."""
+    import jax
+    from levanter.lora import LowRankLinear, loraize
+
+    model = loraize(model, levanter_config(lora), key=key)
+    found = [x for x in jax.tree_util.tree_leaves(model, is_leaf=lambda n: isinstance(n, LowRankLinear))
+             if isinstance(x, LowRankLinear)]
+    if not found:
+        raise ConfigError(f"--lora-targets {','.join(lora.targets)}: no module of the model has these names",
+                          hint="use the projection names of the family, e.g. q_proj,v_proj")
+    return _zero_b(model)
+
+
+def _zero_b(model):
+    """LoRA's B matrices start at zero (the paper, PEFT): training starts from the base model's own outputs.
+    (Levanter initialises both A and B randomly.)"""
+    import dataclasses
+
+    import haliax as hax
+    import jax
+    from levanter.lora import LowRankLinear
+
+    def zero(node):
+        if isinstance(node, LowRankLinear):
+            b = node.lora_B
+            return dataclasses.replace(node, lora_B=dataclasses.replace(b, weight=hax.zeros_like(b.weight)))
+        return node
+
+    return jax.tree_util.tree_map(zero, model, is_leaf=lambda n: isinstance(n, LowRankLinear))
+
+
+def trainable(model):
+    from levanter.lora import lora_trainable_params_filter
+
+    return lora_trainable_params_filter(model)
+
+
+def merge(model):
+    """The adapters folded into their projections: a plain model of the family.
+
+    Not levanter.lora.merge_lora_modules: its merged weight is `B A + W` as haliax broadcasts it, with the axes in
+    the product's order ([in, out]) instead of the projection's ([out, in]), so the exported checkpoint holds
+    transposed matrices ("Error(s) in loading state_dict for Linear" in transformers). Here the sum keeps W's axes."""
+    import dataclasses
+
+    import haliax as hax
+    import jax
+    from levanter.lora import LoraLinear
+
+    @hax.named_jit
+    def _merge(model):
+        def one(node):
+            if not isinstance(node, LoraLinear):
+                return node
+            w = node.wrapped.weight
+            return dataclasses.replace(node.wrapped, weight=(node.lora.merge() + w).rearrange(w.axes).astype(w.dtype))
+
+        return jax.tree_util.tree_map(one, model, is_leaf=lambda n: isinstance(n, LoraLinear))
+
+    return _merge(model)
+
+
+def adapters_only(model):
+    """The tree of the adapters alone (everything else None): what the checkpoints hold of the model."""
+    import equinox as eqx
+    from levanter.lora import is_lora_param
+
+    return eqx.filter(model, trainable(model), is_leaf=is_lora_param)
+
+
+def save_adapter(model, lora: LoraRecord, base_model: str, folder: str) -> None:
+    """A PEFT adapter: adapter_config.json and adapter_model.safetensors (float32)."""
+    import numpy as np
+    from levanter.lora import lora_state_dict, to_hf_config
+    from safetensors.numpy import save_file
+
+    state = {k: np.asarray(v, dtype=np.float32) for k, v in lora_state_dict(model, prefix=PEFT_PREFIX).items()}
+    save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = to_hf_config(levanter_config(lora), base_model_name_or_path=base_model)
+    config.update(lora_dropout=lora.dropout, target_modules=list(lora.targets))
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
