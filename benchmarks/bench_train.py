@@ -817,7 +817,7 @@ def main(argv=None) -> int:
                   f"; first/last loss {r.losses[0]:.4f}/{r.losses[-1]:.4f}{extra_note}")
 
         print()
-        print(f"trained tokens/s, real tokens/s, row tok/s and s/step: steps 2..S (step 1 left out: it includes "
+        print("trained tokens/s, real tokens/s, row tok/s and s/step: steps 2..S (step 1 left out: it includes "
               "JAX's JIT compilation / torch's warm-up), from step_seconds in metrics.jsonl (Levanter: the jitted "
               "step, data loading excluded) and on_step_begin..on_step_end (HF: forward, backward, optimizer; "
               "collation excluded).")

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -82,7 +81,7 @@ def gcs():
 def trained_template(tmp_path_factory, tokenizer_dir):
     """A tiny Llama (context 256) trained with rows of 128 tokens until it memorised six awkward examples (braces,
     quotes, unicode, an input), checkpoints at steps 40 and 79 kept: (run, base model folder, records)."""
-    from helpers import make_tiny_llama, read_records, run_cli, write_jsonl
+    from helpers import make_tiny_llama, read_records, run_cli
 
     root = tmp_path_factory.mktemp("trained")
     records = read_records(os.path.join(ASSETS, "alpaca_awkward.jsonl"))[:6]

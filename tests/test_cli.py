@@ -4,7 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from helpers import cli_env, error_line, read_records, run_cli
 from typer.testing import CliRunner
 

@@ -10,15 +10,17 @@ import shutil
 import numpy as np
 import pytest
 from fake_hub import FakeHub
-from helpers import cli_env, error_line, make_tiny_llama, read_records, run_cli
+from helpers import cli_env, error_line, run_cli
 
 from alpaca_cli.rundir import open_run
+
+pytestmark = pytest.mark.entry
+
 
 def levanter_logits(run_url, ids):
     import haliax as hax
     import jax.numpy as jnp
     from levanter.layers.attention import AttentionMask
-    from transformers import AutoTokenizer
 
     from alpaca_cli.core.checkpoints import find_checkpoint, load_model
     from alpaca_cli.core.mesh import local_mesh

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, cli_env, make_tiny_llama, run_cli, write_jsonl
+from helpers import ALPACA, cli_env, run_cli, write_jsonl
 
 from alpaca_cli.rundir import open_run
 

@@ -1,9 +1,9 @@
 """--data as a Hub dataset id, against the local Hub server: pinned to the commit it resolved to."""
 
-import json
-import os
 import subprocess
 import sys
+
+import pytest
 
 from fake_hub import FakeHub
 from helpers import cli_env, error_line, run_cli
@@ -18,6 +18,8 @@ api.create_repo("tester/mini-alpaca", repo_type="dataset", exist_ok=True)
 api.upload_file(path_or_fileobj=sys.argv[1], path_in_repo="data/train.jsonl", repo_id="tester/mini-alpaca",
                 repo_type="dataset")
 """
+
+pytestmark = pytest.mark.entry
 
 
 def test_prepare_from_a_hub_dataset_records_its_revision(tmp_path, fixture_data):

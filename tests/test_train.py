@@ -18,6 +18,8 @@ from alpaca_cli.rundir import open_run
 
 F32 = ["--precision", "p=f32,c=f32"]
 
+pytestmark = pytest.mark.entry
+
 
 @pytest.fixture(scope="module")
 def prepared_template(tmp_path_factory, fixture_data, tokenizer_dir):
@@ -142,7 +144,6 @@ def test_it_learns_the_responses(tmp_path, tokenizer_dir):
     """A few examples, many steps: the loss on the responses falls and teacher-forced argmax reproduces them."""
     import haliax as hax
     import jax.numpy as jnp
-    from transformers import AutoTokenizer
 
     from alpaca_cli.core import cache as cachemod
     from alpaca_cli.core.checkpoints import find_checkpoint, load_model

@@ -153,7 +153,6 @@ def token_losses(model, activations, tokens, mask, real_vocab: int):
     loss with a block of 16384 over a 32001-token vocabulary (benchmarks/README.md).
     """
     import jax
-    import jax.numpy as jnp
 
     from alpaca_cli.core.families import final_logit_softcap
 

@@ -123,7 +123,6 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
     import equinox as eqx
     import haliax as hax
     import jax
-    import jax.numpy as jnp
     from levanter.checkpoint import load_checkpoint
 
     train = run.train

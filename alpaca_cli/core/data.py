@@ -118,6 +118,16 @@ def _read_file(spec: str, flag: str) -> tuple[list[tuple[str, Any]], str, int]:
     return rows, digest, len(raw)
 
 
+def _parse_json(text: str, source: str) -> list[tuple[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{source} line {e.lineno}: malformed JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{source}: a .json file must hold a list of records, found a {type(data).__name__}")
+    return [(f"record {i}", row) for i, row in enumerate(data)]
+
+
 def _first_line_is_json(text: str) -> bool:
     try:
         json.loads(text.lstrip().splitlines()[0])

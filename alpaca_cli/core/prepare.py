@@ -9,7 +9,7 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +65,6 @@ def prepare(
     promptsmod.validate(cfg.prompts)
     records = load_records(cfg)
     loaded = load_tokenizer(cfg.tokenizer)
-    tok = loaded.tokenizer
     try:
         components = {
             "format": CACHE_FORMAT,

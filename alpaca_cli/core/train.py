@@ -7,13 +7,8 @@ import datetime
 import hashlib
 import json
 import logging
-import math
-import os
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -468,7 +463,6 @@ def _wandb_id(run: RunDir) -> str:
 
 def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory) -> TrainResult:
     import haliax as hax
-    import jax
     import jax.random as jrandom
     import levanter
     from haliax.partitioning import round_axis_for_partitioning
