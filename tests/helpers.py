@@ -183,6 +183,18 @@ def copy_tree(src: str, dst: str) -> str:
     return dst
 
 
+def checkpoint_saved(checkpoint_url: str) -> bool:
+    """Whether a checkpoint's save has finished: its metadata.json (Levanter writes it last) exists *and* parses.
+    Existing is not enough: on local disk the file is created empty and written a moment later."""
+    from alpaca_cli import io
+
+    try:
+        json.loads(io.read_text(checkpoint_url.rstrip("/") + "/metadata.json"))
+        return True
+    except (FileNotFoundError, ValueError):
+        return False
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `Error: ...` line a handled failure prints on stderr (asserts there is exactly one, no traceback)."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]

@@ -83,7 +83,7 @@ def test_packed_logits_equal_unpacked_with_every_kernel(backend, seq_len, monkey
     choice = choose(backend, None, seq_len, platform)
     assert choice.backend == backend
     cfg = LlamaConfig(seq_len=seq_len, hidden_dim=32, intermediate_dim=64, num_layers=1, num_heads=4, num_kv_heads=2)
-    cfg = dataclasses.replace(cfg, **levanter_fields(choice, remat=True))
+    cfg = dataclasses.replace(cfg, **levanter_fields(choice, remat=True, config=cfg))
     rng = np.random.default_rng(0)
     # examples that cross block boundaries (blocks of 256/512)
     examples = [(rng.integers(3, 50, size=n), np.ones(n, dtype=np.uint8)) for n in (300, 211, 190)]

@@ -13,16 +13,10 @@ import time
 
 import pytest
 from fake_hub import FakeHub
-from helpers import ALPACA, cli_env, run_cli
+from helpers import ALPACA, checkpoint_saved, cli_env, run_cli
 
 TRAIN = ["--model", "demo", "--seq-len", "256", "--batch-size", "16", "--epochs", "40", "--learning-rate", "3e-3",
          "--precision", "p=f32,c=f32", "--checkpoint-every", "40"]
-
-
-def _exists(url: str) -> bool:
-    from alpaca_cli import io
-
-    return io.exists(url)
 
 
 @pytest.mark.entry
@@ -37,9 +31,8 @@ def test_pipeline_on_gcs_with_kill_and_resume(gcs, tmp_path):
 
         proc = subprocess.Popen([ALPACA, "train", "--run-dir", run, *TRAIN], env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, start_new_session=True, text=True)
-        marker = f"{run}/checkpoints/step-40/metadata.json"
         deadline = time.time() + 300
-        while not _exists(marker):
+        while not checkpoint_saved(f"{run}/checkpoints/step-40"):
             assert proc.poll() is None, proc.stdout.read()
             assert time.time() < deadline
             time.sleep(0.2)

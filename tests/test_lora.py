@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, REPO, cli_env, read_records, run_cli, write_jsonl
+from helpers import ALPACA, REPO, checkpoint_saved, cli_env, read_records, run_cli, write_jsonl
 
 from alpaca_cli.rundir import open_run
 
@@ -56,9 +56,8 @@ def test_lora_learns_resumes_exactly_and_exports_both_ways(eight, tmp_path):
     # a kill -9 after the checkpoint of step 40, then the same command: the same losses, step for step
     proc = subprocess.Popen([ALPACA, "train", "--run-dir", killed, *args], env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = os.path.join(killed, "checkpoints", "step-40", "metadata.json")
     deadline = time.time() + 300
-    while not os.path.exists(marker):
+    while not checkpoint_saved(os.path.join(killed, "checkpoints", "step-40")):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)

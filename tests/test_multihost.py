@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import ALPACA, cli_env, free_port, run_cli
+from helpers import ALPACA, checkpoint_saved, cli_env, free_port, run_cli
 
 from alpaca_cli.rundir import open_run
 
@@ -105,9 +105,8 @@ def test_a_dead_host_stops_the_other_and_both_resume(tmp_path):
     wait_all(launch(["prepare", "--data", "demo", "--tokenizer", "demo", "--run-dir", run, "-q"], free_port()))
     train = ["train", *TRAIN, "--epochs", "12", "--checkpoint-every", "10", "--run-dir", run]
     procs = launch(train, free_port())
-    marker = os.path.join(run, "checkpoints", "step-10", "metadata.json")
     deadline = time.time() + 300
-    while not os.path.exists(marker):
+    while not checkpoint_saved(os.path.join(run, "checkpoints", "step-10")):
         assert all(p.poll() is None for p in procs) and time.time() < deadline
         time.sleep(0.1)
     os.killpg(procs[1].pid, signal.SIGKILL)

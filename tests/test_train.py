@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, cli_env, error_line, make_tiny_llama, read_records, run_cli, torch_loss_stanford
+from helpers import (ALPACA, checkpoint_saved, cli_env, error_line, make_tiny_llama, read_records, run_cli,
+                     torch_loss_stanford)
 from stanford_reference import stanford_tokenizer
 
 from alpaca_cli.rundir import open_run
@@ -119,16 +120,20 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path,
 
     proc = subprocess.Popen([ALPACA, "train", "--run-dir", killed, *args], env=cli_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    marker = os.path.join(killed, "checkpoints", "step-10", "metadata.json")
     deadline = time.time() + 300
-    while not os.path.exists(marker):
+    while not checkpoint_saved(os.path.join(killed, "checkpoints", "step-10")):
         assert proc.poll() is None and time.time() < deadline, "training ended before its checkpoint"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert open_run(killed).train.status == "running"  # nothing claims the run is complete
+    # and a later save that the kill interrupted: Levanter had created its metadata.json but not yet written it
+    interrupted = os.path.join(killed, "checkpoints", "step-14")
+    shutil.copytree(os.path.join(killed, "checkpoints", "step-10"), interrupted, dirs_exist_ok=True)
+    open(os.path.join(interrupted, "metadata.json"), "w").close()
     out = run_cli(["train", "--run-dir", killed, *args[:-1]])
     assert "Resuming from the checkpoint after step" in out.stderr
+    assert not os.path.exists(interrupted)  # deleted before training: it was never complete
     a, b = metrics(straight), metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, len(a) + 1))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # identical batches, identical losses

@@ -120,12 +120,16 @@ def _nearest(seq_len: int, multiple: int) -> str:
     return " or ".join(str(x) for x in options)
 
 
-def levanter_fields(choice: AttentionChoice, remat: bool) -> dict:
-    """The Levanter model-config fields that carry the choice (set only where a config has them)."""
+def levanter_fields(choice: AttentionChoice, remat: bool, config) -> dict:
+    """The fields of Levanter model config `config` that carry the choice: only those this config class has."""
+    import dataclasses
+
     from levanter.layers.attention import AttentionBackend
 
     backend = {"flash": AttentionBackend.JAX_FLASH, "splash": AttentionBackend.SPLASH,
                "vanilla": AttentionBackend.VANILLA}[choice.backend]
     # some configs (OLMo-2, Gemma, GPT-2) also carry use_flash_attention, which Levanter checks against the backend
-    return {"attn_backend": backend, "flash_attention_block_size": choice.block, "gradient_checkpointing": remat,
-            "use_flash_attention": choice.backend != "vanilla"}
+    wanted = {"attn_backend": backend, "flash_attention_block_size": choice.block, "gradient_checkpointing": remat,
+              "use_flash_attention": choice.backend != "vanilla"}
+    fields = {f.name for f in dataclasses.fields(config)}
+    return {k: v for k, v in wanted.items() if k in fields}

@@ -83,18 +83,40 @@ def list_checkpoints(run: RunDir) -> list[Checkpoint]:
         path = io.join(run.checkpoints_dir, name)
         try:
             out.append(Checkpoint(path=path, step=checkpoint_step(path)))
-        except (FileNotFoundError, ValueError, KeyError):
-            continue
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+            continue  # ValueError covers json's JSONDecodeError (an empty or half-written file)
     return sorted(out, key=lambda c: c.step)
 
 
 def latest_checkpoint(run: RunDir) -> str | None:
-    """The newest complete checkpoint (Levanter's discovery: a half-written one has no metadata.json)."""
-    from levanter.checkpoint import discover_latest_checkpoint
+    """The newest complete checkpoint. Not Levanter's discover_latest_checkpoint: it json-loads every metadata.json
+    it sees and crashes on one that an asynchronous save is writing right now."""
+    complete = list_checkpoints(run)
+    return complete[-1].path if complete else None
 
-    if not io.exists(run.checkpoints_dir):
-        return None
-    return discover_latest_checkpoint(run.checkpoints_dir)
+
+def discard_incomplete_checkpoints(run: RunDir) -> list[str]:
+    """Delete the checkpoint directories that have no readable metadata.json (a save interrupted by a kill or a
+    preemption), on the writer, before training starts. Call on every process: the others wait for it.
+
+    Upstream symptom (levanter 1.2.dev1644): a kill -9 between Levanter opening step-N/metadata.json and closing it
+    leaves the file empty on local disk; from then on every resume dies in discover_latest_checkpoint with
+    `JSONDecodeError: Expecting value` (the trainer's initial_state and the Checkpointer both call it). Remove this
+    when Levanter skips unreadable metadata."""
+    from alpaca_cli import distributed
+
+    def discard() -> list[str]:
+        complete = {c.path for c in list_checkpoints(run)}
+        gone = []
+        for name in io.listdir(run.checkpoints_dir):
+            path = io.join(run.checkpoints_dir, name)
+            if name.startswith("step-") and path not in complete:
+                logger.info("Deleting the incomplete checkpoint %s (its save was interrupted)", path)
+                io.rm_tree(path)
+                gone.append(path)
+        return gone
+
+    return distributed.on_writer(discard)  # the others wait for it, and get its error if it fails
 
 
 def find_checkpoint(run: RunDir, step: int | None = None) -> Checkpoint:

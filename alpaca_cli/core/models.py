@@ -73,8 +73,7 @@ class BaseModel:
         changes = {"seq_len": seq_len}
         if "reference_checkpoint" in fields:
             changes["reference_checkpoint"] = self.ref
-        wanted = levanter_fields(attention or AttentionChoice("vanilla", None), remat)
-        changes.update({k: v for k, v in wanted.items() if k in fields})
+        changes.update(levanter_fields(attention or AttentionChoice("vanilla", None), remat, cfg))
         return dataclasses.replace(cfg, **changes)
 
     def converter(self, tokenizer):

@@ -17,7 +17,8 @@ from alpaca_cli import distributed, io, logs
 from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
-from alpaca_cli.core.checkpoints import checkpoint_step, latest_checkpoint, save_base_files
+from alpaca_cli.core.checkpoints import (checkpoint_step, discard_incomplete_checkpoints, latest_checkpoint,
+                                        save_base_files)
 from alpaca_cli.core.models import check_vocab, load_base_weights, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError
@@ -488,6 +489,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     Pos = lev_config.Pos
 
+    discard_incomplete_checkpoints(run)
     with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
         param_mapping = trainer.parameter_axis_mapping
         Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
