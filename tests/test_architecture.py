@@ -3,7 +3,7 @@ name crosses a module boundary, and `alpaca --help` imports nothing heavy (test_
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
   0  errors, io                                  no alpaca imports but each other
-  1  config, distributed, logs, console          settings, processes, logging, terminal output
+  1  config, distributed, logs, console, compat  settings, processes, logging, terminal output, newer JAX
   2  records, options                            typed stage records; the commands' shared flag aliases
   3  rundir, train_config                        the run directory; the Levanter-backed train config
   4  core.*                                      the work (no Typer, no printing)
@@ -27,6 +27,7 @@ LAYERS = {
     "alpaca_cli.distributed": 1,
     "alpaca_cli.logs": 1,
     "alpaca_cli.console": 1,
+    "alpaca_cli.compat": 1,
     "alpaca_cli.records": 2,
     "alpaca_cli.options": 2,
     "alpaca_cli.rundir": 3,
@@ -38,9 +39,9 @@ LAYERS = {
 def layer(module: str) -> int:
     if module in LAYERS:
         return LAYERS[module]
-    if module.startswith("alpaca_cli.core."):
+    if module == "alpaca_cli.core" or module.startswith("alpaca_cli.core."):
         return 4
-    if module.startswith("alpaca_cli.commands."):
+    if module == "alpaca_cli.commands" or module.startswith("alpaca_cli.commands."):
         return 5
     raise AssertionError(f"{module} has no layer: add it to LAYERS in this test (and to the docstring)")
 

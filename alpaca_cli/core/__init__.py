@@ -1,1 +1,5 @@
 """The importable core: plain functions over typed configs and a RunDir. No Typer, no printing."""
+
+from alpaca_cli import compat
+
+compat.patch_jax()  # before Haliax runs anything (a no-op on the pinned JAX)

@@ -1,0 +1,36 @@
+"""Newer JAX (the GPU images' 0.11.x): the one name the pinned Haliax needs is restored, and means what it meant."""
+
+import subprocess
+import sys
+
+from helpers import cli_env
+
+REMOVED = r"""
+import jax, jax.core
+original = jax.core.is_constant_dim
+del jax.core.is_constant_dim                      # as in jax 0.11: removed
+from alpaca_cli import compat
+assert compat.patch_jax() is True and compat.patch_jax() is False
+import haliax as hax, jax.numpy as jnp
+A, B = hax.Axis("a", 3), hax.Axis("b", 4)
+x = hax.ones((A, B))
+print(float(jax.jit(lambda x: hax.dot(x, x, axis=B).array.sum())(x)))   # haliax's dot asks is_constant_dim
+for d in (3, 0, jnp.int32(2), 2.5, "x", None):
+    assert compat._is_constant_dim(d) == original(d), d
+jax.jit(lambda y: [compat._is_constant_dim(y.shape[0]), compat._is_constant_dim(y.sum())])(jnp.ones(3))
+print("same answers")
+"""
+
+
+def test_the_removed_jax_name_is_restored_for_haliax():
+    out = subprocess.run([sys.executable, "-c", REMOVED], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["12.0", "same", "answers"]
+
+
+def test_on_the_pinned_jax_nothing_is_patched():
+    import jax
+
+    from alpaca_cli import compat
+
+    assert hasattr(jax.core, "is_constant_dim") and compat.patch_jax() is False
