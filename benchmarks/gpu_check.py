@@ -569,7 +569,7 @@ def markdown(results: dict) -> str:
         j, h = results.get(f"train_remat_{remat}", {}), results.get(f"torch_remat_{remat}", {})
         if j.get("tokens_per_second") and h.get("tokens_per_second"):
             ratios.append(f"remat {remat}: alpaca / transformers = {j['tokens_per_second'] / h['tokens_per_second']:.2f}x")
-    lines += ["", "; ".join(ratios) or "(no ratio: a side failed)", ""]
+    lines += ["", "; ".join(ratios) or "(no ratio: a side did not run or failed)", ""]
     failed = [k for k, v in results.items() if isinstance(v, dict) and "error" in v]
     lines.append(f"Failed parts: {', '.join(failed)}" if failed else "All parts passed.")
     return "\n".join(lines) + "\n"
