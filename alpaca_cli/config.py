@@ -15,7 +15,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -142,6 +142,9 @@ class ExportConfig:
 # AdamW(0.9, 0.999, 1e-8) (the Hugging Face Trainer's defaults), lr 2e-5, weight decay 0, warmup 3% of the steps,
 # cosine decay to 0, gradient clipping at 1.0. `trainer.num_train_steps` 0 means "from `epochs`".
 RECIPE_TRAINER: dict[str, Any] = {"train_batch_size": 128, "num_train_steps": 0, "mp": "p=f32,c=bfloat16", "seed": 0}
+# With LoRA (lora_r > 0) the default learning rate is 2e-4 (QLoRA's for 7B/13B; alpaca-lora used 3e-4): adapters
+# that start at zero barely move at full fine-tuning's 2e-5.
+LORA_LEARNING_RATE = 2e-4
 RECIPE_OPTIMIZER: dict[str, Any] = {
     "learning_rate": 2e-5,
     "weight_decay": 0.0,
@@ -189,7 +192,7 @@ class TrainOptions:
     """Most examples packed into one row."""
     lora_r: int = 0
     """LoRA rank. 0 (the default) trains every weight; r > 0 trains rank-r adapters on lora_targets and freezes the
-    base model (held in the compute dtype): a 7B model on one GPU."""
+    base model (held in the compute dtype): a 7B model on one GPU. The default learning rate is then 2e-4."""
     lora_alpha: Optional[float] = None
     """LoRA scale numerator (the adapter's output is multiplied by alpha / r). Default: 2 x lora_r."""
     lora_dropout: float = 0.05
@@ -355,6 +358,7 @@ def load_config(
     set_items: Sequence[str] | None = None,
     flags: Mapping[str, Any] | None = None,
     file_adapter=None,
+    derived_defaults: Callable[[dict], dict] | None = None,
 ) -> T:
     """Resolve cls from defaults < config file < --set < typed flags (dotted keys; None means not given).
 
@@ -363,21 +367,32 @@ def load_config(
     `file_adapter` first), `--set` values are YAML (`1e-5`, `[a, b]`, `null`), typed flags arrive as Python values
     (no round trip through argv strings), and a choice type such as `optimizer.type` replaces its whole subtree when it
     changes. Decoding still goes through draccus, which rejects unknown keys and checks types.
+
+    `derived_defaults(given)` returns defaults that depend on what was given (the merged file, --set and flags):
+    they replace the class's defaults and lose, like them, to anything given (LoRA's learning rate, say).
     """
     import draccus
 
-    tree = draccus.encode(cls())
+    layers: list = []
     if config_path:
         file_tree = read_config_file(config_path)
         if file_adapter is not None:
             file_tree = file_adapter(file_tree)
-        tree = _merge(tree, file_tree)
-    tree = _merge(tree, parse_set(set_items))
+        layers.append(file_tree)
+    layers.append(parse_set(set_items))
     for key, value in (flags or {}).items():
         if value is not None:
             override: dict = {}
             _set_dotted(override, key, value)
-            tree = _merge(tree, override)
+            layers.append(override)
+    tree = draccus.encode(cls())
+    if derived_defaults is not None:
+        given: dict = {}
+        for layer in layers:
+            given = _merge(given, layer)
+        tree = _merge(tree, derived_defaults(given))
+    for layer in layers:
+        tree = _merge(tree, layer)
     try:
         return draccus.decode(cls, tree)
     except ConfigError:

@@ -19,7 +19,7 @@ import jmp
 from levanter.optim import AdamConfig, OptimizerConfig
 from levanter.trainer import TrainerConfig
 
-from alpaca_cli.config import RECIPE_OPTIMIZER, RECIPE_TRAINER, TrainOptions
+from alpaca_cli.config import LORA_LEARNING_RATE, RECIPE_OPTIMIZER, RECIPE_TRAINER, TrainOptions
 from alpaca_cli.errors import ConfigError
 
 
@@ -29,6 +29,14 @@ def _recipe_trainer() -> TrainerConfig:
 
 def _recipe_optimizer() -> OptimizerConfig:
     return AdamConfig(**RECIPE_OPTIMIZER)
+
+
+def derived_defaults(given: dict) -> dict:
+    """Defaults that depend on what the user gave (config.load_config's derived_defaults): LoRA's learning rate."""
+    lora_r = given.get("lora_r")
+    if isinstance(lora_r, int) and lora_r > 0:
+        return {"optimizer": {"learning_rate": LORA_LEARNING_RATE}}
+    return {}
 
 
 @dataclass

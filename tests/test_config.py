@@ -69,6 +69,25 @@ def test_precedence_file_then_set_then_flags(tmp_path):
     assert c.optimizer.weight_decay == 0.0  # untouched recipe default survives a partial optimizer block
 
 
+def test_lora_changes_the_default_learning_rate_and_only_the_default(tmp_path):
+    from alpaca_cli.train_config import derived_defaults
+
+    def lr(config=None, sets=(), flags=None):
+        return cfgmod.load_config(TrainConfig, config, list(sets), flags or {}, derived_defaults=derived_defaults
+                                  ).optimizer.learning_rate
+
+    assert lr() == lr(flags={"lora_r": 0}) == 2e-5  # full fine-tuning: Stanford's
+    file = tmp_path / "lora.yaml"
+    file.write_text("lora_r: 8\n")
+    # LoRA given by a flag, --set or a file: adapters starting at zero need a larger rate
+    assert lr(flags={"lora_r": 16}) == lr(sets=["lora_r=16"]) == lr(str(file)) == cfgmod.LORA_LEARNING_RATE == 2e-4
+    # a rate given anywhere still wins over the derived default
+    file.write_text("lora_r: 8\noptimizer:\n  learning_rate: 1.0e-4\n")
+    assert lr(str(file)) == 1e-4
+    assert lr(sets=["optimizer.learning_rate=3e-4"], flags={"lora_r": 16}) == 3e-4
+    assert lr(flags={"lora_r": 16, "optimizer.learning_rate": 5e-5}) == 5e-5
+
+
 def test_tutorial_alpaca_yaml_works_as_it_is(tmp_path):
     path = tmp_path / "alpaca-llama2.yaml"
     path.write_text(TUTORIAL_YAML)
@@ -152,7 +171,7 @@ def test_help_shows_the_defaults():
     from alpaca_cli.main import app
 
     out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "300"}).stdout
-    assert "Peak learning rate. Default: 2e-05. Config key: optimizer.learning_rate." in out
+    assert "Peak learning rate (with --lora-r: 2e-4). Default: 2e-05. Config key: optimizer.learning_rate." in out
     assert "Default: 3.0. Config key: epochs." in out
     prep = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "300"}).stdout
     assert "Default: 512. Config key: max_length." in prep

@@ -48,7 +48,7 @@ def train(
         Optional[int],
         _opt("Examples per optimizer step (packed rows are derived from it).", "trainer.train_batch_size", min=1),
     ] = None,
-    learning_rate: Annotated[Optional[float], _opt("Peak learning rate.", "optimizer.learning_rate")] = None,
+    learning_rate: Annotated[Optional[float], _opt("Peak learning rate (with --lora-r: 2e-4).", "optimizer.learning_rate")] = None,
     weight_decay: Annotated[Optional[float], _opt("AdamW weight decay.", "optimizer.weight_decay")] = None,
     warmup: Annotated[Optional[float], _opt("Warmup as a fraction of the steps.", "optimizer.warmup")] = None,
     lr_schedule: Annotated[Optional[str], _opt("cosine, linear or constant.", "optimizer.lr_schedule")] = None,
@@ -135,7 +135,7 @@ def train(
 
     from alpaca_cli import config as cfgmod
     from alpaca_cli import console, distributed, rundir
-    from alpaca_cli.train_config import TrainConfig, adapt_tutorial_yaml
+    from alpaca_cli.train_config import TrainConfig, adapt_tutorial_yaml, derived_defaults
 
     flags = {
         "model_name_or_path": model,
@@ -176,7 +176,8 @@ def train(
         if not dry_run:
             raise ConfigError("--target plans a run for another machine: use it with --dry-run")
         simulate_devices(topology.get(target).devices)  # before anything starts JAX
-    cfg = cfgmod.load_config(TrainConfig, config, set_, flags, file_adapter=adapt_tutorial_yaml)
+    cfg = cfgmod.load_config(TrainConfig, config, set_, flags, file_adapter=adapt_tutorial_yaml,
+                              derived_defaults=derived_defaults)
     distributed.initialize(coordinator_address, num_processes, process_id)
     from alpaca_cli.core import train as core
 
