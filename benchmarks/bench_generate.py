@@ -13,7 +13,8 @@ Rows:
 - per-token time at position ~10 and ~1,000: (time to generate N new tokens - time to generate 1) / (N - 1), after
   a warm-up call of the same shapes, for one prompt of 10 and of 1,000 tokens. Flat with the position means the cost
   of a token does not grow with the sequence (a cache); growing means recomputation.
-- tokens/s for one prompt and for a batch of prompts (10 to 1,000 tokens).
+- tokens/s for one prompt, for a batch of prompts (10 to 1,000 tokens), and for the same prompts one at a time
+  (batched and one-at-a-time outputs must be equal).
 - the outputs of every method are compared token for token (greedy, no early stop).
 """
 
@@ -127,23 +128,29 @@ def main() -> None:
                 outputs[(name, label)] = full
                 del one
             if fn is uncached:
-                timings["batch"] = float("nan")  # one request at a time
+                timings["batch"] = timings["serial"] = float("nan")  # too slow to matter
             else:
                 fn(batch, n)
+                for p in batch:
+                    fn([p], n)  # warm-up: every prompt length compiled once
                 t0 = time.perf_counter()
                 outputs[(name, "batch")] = fn(batch, n)
                 timings["batch"] = len(batch) * n / (time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                serial = [fn([p], n)[0] for p in batch]
+                timings["serial"] = len(batch) * n / (time.perf_counter() - t0)
+                outputs[(name, "serial")] = serial
             rows.append((name, timings))
             print(f"  measured: {name}", file=sys.stderr)
 
     print()
     print("| method | ms/token at ~10 | ms/token at ~1,000 | tokens/s, one 10-token prompt | tokens/s, one 1,000-token "
-          f"prompt | tokens/s, batch of {args.batch} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+          f"prompt | tokens/s, {args.batch} prompts in one batch | tokens/s, the same {args.batch} one at a time |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, t in rows:
-        batch_tps = "-" if np.isnan(t["batch"]) else f"{t['batch']:,.0f}"
+        batch_tps, serial_tps = ("-" if np.isnan(t[k]) else f"{t[k]:,.0f}" for k in ("batch", "serial"))
         print(f"| {name} | {1000 * t['10']:.2f} | {1000 * t['1000']:.2f} | {t['tps10']:,.0f} | {t['tps1000']:,.0f} | "
-              f"{batch_tps} |")
+              f"{batch_tps} | {serial_tps} |")
     ref = methods[2][0]
     print()
     for name, _ in methods[:2]:
@@ -151,6 +158,9 @@ def main() -> None:
         if (name, "batch") in outputs:
             same = same and outputs[(name, "batch")] == outputs[(ref, "batch")]
         print(f"{name}: outputs equal transformers' token for token: {same}")
+    for name, _ in (methods[0], methods[2]):
+        print(f"{name}: batched outputs equal one-at-a-time outputs: "
+              f"{outputs[(name, 'batch')] == outputs[(name, 'serial')]}")
 
 
 if __name__ == "__main__":
