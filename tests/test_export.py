@@ -181,3 +181,16 @@ def test_export_defaults_to_the_base_models_dtype(trained):
     with safe_open(os.path.join(run, "hf", "model.safetensors"), "pt") as f:
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
     assert open_run(run).export.outputs.dtype == "float16"
+
+
+def test_the_haliax_patch_fails_loudly_if_haliax_changes(monkeypatch):
+    """export silences haliax's barrier on non-writer hosts (a pod hang otherwise); if haliax renames it, patching
+    would silently do nothing, so the check refuses instead."""
+    from haliax._src import state_dict as hax_state_dict
+
+    from alpaca_cli.core import export
+
+    assert export._haliax_state_dict_module() is hax_state_dict  # the pinned haliax: what the patch expects
+    monkeypatch.delattr(hax_state_dict, "sync_global_devices")
+    with pytest.raises(RuntimeError, match="haliax changed"):
+        export._haliax_state_dict_module()
