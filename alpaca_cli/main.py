@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli import __version__, logs
+from alpaca_cli import __version__, interrupts, logs
 from alpaca_cli.commands import evaluate, export, generate, inspect, prepare, status, train
 from alpaca_cli import errors
 from alpaca_cli.errors import AlpacaError
@@ -66,6 +66,7 @@ def format_error(e: AlpacaError) -> str:
 def main() -> None:
     """Console entry point, and the one error boundary: every failure is one `Error: ...` line (and a hint) on
     stderr, never a traceback (ALPACA_DEBUG=1 shows it). Handled failures and bugs exit 1, Ctrl-C 130."""
+    interrupts.install()
     try:
         app()
     except (KeyboardInterrupt, SystemExit) as e:

@@ -3,7 +3,8 @@ name crosses a module boundary, and `alpaca --help` imports nothing heavy (test_
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
   0  errors, io                                  no alpaca imports but each other
-  1  config, distributed, logs, console, compat  settings, processes, logging, terminal output, newer JAX
+  1  config, distributed, logs, console,         settings, processes, logging, terminal output, newer JAX,
+     compat, interrupts                          Ctrl-C
   2  records, options                            typed stage records; the commands' shared flag aliases
   3  rundir, train_config                        the run directory; the Levanter-backed train config
   4  core.*                                      the work (no Typer, no printing)
@@ -28,6 +29,7 @@ LAYERS = {
     "alpaca_cli.logs": 1,
     "alpaca_cli.console": 1,
     "alpaca_cli.compat": 1,
+    "alpaca_cli.interrupts": 1,
     "alpaca_cli.records": 2,
     "alpaca_cli.options": 2,
     "alpaca_cli.rundir": 3,

@@ -187,6 +187,33 @@ def test_gcs_without_network_or_credentials_fails_at_once_in_one_line(tmp_path):
     assert error_line(no_credentials).startswith("Error: gs://bucket/run/manifest.json: no Google Cloud credentials")
 
 
+SWALLOWED = r"""
+import gc, os, signal
+from alpaca_cli import interrupts
+interrupts.install()
+
+def collecting(phase, info):  # a garbage-collection callback, as JAX registers one
+    if phase == "start":
+        os.kill(os.getpid(), signal.SIGINT)
+        sum(range(1000))  # the handler runs here; Python drops its KeyboardInterrupt ("Exception ignored in")
+
+gc.callbacks.append(collecting)
+gc.collect()
+gc.callbacks.remove(collecting)
+print("ran on")
+try:
+    interrupts.check()
+except KeyboardInterrupt:
+    print("stopped at the check")
+"""
+
+
+def test_a_ctrl_c_swallowed_by_a_gc_callback_still_stops_at_the_next_check():
+    out = subprocess.run([sys.executable, "-c", SWALLOWED], env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert "Exception ignored" in out.stderr and "KeyboardInterrupt" in out.stderr  # what Python does with it
+    assert out.stdout.split("\n")[:2] == ["ran on", "stopped at the check"], (out.stdout, out.stderr)
+
+
 def test_ctrl_c_says_how_to_continue_and_status_tells_what_happened(prepared, tiny_model_dir):
     proc = subprocess.Popen([ALPACA, "train", "--run-dir", prepared, "--model", tiny_model_dir, "--seq-len", "256",
                              "--batch-size", "4", "--epochs", "100", "-q"], env=cli_env(), stdout=subprocess.PIPE,

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from alpaca_cli import io
+from alpaca_cli import interrupts, io
 from alpaca_cli.config import PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
@@ -102,6 +102,7 @@ class Generator:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         with hax.partitioning.set_mesh(self.mesh), hax.axis_mapping(COMPUTE):
             for start in range(0, len(order), decoding.batch_size):
+                interrupts.check()
                 chunk = order[start : start + decoding.batch_size]
                 gens = self._decode([ids[i] for i in chunk], [rids[i] for i in chunk], decoding, pad)
                 done = []

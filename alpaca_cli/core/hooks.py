@@ -11,7 +11,7 @@ from levanter.callbacks import Callback, StepInfo
 
 from alpaca_cli import io
 from alpaca_cli.console import format_eta
-from alpaca_cli import distributed
+from alpaca_cli import distributed, interrupts
 from alpaca_cli.core.checkpoints import latest_checkpoint, list_checkpoints
 from alpaca_cli.core.plan import Plan
 from alpaca_cli.records import TrainProgress
@@ -274,6 +274,7 @@ class PreemptionHook(Callback):
             self._previous = None
 
     def on_step(self, info: StepInfo, force: bool = False):
+        interrupts.check()  # a Ctrl-C whose KeyboardInterrupt was swallowed stops here, at the latest
         stop = self.requested
         if distributed.process_count() > 1:
             from jax.experimental import multihost_utils
