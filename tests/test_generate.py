@@ -22,7 +22,9 @@ pytestmark = pytest.mark.entry
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_cached_decoding_equals_recomputing_the_whole_sequence(kind, tmp_path):
     """Prompts of different lengths in one batch, greedy and sampled: the cache changes nothing, and neither does the
-    batch a request shares (each request's sampling depends on its own key only)."""
+    batch a request shares (each request's sampling depends on its own key only). The lengths make three prefill
+    groups (three prompts of the 16-token bucket, one of them a padding row; one of 32; one of 64), and the answers
+    run past cache slot 64, where the decoding loop starts reading the whole 128-slot cache."""
     import haliax as hax
     import jax
 
@@ -38,19 +40,20 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(kind, tmp_path):
 
         cfg = Gpt2Config(seq_len=256, hidden_dim=32, num_layers=2, num_heads=4)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 60, size=n).tolist() for n in (5, 17, 40)]
+    prompts = [rng.integers(3, 60, size=n).tolist() for n in (5, 17, 40, 9, 12)]
     with hax.partitioning.set_mesh(local_mesh()):
         model = cfg.build(hax.Axis("vocab", 64), key=jax.random.PRNGKey(3))
         for temperature, top_p in ((0.0, 1.0), (1.0, 0.9)):
-            args = dict(max_new_tokens=24, max_len=256, eos_ids=[2], temperature=temperature, top_p=top_p, seed=7,
+            args = dict(max_new_tokens=70, max_len=256, eos_ids=[2], temperature=temperature, top_p=top_p, seed=7,
                         real_vocab=60)
-            cached = decode.generate(model, prompts, batch_size=4, **args)
+            cached = decode.generate(model, prompts, batch_size=6, **args)
             uncached = decode.generate_uncached(model, prompts, **args)
             assert [g.tokens for g in cached] == [g.tokens for g in uncached], temperature
             assert [g.finish for g in cached] == [g.finish for g in uncached]
             alone = decode.generate(model, prompts[1:2], request_ids=[1], **args)
             assert alone[0].tokens == cached[1].tokens  # not the batch's doing
             assert all(t < 60 for g in cached for t in g.tokens)  # never a padded vocabulary id
+            assert max(len(p) + len(g.tokens) for p, g in zip(prompts, cached)) > 64  # the second loop phase ran
 
 
 def test_generation_reproduces_memorised_responses(trained, tmp_path):
