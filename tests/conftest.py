@@ -1,6 +1,9 @@
 """Shared fixtures: everything offline, everything under tmp_path.
 
-- JAX on CPU with 4 fake devices, so sharded meshes run here.
+- JAX on CPU with 4 fake devices, so sharded meshes run here; one persistent compilation cache for the session, so
+  the many `alpaca` subprocesses that compile the same tiny programs compile each once.
+- Two workers (pytest-xdist, `-n 2`): a test marked `exclusive` (timing-sensitive: processes that must join within
+  gloo's fixed 30 s, a signal at a chosen moment) runs while no other test runs (see pytest_runtest_protocol).
 - The demo tokenizer shipped with the package (a Llama-2-style SentencePiece BPE) and tiny Llama checkpoints built
   from a Levanter config with random weights.
 - GCS through a real emulator (fake-gcs-server), one per session.
@@ -9,7 +12,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 
 # Before JAX, fsspec or huggingface_hub are imported anywhere.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -23,12 +28,53 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ["FSSPEC_GCS_TOKEN"] = "anon"
 for _var in ("GCE_METADATA_HOST", "GCE_METADATA_IP", "GCE_METADATA_ROOT"):
     os.environ[_var] = "127.0.0.1:1"  # no credential probe leaves the machine
+# The run's scratch folder (the compilation cache, the workers' lock), made by the process that starts the run; the
+# xdist workers and every subprocess inherit it.
+_OWNS_RUN = "ALPACA_TESTS_RUN" not in os.environ
+if _OWNS_RUN:
+    os.environ["ALPACA_TESTS_RUN"] = tempfile.mkdtemp(prefix="alpaca-tests-")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["ALPACA_TESTS_RUN"], "jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import pytest  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import ASSETS, DEMO_TOKENIZER, cli_env, write_jsonl  # noqa: E402,F401
+
+
+def _is_worker() -> bool:
+    return "PYTEST_XDIST_WORKER" in os.environ
+
+
+def pytest_unconfigure(config):
+    if _OWNS_RUN:
+        shutil.rmtree(os.environ.pop("ALPACA_TESTS_RUN"), ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A readers-writer lock across the xdist workers, held for a test's setup, call and teardown: an `exclusive`
+    test takes it alone, every other test shared. A turnstile keeps a waiting exclusive test from being overtaken
+    by the other worker's next tests."""
+    if not _is_worker():
+        yield
+        return
+    import fcntl
+
+    base = os.path.join(os.environ["ALPACA_TESTS_RUN"], "exclusive")
+    exclusive = item.get_closest_marker("exclusive") is not None
+    with open(base + ".turnstile", "a") as gate, open(base + ".lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session", autouse=True)

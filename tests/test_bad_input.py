@@ -167,6 +167,7 @@ def test_a_byte_order_mark_is_accepted(tmp_path, fixture_data, tokenizer_dir):
     assert prepared_examples(str(tmp_path / "bom")) == prepared_examples(str(tmp_path / "plain"))
 
 
+@pytest.mark.exclusive  # a time bound
 def test_gcs_without_network_or_credentials_fails_at_once_in_one_line(tmp_path):
     t0 = time.time()
     unreachable = run_cli(["status", "--run-dir", "gs://bucket/run"], check=False,
@@ -214,6 +215,7 @@ def test_a_ctrl_c_swallowed_by_a_gc_callback_still_stops_at_the_next_check():
     assert out.stdout.split("\n")[:2] == ["ran on", "stopped at the check"], (out.stdout, out.stderr)
 
 
+@pytest.mark.exclusive  # a signal at a chosen moment
 def test_ctrl_c_says_how_to_continue_and_status_tells_what_happened(prepared, tiny_model_dir):
     proc = subprocess.Popen([ALPACA, "train", "--run-dir", prepared, "--model", tiny_model_dir, "--seq-len", "256",
                              "--batch-size", "4", "--epochs", "100", "-q"], env=cli_env(), stdout=subprocess.PIPE,

@@ -13,6 +13,8 @@ from helpers import ALPACA, checkpoint_saved, cli_env, free_port, run_cli
 
 from alpaca_cli.rundir import open_run
 
+pytestmark = pytest.mark.exclusive  # processes that must join within gloo's fixed 30 s, alone on the machine
+
 TRAIN = ["--model", "demo", "--seq-len", "256", "--batch-size", "16", "--precision", "p=f32,c=f32", "-q"]
 
 
