@@ -14,7 +14,9 @@ Rows:
   a warm-up call of the same shapes, for one prompt of 10 and of 1,000 tokens. Flat with the position means the cost
   of a token does not grow with the sequence (a cache); growing means recomputation.
 - tokens/s for one prompt, for a batch of prompts (10 to 1,000 tokens), and for the same prompts one at a time
-  (batched and one-at-a-time outputs must be equal).
+  (batched and one-at-a-time outputs must be equal); then the same for a batch shaped like an evaluation set's
+  (AlpacaEval's instructions are mostly 20 to 120 tokens; its answers run to hundreds of tokens): prompts of 20 to
+  120 tokens, --answer-tokens new tokens each.
 - the outputs of every method are compared token for token (greedy, no early stop).
 """
 
@@ -41,6 +43,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=2048)
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt (default 64)")
     ap.add_argument("--batch", type=int, default=8, help="prompts in the batched rows (default 8)")
+    ap.add_argument("--answer-tokens", type=int, default=256,
+                    help="tokens generated per prompt for the batch of instruction-length prompts (default 256)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     args = ap.parse_args()
 
@@ -79,6 +83,7 @@ def main() -> None:
 
     short, long_ = prompt(10), prompt(1000)
     batch = [prompt(int(n)) for n in np.linspace(10, 1000, args.batch)]
+    instructions = [prompt(int(n)) for n in np.linspace(20, 120, args.batch)]
 
     mesh = local_mesh(all_devices=True)
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(COMPUTE), open_base_model(folder) as base:
@@ -86,9 +91,12 @@ def main() -> None:
         model = base.converter(tok).load_pretrained(lev_config.model_type, ref=base.ref, config=lev_config,
                                                     axis_mapping=None, resize_vocab_to_match_tokenizer=False)
 
+        # as `alpaca generate` does: the weights laid out once for the number of rows decoded together
+        laid_out = {rows: decode.layout_for(model, rows) for rows in (1, args.batch)}
+
         def cached(prompts, n):
-            return [g.tokens for g in decode.generate(model, prompts, max_new_tokens=n, max_len=args.context,
-                                                      batch_size=len(prompts))]
+            return [g.tokens for g in decode.generate(laid_out[len(prompts)], prompts, max_new_tokens=n,
+                                                      max_len=args.context, batch_size=len(prompts))]
 
         def uncached(prompts, n):
             return [g.tokens for g in decode.generate_uncached(model, prompts, max_new_tokens=n, max_len=args.context)]
@@ -127,40 +135,42 @@ def main() -> None:
                 timings[f"tps{label}"] = n / (t2 - t1)
                 outputs[(name, label)] = full
                 del one
-            if fn is uncached:
-                timings["batch"] = timings["serial"] = float("nan")  # too slow to matter
-            else:
-                fn(batch, n)
-                for p in batch:
-                    fn([p], n)  # warm-up: every prompt length compiled once
+            for key, prompts, m in (("batch", batch, n), ("evalset", instructions, args.answer_tokens)):
+                if fn is uncached:
+                    timings[key] = timings[f"{key}-serial"] = float("nan")  # too slow to matter
+                    continue
+                fn(prompts, m)
+                for p in prompts:
+                    fn([p], m)  # warm-up: every prompt length compiled once
                 t0 = time.perf_counter()
-                outputs[(name, "batch")] = fn(batch, n)
-                timings["batch"] = len(batch) * n / (time.perf_counter() - t0)
+                outputs[(name, key)] = fn(prompts, m)
+                timings[key] = len(prompts) * m / (time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                serial = [fn([p], n)[0] for p in batch]
-                timings["serial"] = len(batch) * n / (time.perf_counter() - t0)
-                outputs[(name, "serial")] = serial
+                outputs[(name, f"{key}-serial")] = [fn([p], m)[0] for p in prompts]
+                timings[f"{key}-serial"] = len(prompts) * m / (time.perf_counter() - t0)
             rows.append((name, timings))
             print(f"  measured: {name}", file=sys.stderr)
 
     print()
     print("| method | ms/token at ~10 | ms/token at ~1,000 | tokens/s, one 10-token prompt | tokens/s, one 1,000-token "
-          f"prompt | tokens/s, {args.batch} prompts in one batch | tokens/s, the same {args.batch} one at a time |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"prompt | tokens/s, {args.batch} prompts of 10-1,000 tokens in one batch | the same one at a time | "
+          f"tokens/s, {args.batch} prompts of 20-120 tokens, {args.answer_tokens} new each, in one batch | "
+          "the same one at a time |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, t in rows:
-        batch_tps, serial_tps = ("-" if np.isnan(t[k]) else f"{t[k]:,.0f}" for k in ("batch", "serial"))
+        rates = ("-" if np.isnan(t[k]) else f"{t[k]:,.0f}" for k in ("batch", "batch-serial", "evalset",
+                                                                         "evalset-serial"))
         print(f"| {name} | {1000 * t['10']:.2f} | {1000 * t['1000']:.2f} | {t['tps10']:,.0f} | {t['tps1000']:,.0f} | "
-              f"{batch_tps} | {serial_tps} |")
+              + " | ".join(rates) + " |")
     ref = methods[2][0]
     print()
     for name, _ in methods[:2]:
-        same = all(outputs[(name, k)] == outputs[(ref, k)] for k in ("10", "1000"))
-        if (name, "batch") in outputs:
-            same = same and outputs[(name, "batch")] == outputs[(ref, "batch")]
+        keys = ["10", "1000"] + (["batch", "evalset"] if (name, "batch") in outputs else [])
+        same = all(outputs[(name, k)] == outputs[(ref, k)] for k in keys)
         print(f"{name}: outputs equal transformers' token for token: {same}")
     for name, _ in (methods[0], methods[2]):
-        print(f"{name}: batched outputs equal one-at-a-time outputs: "
-              f"{outputs[(name, 'batch')] == outputs[(name, 'serial')]}")
+        same = all(outputs[(name, k)] == outputs[(name, f"{k}-serial")] for k in ("batch", "evalset"))
+        print(f"{name}: batched outputs equal one-at-a-time outputs: {same}")
 
 
 if __name__ == "__main__":

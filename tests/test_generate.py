@@ -24,7 +24,7 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(kind, tmp_path):
     """Prompts of different lengths in one batch, greedy and sampled: the cache changes nothing, and neither does the
     batch a request shares (each request's sampling depends on its own key only). The lengths make three prefill
     groups (three prompts of the 16-token bucket, one of them a padding row; one of 32; one of 64), and the answers
-    run past cache slot 64, where the decoding loop starts reading the whole 128-slot cache."""
+    run past cache slot 64, where the decoding loop grows the cache from 64 to 96 slots (40 + 56 new tokens)."""
     import haliax as hax
     import jax
 
@@ -43,10 +43,20 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(kind, tmp_path):
     prompts = [rng.integers(3, 60, size=n).tolist() for n in (5, 17, 40, 9, 12)]
     with hax.partitioning.set_mesh(local_mesh()):
         model = cfg.build(hax.Axis("vocab", 64), key=jax.random.PRNGKey(3))
+        batched = decode.layout_for(model, 6)  # on CPU, every projection's weight input-first: same values
+
+        def input_first(m) -> set[bool]:  # per projection: is the weight's last axis one of its outputs?
+            import haliax.nn as hnn
+
+            linears = jax.tree_util.tree_leaves(m, is_leaf=lambda x: isinstance(x, hnn.Linear))
+            return {lin.weight.axes[-1].name in {a.name for a in hax.axis_spec_to_tuple(lin.Out)}
+                    for lin in linears if isinstance(lin, hnn.Linear)}
+
+        assert input_first(batched) == {True} and input_first(decode.layout_for(batched, 1)) == {False}
         for temperature, top_p in ((0.0, 1.0), (1.0, 0.9)):
-            args = dict(max_new_tokens=70, max_len=256, eos_ids=[2], temperature=temperature, top_p=top_p, seed=7,
+            args = dict(max_new_tokens=56, max_len=256, eos_ids=[2], temperature=temperature, top_p=top_p, seed=7,
                         real_vocab=60)
-            cached = decode.generate(model, prompts, batch_size=6, **args)
+            cached = decode.generate(batched, prompts, batch_size=6, **args)
             uncached = decode.generate_uncached(model, prompts, **args)
             assert [g.tokens for g in cached] == [g.tokens for g in uncached], temperature
             assert [g.finish for g in cached] == [g.finish for g in uncached]
@@ -54,6 +64,51 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(kind, tmp_path):
             assert alone[0].tokens == cached[1].tokens  # not the batch's doing
             assert all(t < 60 for g in cached for t in g.tokens)  # never a padded vocabulary id
             assert max(len(p) + len(g.tokens) for p, g in zip(prompts, cached)) > 64  # the second loop phase ran
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_a_long_prompt_prefilled_in_causal_chunks_equals_the_models_own_call(kind):
+    """A prompt of 600 tokens (its 1,024-row bucket) is prefilled in four chunks of queries, each reading only the
+    keys up to its end: the logits after it equal the model's own call over the whole row, and greedy answers equal
+    recomputing the whole sequence per token. Gemma-2: a 100-token sliding window on its first layer (the window cuts
+    across chunks) and soft-capped attention and final logits."""
+    import haliax as hax
+    import jax
+    import jax.numpy as jnp
+    from levanter.layers.attention import AttentionMask
+
+    from alpaca_cli.core import decode
+    from alpaca_cli.core.logits import model_logits
+    from alpaca_cli.core.mesh import local_mesh
+
+    small = dict(seq_len=1024, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    if kind == "llama":
+        from levanter.models.llama import LlamaConfig
+
+        cfg = LlamaConfig(**small)
+    else:
+        from alpaca_cli.core.families import AlpacaGemma2Config
+
+        cfg = AlpacaGemma2Config(**small, head_dim=8, sliding_window=100,
+                                 layer_types=("sliding_attention", "full_attention"))
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(3, 60, size=600).tolist()
+    with hax.partitioning.set_mesh(local_mesh()):
+        model = cfg.build(hax.Axis("vocab", 64), key=jax.random.PRNGKey(5))
+        row = np.zeros(1024, np.int32)
+        row[:600] = prompt
+        expected = model_logits(model, hax.named(jnp.asarray(row), model.Pos), AttentionMask.causal()).array[599]
+        cache, first = decode._prefill(model, decode._empty_cache(model, 1, 1024, jnp.float32),
+                                       jnp.zeros((1, 64), jnp.float32), jnp.asarray([0]),
+                                       hax.named(jnp.asarray(row[None]), ("batch", "position")), jnp.asarray([600]))
+        np.testing.assert_allclose(np.asarray(first[0]), np.asarray(expected, np.float32), rtol=1e-4, atol=1e-5)
+
+        prompts = [prompt, prompt[:7]]
+        args = dict(max_new_tokens=6, max_len=1024, real_vocab=60)
+        reference = [g.tokens for g in decode.generate_uncached(model, prompts, **args)]
+        for rows in (2, 1):
+            cached = decode.generate(decode.layout_for(model, rows), prompts, batch_size=2, **args)
+            assert [g.tokens for g in cached] == reference
 
 
 def test_generation_reproduces_memorised_responses(trained, tmp_path):

@@ -4,9 +4,11 @@ compiled loop of one-token steps decodes the whole batch, with sampling and a pe
 Why not Levanter's InferenceEngine: in the pinned version only Llama and Qwen3 have a `decode`, its prefill off TPU
 is a one-query-at-a-time loop (20x slower than this on CPU for 1,000-token prompts), and it has no top-p. Here each
 family's own modules do the work (projections, norms, rotary embeddings, MLP or experts, as in training); only the
-cache write and the attention read over the cache are ours.
+cache write and the attention (Levanter's vanilla arithmetic, on raw arrays in the cache's layout) are ours.
 
-- The cache: one dense K and one V buffer per model, {layer, batch, kv_head, key_position, head_size}.
+- The cache: one dense K and one V buffer per model, K {layer, batch, kv_head, head_size, key_position} and V
+  {layer, batch, kv_head, key_position, head_size}. It starts just wider than the longest prompt and doubles when
+  the longest answer needs it.
 - Prompts are padded on the right; every row keeps its real positions (so rotary and learned position embeddings see
   exactly the unpadded prompt), and the causal test `key position <= query position` (with a sliding window where
   the family has one) is the only mask: a pad's cache slot is overwritten by the first generated token before any
@@ -28,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from haliax import NamedArray
-from levanter.layers.attention import AttentionBackend, dot_product_attention
 
 from alpaca_cli.core.families import final_logit_softcap
 
@@ -37,8 +38,8 @@ EOS, LENGTH = "eos", "length"
 
 
 class KVCache(eqx.Module):
-    k: NamedArray  # {layer, batch, kv_head, key_position, head_size}
-    v: NamedArray
+    k: NamedArray  # {layer, batch, kv_head, head_size, key_position}: keys last, so q.K is a plain matmul on CPU
+    v: NamedArray  # {layer, batch, kv_head, key_position, head_size}
 
 
 @dataclass
@@ -79,9 +80,53 @@ def _kv_dims(model) -> tuple[int, int]:
 
 def init_cache(model, batch: int, width: int, dtype) -> KVCache:
     kv_heads, head_size = _kv_dims(model)
-    shape = {"layer": model.config.num_layers, "batch": batch, "kv_head": kv_heads, "key_position": width,
-             "head_size": head_size}
-    return KVCache(hax.zeros(shape, dtype=dtype), hax.zeros(shape, dtype=dtype))
+    lead = {"layer": model.config.num_layers, "batch": batch, "kv_head": kv_heads}
+    return KVCache(hax.zeros({**lead, "head_size": head_size, "key_position": width}, dtype=dtype),
+                   hax.zeros({**lead, "key_position": width, "head_size": head_size}, dtype=dtype))
+
+
+def _grow(cache: KVCache, width: int) -> KVCache:
+    """The cache with `width` key slots, the new ones empty (one copy, once per decoding phase)."""
+    def pad(a: NamedArray) -> NamedArray:
+        axis = a.axis_indices("key_position")
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, width - a.array.shape[axis])
+        axes = tuple(ax.resize(width) if ax.name == "key_position" else ax for ax in a.axes)
+        return hax.named(jnp.pad(a.array, widths), axes)
+    return KVCache(pad(cache.k), pad(cache.v))
+
+
+def layout_for(model, rows: int):
+    """The model with its projection weights stored in the order that decoding `rows` rows at a time runs fastest
+    in on this platform: input-first ({..., in, out}) on CPU for more than one row, else Levanter's {..., out, in}.
+    The same values and names (haliax contracts by name), so every other use of the model is unchanged; holders
+    convert once (one copy of each weight while it is converted) and keep the result.
+
+    Why (XLA's CPU backend, jax 0.7.2, on this project's 2-core machine): a [rows, 512] x [1536, 512]^T product
+    takes 0.06 ms for one row and 0.83 ms for 8 (Eigen's path for a transposed right-hand side), 0.19 ms for 8
+    against [512, 1536]; but for one row XLA turns the input-first product into a loop that reads the weight across
+    its rows, and a decoding step of bench_generate.py's hidden-512 model got 4x slower (5.4 -> 21 ms). GPUs and
+    TPUs pick their own layouts: unchanged there."""
+    import haliax.nn as hnn
+
+    if jax.default_backend() != "cpu":
+        return model
+    first = "in" if rows > 1 else "out"
+
+    def names(spec) -> list[str]:
+        return [a.name for a in (spec if isinstance(spec, (tuple, list)) else (spec,))]
+
+    def relayout(m):
+        if not isinstance(m, hnn.Linear) or m.weight is None:
+            return m
+        ins, outs = names(m.In), names(m.Out)
+        other = [a.name for a in m.weight.axes if a.name not in ins + outs]
+        order = tuple(other + (ins + outs if first == "in" else outs + ins))
+        if tuple(a.name for a in m.weight.axes) == order:
+            return m
+        return eqx.tree_at(lambda lin: lin.weight, m, m.weight.rearrange(order))
+
+    return jax.tree_util.tree_map(relayout, model, is_leaf=lambda m: isinstance(m, hnn.Linear))
 
 
 # -- attention over the cache ----------------------------------------------------------------------------------------
@@ -89,29 +134,28 @@ def init_cache(model, batch: int, width: int, dtype) -> KVCache:
 
 @dataclass(frozen=True)
 class Span:
-    """Where new tokens go and what they see. rows: the cache row of each batch row (None: the same index; an
-    index past the cache drops the row's writes). prefill: whole prompts at positions 0..P-1. keys (static): a
-    decoding step reads only the first `keys` cache slots."""
+    """Where new tokens go. rows: the cache row of each batch row (None: the same index; an index past the cache
+    drops the row's writes). prefill: whole prompts at positions 0..P-1, which attend over their own keys."""
     rows: jax.Array | None = None
     prefill: bool = False
-    keys: int | None = None
 
 
-def _write(buf, layer_idx, rows, start, new):
-    """buf [layer, row, kv_head, key_position, head_size] with new [b, t, kv_head, head_size] written at layer
-    `layer_idx`, row rows[b] (b if rows is None; a row past the buffer writes nothing), positions start[b] + 0..t-1.
+def _write(buf, layer_idx, rows, start, new, keys_last: bool):
+    """buf [layer, row, kv_head, key_position, head_size] (keys_last: [layer, row, kv_head, head_size,
+    key_position]) with new [b, t, kv_head, head_size] written at layer `layer_idx`, row rows[b] (b if rows is None;
+    a row past the buffer writes nothing), positions start[b] + 0..t-1.
 
     One dynamic_update_slice per row, which XLA does in place. (A scatter, `buf.at[layer, rows, :, pos, :].set`,
     copied the whole cache at every layer of every step: 34 ms a step against 0.4 for a cache of 4 layers x 8 rows
     x 2,048 positions on this CPU; the copy grows with the cache times the layers.)"""
     n_rows = buf.shape[1]
     for b in range(new.shape[0]):
-        update = jnp.swapaxes(new[b], 0, 1)[None, None]  # [1, 1, kv_head, t, head_size]
+        block = jnp.transpose(new[b], (1, 2, 0) if keys_last else (1, 0, 2))[None, None]
         row = b if rows is None else jnp.minimum(rows[b], n_rows - 1)
-        at = (layer_idx, row, 0, start[b], 0)
+        at = (layer_idx, row, 0, 0, start[b]) if keys_last else (layer_idx, row, 0, start[b], 0)
         if rows is not None:  # a padding row (index past the buffer) puts back what is there
-            update = jnp.where(rows[b] < n_rows, update, jax.lax.dynamic_slice(buf, at, update.shape))
-        buf = jax.lax.dynamic_update_slice(buf, update, at)
+            block = jnp.where(rows[b] < n_rows, block, jax.lax.dynamic_slice(buf, at, block.shape))
+        buf = jax.lax.dynamic_update_slice(buf, block, at)
     return buf
 
 
@@ -121,34 +165,56 @@ def _attend(q, k, v, pos_ids, cache: KVCache, layer_idx, *, scaling_factor=None,
     {batch, position, kv_head, q_heads_per_group, head_size} over the keys at or before each query.
 
     prefill: the new tokens are whole prompts at positions 0..P-1, so they attend over their own keys (the cache
-    is only written). Else (a decoding step, rows = the cache's rows) over the cache's first `keys` slots (all if
-    None): slots past every active row's position are empty, so a static bound saves reading them."""
+    is only written). Else (a decoding step, rows = the cache's rows) over every slot of the cache (slots past a
+    row's position are masked)."""
     kn = k.rearrange(("batch", "position", "kv_head", "head_size")).array.astype(cache.k.dtype)
     vn = v.rearrange(("batch", "position", "kv_head", "head_size")).array.astype(cache.v.dtype)
     start = pos_ids.array[:, 0]  # a row's new tokens sit at consecutive positions
-    cache = KVCache(hax.named(_write(cache.k.array, layer_idx, span.rows, start, kn), cache.k.axes),
-                    hax.named(_write(cache.v.array, layer_idx, span.rows, start, vn), cache.v.axes))
-
+    cache = KVCache(hax.named(_write(cache.k.array, layer_idx, span.rows, start, kn, keys_last=True), cache.k.axes),
+                    hax.named(_write(cache.v.array, layer_idx, span.rows, start, vn, keys_last=False), cache.v.axes))
     if span.prefill:  # the same values a decoding step reads back from the cache (its dtype), without reading it
-        axes = ("batch", "key_position", "kv_head", "head_size")
-        kc, vc = hax.named(kn, axes), hax.named(vn, axes)
-        key_pos = pos_ids.rename({"position": "key_position"}).broadcast_axis(pos_ids.resolve_axis("position"))
+        keys, values = jnp.transpose(kn, (0, 2, 3, 1)), jnp.transpose(vn, (0, 2, 1, 3))
     else:
-        kc = cache.k["layer", layer_idx]
-        vc = cache.v["layer", layer_idx]
-        if span.keys is not None:
-            kc, vc = kc["key_position", hax.ds(0, span.keys)], vc["key_position", hax.ds(0, span.keys)]
-        key_pos = hax.arange(kc.resolve_axis("key_position")).broadcast_axis(pos_ids.axes)
-    mask = key_pos <= pos_ids
-    if window is not None:  # the layer sees the last `window` positions, the query's own included
-        mask = mask & (key_pos > pos_ids - window)
-    q = q.rearrange((..., "kv_head", "q_heads_per_group", "position", "head_size"))
-    out = dot_product_attention(
-        "position", "key_position", "head_size", q, kc.astype(q.dtype), vc.astype(q.dtype), mask,
-        attention_dtype=jnp.float32 if upcast else q.dtype, attn_backend=AttentionBackend.VANILLA,
-        scaling_factor=scaling_factor, logits_soft_cap=soft_cap, inference=True,
-    )
-    return out, cache
+        keys, values = cache.k.array[layer_idx], cache.v.array[layer_idx]
+    qa = q.rearrange(("batch", "kv_head", "q_heads_per_group", "position", "head_size")).array
+    query_pos = pos_ids.rearrange(("batch", "position")).array
+    kw = dict(scaling_factor=scaling_factor, soft_cap=soft_cap, upcast=upcast, window=window)
+    t = qa.shape[3]
+    if span.prefill and t >= 512:
+        # causal: a chunk of queries reads only the keys up to its last position (a 1,024-token prompt in 4 chunks
+        # computes 10/16 of the scores)
+        chunk = t // 4
+        out = jnp.concatenate([_attention(qa[:, :, :, c : c + chunk], keys[..., : c + chunk],
+                                          values[:, :, : c + chunk], query_pos[:, c : c + chunk], **kw)
+                               for c in range(0, t, chunk)], axis=3)
+    else:
+        out = _attention(qa, keys, values, query_pos, **kw)
+    return hax.named(out, ("batch", "kv_head", "q_heads_per_group", "position", "head_size")), cache
+
+
+def _attention(q, keys, values, query_pos, *, scaling_factor, soft_cap, upcast, window):
+    """q [b, kv_head, group, t, head_size] at query_pos [b, t] over keys [b, kv_head, head_size, w] and values
+    [b, kv_head, w, head_size] at positions 0..w-1: each query sees the keys at or before its position (the last
+    `window` of them where the layer has one).
+
+    Levanter's simple_attention_with_dropout (its VANILLA backend, which the model's own call uses here), step for
+    step, on raw arrays with the keys stored key-position-last, so the scores are a plain batched matmul. (Through
+    haliax's dot over keys stored {key_position, head_size}, XLA's CPU backend copied and transposed each layer's
+    keys at every step: a decoding step of 8 rows at position ~1,000 took 45 ms, 33 without the copies.)"""
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    adtype = jnp.float32 if upcast else q.dtype
+    if scaling_factor is None:
+        scaling_factor = 1.0 / jnp.sqrt(q.shape[-1])
+    scores = jnp.einsum("bkgtd,bkdw->bkgtw", (q * scaling_factor).astype(adtype), keys.astype(adtype))
+    if soft_cap is not None:
+        scores = jnp.tanh(scores / soft_cap) * soft_cap
+    key_pos = jnp.arange(keys.shape[-1])[None, None, :]
+    mask = key_pos <= query_pos[:, :, None]  # [b, t, w]
+    if window is not None:
+        mask = mask & (key_pos > query_pos[:, :, None] - window)
+    scores = jnp.where(mask[:, None, None], scores, -1e9)
+    weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgtw,bkwd->bkgtd", weights, values)
 
 
 def _cached_attention(attn, x, pos_ids, cache, layer_idx, window=None, span=Span()):
@@ -270,9 +336,10 @@ def sample(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax.Array:
 #
 # Three programs: an empty cache; the prefill of a group of prompts of one length bucket, written into their cache
 # rows (a batch of prompts of 10 and 1,000 tokens is not padded to 1,000 everywhere: each is prefilled at its own
-# bucket, as if alone); the decoding loop over the whole batch, whose attention reads only the cache slots the
-# longest active row has reached (a doubling bound), not the whole width. The cache is passed from one to the next
-# in place (donated) and replicated: its batch need not divide the devices.
+# bucket, as if alone); the decoding loop over the whole batch. The cache starts just wider than the longest prompt
+# and doubles (one copy) when the longest active row reaches its width, so attention reads only the slots some row
+# has reached, not the context's width. It is passed from one program to the next in place (donated) and
+# replicated: its batch need not divide the devices.
 
 
 @functools.partial(hax.named_jit, out_axis_resources={})
@@ -296,8 +363,9 @@ def _prefill(model, cache, first_logits, rows, prompts, prompt_lens):
 def _decode(model, cache, first_logits, prompt_lens, max_new, eos_ids, temperature, top_p, row_keys, real_vocab,
             key_bounds: tuple):
     """From the prefilled cache and each row's first logits: prompt_lens, max_new [B]; eos_ids [E] (-1: none);
-    row_keys [B, 2]; key_bounds (static): increasing cache-slot bounds, the last the cache's width W; each loop
-    phase reads only the slots below its bound. Returns (tokens [B, W] with -1 past n, n [B], hit_eos [B])."""
+    row_keys [B, 2]; key_bounds (static): the cache's widths phase by phase, increasing, the first its width now,
+    the last W; a phase runs while every active row's next token fits. Returns (tokens [B, W] with -1 past n, n [B],
+    hit_eos [B])."""
     B = prompt_lens.shape[0]
     W = key_bounds[-1]
     vocab_ok = jnp.arange(model.Vocab.size) < real_vocab
@@ -324,7 +392,10 @@ def _decode(model, cache, first_logits, prompt_lens, max_new, eos_ids, temperatu
     state = (cache, out, n, done, hit, tok, at)
 
     for bound in key_bounds:
-        def cond(state, bound=bound):  # the token at `at` reads slots 0..at: every active row below the bound
+        if state[0].k.resolve_axis("key_position").size < bound:
+            state = (_grow(state[0], bound),) + state[1:]
+
+        def cond(state, bound=bound):  # the token at `at` is written to slot `at`: every active row below the width
             done, at = state[3], state[6]
             return ~jnp.all(done) & (jnp.max(jnp.where(done, 0, at)) < bound)
 
@@ -332,7 +403,7 @@ def _decode(model, cache, first_logits, prompt_lens, max_new, eos_ids, temperatu
             cache, out, n, done, hit, tok, at = state
             tokens = hax.named(tok[:, None], ("batch", "position"))
             pos = hax.named(jnp.minimum(at, W - 1)[:, None], ("batch", "position"))
-            act, cache = forward_cached(model, tokens, pos, cache, Span(keys=bound))
+            act, cache = forward_cached(model, tokens, pos, cache)
             logits = _logits(model, act["position", 0])
             at = jnp.where(done, at, at + 1)
             tok = pick(logits, at)
@@ -344,11 +415,12 @@ def _decode(model, cache, first_logits, prompt_lens, max_new, eos_ids, temperatu
     return out, n, hit
 
 
-def _bucket(n: int, low: int, high: int) -> int:
+def _bucket(n: int, low: int, high: int, *, halves: bool = False) -> int:
+    """The smallest of low * 2^k (halves: and low * 1.5 * 2^k) that holds n, at most high."""
     b = low
-    while b < n:
+    while b < n and not (halves and b + b // 2 >= n):
         b *= 2
-    return min(b, high)
+    return min(b + b // 2 if b < n else b, high)
 
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, eos_ids=(),
@@ -363,18 +435,22 @@ def generate(model, prompts: list[list[int]], *, max_new_tokens: int, max_len: i
         raise ValueError(f"a prompt is {longest} tokens long; the model's rows hold {max_len}")
     B0 = len(prompts)
     B = max(B0, batch_size or B0)
-    W = max(_bucket(longest, 16, max_len), _bucket(min(max_len, longest + max_new_tokens), 64, max_len))
+    # the cache's last width: within 1.5x of what the longest answer needs (a 1,000-token prompt and 64 new tokens
+    # decode over 1,536 slots, not 2,048), never less than the prefill's rows
+    W = max(_bucket(longest, 16, max_len),
+            _bucket(min(max_len, longest + max_new_tokens), 64, max_len, halves=True))
     bounds = [_bucket(longest + 1, 64, W)]
     while bounds[-1] < W:
         bounds.append(min(2 * bounds[-1], W))
 
     dtype = model.get_lm_head().dtype
-    cache = _empty_cache(model, B, W, dtype)
+    cache = _empty_cache(model, B, bounds[0], dtype)
     first = jnp.zeros((B, model.Vocab.size), jnp.float32)
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(_bucket(len(p), 16, max_len), []).append(i)
     for P, rows in sorted(groups.items()):  # all of a bucket's prompts in one call (at most B of them)
+        assert P <= bounds[0], (P, bounds)  # the prompts fit the cache as it starts
         g = _bucket(len(rows), 1, B)
         ids = np.full((g, P), pad_id, np.int32)
         lens = np.ones((g,), np.int32)

@@ -91,6 +91,7 @@ class Generator:
         import haliax as hax
 
         ids = [self.prompt_ids(r) for r in requests]
+        rows = min(decoding.batch_size, len(requests)) or 1  # one request is decoded alone, not among empty rows
         for i, p in enumerate(ids):
             if len(p) >= self.max_len:
                 raise DataError(f"request {i} is {len(p)} tokens long; the model's rows hold {self.max_len}",
@@ -101,10 +102,11 @@ class Generator:
         tok = self.tokenizer
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         with hax.partitioning.set_mesh(self.mesh), hax.axis_mapping(COMPUTE):
-            for start in range(0, len(order), decoding.batch_size):
+            self.model = decode.layout_for(self.model, rows)
+            for start in range(0, len(order), rows):
                 interrupts.check()
-                chunk = order[start : start + decoding.batch_size]
-                gens = self._decode([ids[i] for i in chunk], [rids[i] for i in chunk], decoding, pad)
+                chunk = order[start : start + rows]
+                gens = self._decode([ids[i] for i in chunk], [rids[i] for i in chunk], decoding, rows, pad)
                 done = []
                 for i, g in zip(chunk, gens):
                     text = tok.decode(g.tokens, skip_special_tokens=True)
@@ -114,12 +116,12 @@ class Generator:
                     on_batch(done)
         return answers  # type: ignore[return-value]
 
-    def _decode(self, prompts, rids, d: Decoding, pad: int) -> list[decode.Generation]:
+    def _decode(self, prompts, rids, d: Decoding, rows: int, pad: int) -> list[decode.Generation]:
         kwargs = dict(max_new_tokens=d.max_new_tokens, max_len=self.max_len, eos_ids=self.eos_ids,
                       temperature=d.temperature, top_p=d.top_p, seed=d.seed, request_ids=rids, pad_id=pad,
                       real_vocab=len(self.tokenizer))
         if decode.supports(self.model):
-            return decode.generate(self.model, prompts, batch_size=d.batch_size, **kwargs)
+            return decode.generate(self.model, prompts, batch_size=rows, **kwargs)
         return decode.generate_uncached(self.model, prompts, **kwargs)
 
 
