@@ -98,7 +98,8 @@ def _grow(cache: KVCache, width: int) -> KVCache:
 
 def layout_for(model, rows: int):
     """The model with its projection weights stored in the order that decoding `rows` rows at a time runs fastest
-    in on this platform: input-first ({..., in, out}) on CPU for more than one row, else Levanter's {..., out, in}.
+    in on this platform: input-first ({..., in, out}) on CPU for more than one row, else output-first ({..., out,
+    in}: most of Levanter's modules; GPT-2's are input-first).
     The same values and names (haliax contracts by name), so every other use of the model is unchanged; holders
     convert once (one copy of each weight while it is converted) and keep the result.
 
@@ -111,17 +112,14 @@ def layout_for(model, rows: int):
 
     if jax.default_backend() != "cpu":
         return model
-    first = "in" if rows > 1 else "out"
-
-    def names(spec) -> list[str]:
-        return [a.name for a in (spec if isinstance(spec, (tuple, list)) else (spec,))]
+    input_first = rows > 1
 
     def relayout(m):
         if not isinstance(m, hnn.Linear) or m.weight is None:
             return m
-        ins, outs = names(m.In), names(m.Out)
+        ins, outs = ([a.name for a in hax.axis_spec_to_tuple(spec)] for spec in (m.In, m.Out))
         other = [a.name for a in m.weight.axes if a.name not in ins + outs]
-        order = tuple(other + (ins + outs if first == "in" else outs + ins))
+        order = tuple(other + (ins + outs if input_first else outs + ins))
         if tuple(a.name for a in m.weight.axes) == order:
             return m
         return eqx.tree_at(lambda lin: lin.weight, m, m.weight.rearrange(order))
@@ -418,9 +416,12 @@ def _decode(model, cache, first_logits, prompt_lens, max_new, eos_ids, temperatu
 def _bucket(n: int, low: int, high: int, *, halves: bool = False) -> int:
     """The smallest of low * 2^k (halves: and low * 1.5 * 2^k) that holds n, at most high."""
     b = low
-    while b < n and not (halves and b + b // 2 >= n):
+    while True:
+        if b >= n:
+            return min(b, high)
+        if halves and b + b // 2 >= n:
+            return min(b + b // 2, high)
         b *= 2
-    return min(b + b // 2 if b < n else b, high)
 
 
 def generate(model, prompts: list[list[int]], *, max_new_tokens: int, max_len: int, eos_ids=(),
