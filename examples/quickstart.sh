@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline, offline, on CPU, on the built-in demo: a 48-record data set written for this project, a
 # Llama-2-style SentencePiece tokenizer and a tiny Llama-shaped model created locally (180k parameters).
-# prepare -> train -> export (verified against transformers when torch is installed) -> generate.
+# prepare -> train -> export (verified against transformers when torch is installed) -> generate -> eval.
 # Usage: bash examples/quickstart.sh [RUN_DIR]      (default: $TMPDIR/alpaca-quickstart; rerunning it reuses the run)
 set -euo pipefail
 RUN="${1:-${TMPDIR:-/tmp}/alpaca-quickstart}"
@@ -25,5 +25,8 @@ echo '$ alpaca generate "What is the capital of Kenya?"'
 alpaca generate "What is the capital of Kenya?" --run-dir "$RUN"
 echo '$ alpaca generate "Give the plural of the noun." --input child --from-export '"$RUN/hf"
 alpaca generate "Give the plural of the noun." --input child --run-dir "$RUN" --from-export "$RUN/hf"
+
+echo "== alpaca eval (loss and EOS-stop rate on the demo records it was trained on)"
+alpaca eval --data demo --run-dir "$RUN"
 
 echo "== done in $(( $(date +%s) - start )) s; see: alpaca status --run-dir $RUN"

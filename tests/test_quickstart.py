@@ -24,6 +24,10 @@ def test_quickstart_script_runs_and_the_model_answers(tmp_path):
     assert lines[kenya + 1] == "The capital of Kenya is Nairobi."
     assert "children" in lines[kenya + 2:]
     assert any(line.startswith("verify: largest |logit difference|") for line in lines)
+    # `alpaca eval --data demo`: the built-in records it memorised, every answer stopped by EOS
+    row = next(line for line in lines if line.startswith("│ step-119 "))
+    cells = [c.strip() for c in row.strip("│").split("│")]
+    assert cells[1] == "48" and float(cells[3]) < 0.05 and cells[5] == "100.0% (48/48)", row
     # a user sees results and progress, not our internals or a library's
     for noise in ("Traceback", "Prompt lengths", "Added special tokens", "WARNING", "Error:"):
         assert noise not in out, noise

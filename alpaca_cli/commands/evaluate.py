@@ -13,14 +13,15 @@ Examples:
   alpaca eval --data held_out.jsonl --run-dir runs/llama2-alpaca --base     the fine-tuned model beside the base model
   alpaca eval --data held_out.jsonl --run-dir runs/x --step 499 --json
   alpaca eval --data held_out.jsonl --from-export runs/x/hf
+  alpaca eval --data demo --run-dir runs/demo                               the built-in records (the quickstart's)
 Scores go to the run's manifest and, when the run has an export, to its model card.
 """
 
 
 def eval_(
     data: Annotated[
-        str, typer.Option(help="Held-out Alpaca records (.json/.jsonl, local or gs://), read with the run's field "
-                          "names and prepared like its training data.", show_default=False)
+        str, typer.Option(help="Held-out Alpaca records (.json/.jsonl, local or gs://, or `demo`: the built-in 48), "
+                          "read with the run's field names and prepared like its training data.", show_default=False)
     ],
     run_dir: RunDirOpt = None,
     step: Annotated[Optional[int], typer.Option(help="Score RUN/checkpoints/step-N instead of the final checkpoint.",
@@ -40,6 +41,7 @@ def eval_(
     from alpaca_cli import rundir
     from alpaca_cli.config import PrepareConfig
     from alpaca_cli.core import evaluate as core
+    from alpaca_cli.core.defaults import resolve_builtin_data
     from alpaca_cli.core.generate import load_generator
     from alpaca_cli.errors import ConfigError
     from alpaca_cli.records import EvalRecord
@@ -50,7 +52,8 @@ def eval_(
     if base and run is None:
         raise ConfigError("--base needs the run (--run-dir): its base model is the one training started from")
     pcfg = run.require_prepare().config if run is not None else PrepareConfig()
-    held_out = core.held_out(pcfg, data)
+    path = resolve_builtin_data(data)  # `demo`, as prepare reads it
+    held_out = core.held_out(pcfg, path)
     gen = load_generator(run, from_export=from_export, step=step)
     label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
     scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
@@ -62,7 +65,7 @@ def eval_(
     if run is not None:
         from alpaca_cli.core.data import load_records
 
-        source = load_records(cfgmod.replace(pcfg, data=data)).source
+        source = load_records(cfgmod.replace(pcfg, data=path)).source
         run.start_stage("eval", EvalRecord(data=data, source=source, scores=scores))
         run.complete_stage("eval")
         if run.export is not None and run.export.complete:
@@ -87,9 +90,10 @@ def _print_table(scores, data: str) -> None:
     from alpaca_cli import console
 
     t = Table(title=f"held-out: {data}")
-    for col in ("model", "examples", "trained tokens", "loss", "perplexity", "EOS-stop rate"):
+    eos = f"EOS-stop rate (≤{scores[0].max_new_tokens} tokens)"
+    for col in ("model", "examples", "trained tokens", "loss", "perplexity", eos):
         t.add_column(col, justify="left" if col == "model" else "right")
     for s in scores:
         t.add_row(s.model, f"{s.examples:,}", f"{s.trained_tokens:,}", f"{s.loss:.4f}", f"{s.perplexity:,.2f}",
-                  f"{100 * s.eos_stop_rate:.1f}% ({s.eos_stopped}/{s.prompts} within {s.max_new_tokens} tokens)")
+                  f"{100 * s.eos_stop_rate:.1f}% ({s.eos_stopped}/{s.prompts})")
     console.stdout.print(t)
