@@ -123,6 +123,41 @@ def test_generation_reproduces_memorised_responses(trained, tmp_path):
     assert [json.loads(line)["output"] for line in many.stdout.splitlines()] == [r["output"] for r in records]
 
 
+@pytest.mark.exclusive  # two processes that must join (jax.distributed), alone on the machine
+def test_generate_and_eval_on_every_host_of_a_pod_answer_once(trained, tmp_path):
+    """The same command on both hosts of a (simulated) pod: process 0 generates or scores and writes, the other waits
+    for it and exits 0 having written and printed nothing; the answers equal one process's. An error on process 0
+    stops both with its message."""
+    from helpers import free_port, launch, wait_all
+
+    run, _, records = trained
+    records = [records[i] for i in (0, 1, 3)]
+    requests = write_jsonl(str(tmp_path / "requests.jsonl"),
+                           [{"instruction": r["instruction"], "input": r.get("input", "")} for r in records])
+    two, one = str(tmp_path / "two.json"), str(tmp_path / "one.json")
+    outs = wait_all(launch(["generate", "--file", requests, "--output", two, "--run-dir", run, "-q"], free_port()))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert "3 answers in" in outs[0][2] and "answers in" not in outs[1][2] and outs[1][1] == ""
+    run_cli(["generate", "--file", requests, "--output", one, "--run-dir", run, "-q"])
+    with open(two) as f, open(one) as g:
+        answers = json.load(f)
+        assert answers == json.load(g)
+    assert [a["output"] for a in answers] == [r["output"] for r in records]
+
+    outs = wait_all(launch(["eval", "--data", requests.replace("requests", "held_out"), "--run-dir", run, "--json",
+                            "--max-new-tokens", "64"], free_port()))
+    assert [rc for rc, _, _ in outs] != [0, 0]  # held_out.jsonl does not exist yet: both stop, with process 0's error
+    assert all("held_out.jsonl" in err for _, _, err in outs), outs
+    held_out = write_jsonl(str(tmp_path / "held_out.jsonl"), records)
+    outs = wait_all(launch(["eval", "--data", held_out, "--run-dir", run, "--json", "--max-new-tokens", "64"],
+                           free_port()))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    scores = json.loads(outs[0][1])
+    assert outs[1][1] == "" and scores[0]["eos_stop_rate"] == 1.0 and scores[0]["loss"] < 0.1
+    st = open_run(run).eval
+    assert st.complete and (st.writer.process_index, st.writer.process_count) == (0, 2)
+
+
 def test_a_file_of_requests_survives_a_kill_and_writes_alpaca_evals_format(trained, tmp_path):
     """The base model never stops on its own, so every answer takes the full budget: slow enough to be killed half
     way. The rerun answers only what is missing, and the result equals an uninterrupted run's."""

@@ -5,41 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
-from helpers import ALPACA, checkpoint_saved, cli_env, free_port, run_cli
+from helpers import checkpoint_saved, cli_env, free_port, launch, run_cli, wait_all
 
 from alpaca_cli.rundir import open_run
 
 pytestmark = pytest.mark.exclusive  # processes that must join within gloo's fixed 30 s, alone on the machine
 
 TRAIN = ["--model", "demo", "--seq-len", "256", "--batch-size", "16", "--precision", "p=f32,c=f32", "-q"]
-
-
-def launch(args, port, *, n=2, devices=2, extra=None, flags=False):
-    """n processes of `alpaca ARGS` on localhost, told of each other by the environment variables or, with
-    flags=True, by the README's flags (--coordinator-address, --num-processes, --process-id)."""
-    procs = []
-    for i in range(n):
-        where = {"ALPACA_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "ALPACA_NUM_PROCESSES": n, "ALPACA_PROCESS_ID": i}
-        cmd = [ALPACA, *args]
-        if flags:
-            cmd += ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", str(n), "--process-id", str(i)]
-            where = {}
-        env = cli_env(devices=devices, ALPACA_HEARTBEAT_TIMEOUT=10, **where, **(extra or {}))
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, start_new_session=True))
-    return procs
-
-
-def wait_all(procs, timeout=600):
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=timeout)
-        outs.append((p.returncode, out, err))
-    return outs
 
 
 def read(url):

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import RunDirOpt
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt
 
 EXAMPLES = """\b
 Examples:
@@ -15,6 +15,7 @@ Examples:
   alpaca eval --data held_out.jsonl --from-export runs/x/hf
   alpaca eval --data demo --run-dir runs/demo                               the built-in records (the quickstart's)
 Scores go to the run's manifest and, when the run has an export, to its model card.
+On a pod, run the same command on every host: host 0 scores on its own devices and writes, the others wait.
 """
 
 
@@ -33,8 +34,24 @@ def eval_(
     max_new_tokens: Annotated[int, typer.Option(help="Tokens an answer may take before it counts as not stopping.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Examples scored together.")] = 8,
     json_: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
 ) -> None:
     """Score a model on held-out records: loss, perplexity and how often it stops on its own."""
+    from alpaca_cli import distributed
+    from alpaca_cli.errors import ConfigError
+
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
+    if base and from_export is not None and run_dir is None:
+        raise ConfigError("--base needs the run (--run-dir): its base model is the one training started from")
+    distributed.initialize(coordinator_address, num_processes, process_id)
+    distributed.on_writer(lambda: _score(data, run_dir, step, from_export, base, max_new_tokens, batch_size, json_),
+                          encode=lambda _: None, decode=lambda _: None)  # the others of a pod wait for process 0
+
+
+def _score(data, run_dir, step, from_export, base, max_new_tokens, batch_size, json_) -> None:
     import json
 
     from alpaca_cli import config as cfgmod
@@ -43,14 +60,9 @@ def eval_(
     from alpaca_cli.core import evaluate as core
     from alpaca_cli.core.defaults import resolve_builtin_data
     from alpaca_cli.core.generate import load_generator
-    from alpaca_cli.errors import ConfigError
     from alpaca_cli.records import EvalRecord
 
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
     run = rundir.open_run(run_dir) if (from_export is None or run_dir is not None) else None
-    if base and run is None:
-        raise ConfigError("--base needs the run (--run-dir): its base model is the one training started from")
     pcfg = run.require_prepare().config if run is not None else PrepareConfig()
     path = resolve_builtin_data(data)  # `demo`, as prepare reads it
     held_out = core.held_out(pcfg, path)

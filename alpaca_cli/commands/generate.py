@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import QuietOpt, RunDirOpt
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt
 
 EXAMPLES = """\b
 Examples:
@@ -16,6 +16,7 @@ Examples:
       (AlpacaEval's 805 prompts, its alpaca-7b decoding; rerun after a kill to continue)
   alpaca generate "Name a primary color." --from-export runs/x/hf
   alpaca generate --file prompts.jsonl --output base.jsonl --base --run-dir runs/x     (the base model's answers)
+On a pod, run the same command on every host: host 0 generates on its own devices and writes, the others wait.
 """
 
 
@@ -53,11 +54,14 @@ def generate(
                            "2,048 new tokens (flags given beside it win).")
     ] = False,
     quiet: QuietOpt = False,
+    coordinator_address: CoordinatorOpt = None,
+    num_processes: NumProcessesOpt = None,
+    process_id: ProcessIdOpt = None,
 ) -> None:
     """Answer an instruction (or a file of them) with the run's template."""
     import sys
 
-    from alpaca_cli import console, io, rundir
+    from alpaca_cli import console, distributed, io, rundir
     from alpaca_cli.core import generate as core
     from alpaca_cli.errors import ConfigError
 
@@ -77,27 +81,32 @@ def generate(
         seed=seed,
         batch_size=batch_size,
     )
-    requests = core.read_requests(file) if file else [core.Request(instruction or "", input or "")]
     if output:
         output = io.normalize(output)
         if not output.endswith(core.OUTPUT_FORMATS):
             raise ConfigError(f"--output {output}: use a .json (AlpacaEval) or .jsonl file name")
-    run = None
-    if from_export is None or run_dir is not None:
-        run = rundir.open_run(run_dir)
-    gen = core.load_generator(run, from_export=from_export, step=step, base=base)
-    if file is None:
-        typer.echo(gen.generate(requests, decoding)[0].text)
-        return
-    name = generator or ((run.name + ("-base" if base else "")) if run is not None
-                         else from_export.rstrip("/").rsplit("/", 1)[-1])
-    if output:
-        answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
-        console.stderr.print(f"{answered + resumed} answers in {output}"
-                             + (f" ({resumed} from an earlier, interrupted run)" if resumed else ""))
-        return
-    answers = gen.generate(requests, decoding)
-    import json
+    distributed.initialize(coordinator_address, num_processes, process_id)
 
-    for r, a in zip(requests, answers):
-        sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")
+    def work() -> None:  # on one process: the others of a pod wait for it (and raise its error, if any)
+        requests = core.read_requests(file) if file else [core.Request(instruction or "", input or "")]
+        run = None
+        if from_export is None or run_dir is not None:
+            run = rundir.open_run(run_dir)
+        gen = core.load_generator(run, from_export=from_export, step=step, base=base)
+        if file is None:
+            typer.echo(gen.generate(requests, decoding)[0].text)
+            return
+        name = generator or ((run.name + ("-base" if base else "")) if run is not None
+                             else from_export.rstrip("/").rsplit("/", 1)[-1])
+        if output:
+            answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
+            console.stderr.print(f"{answered + resumed} answers in {output}"
+                                 + (f" ({resumed} from an earlier, interrupted run)" if resumed else ""))
+            return
+        answers = gen.generate(requests, decoding)
+        import json
+
+        for r, a in zip(requests, answers):
+            sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")
+
+    distributed.on_writer(work, encode=lambda _: None, decode=lambda _: None)
