@@ -124,10 +124,10 @@ def test_generation_reproduces_memorised_responses(trained, tmp_path):
 
 
 @pytest.mark.exclusive  # two processes that must join (jax.distributed), alone on the machine
-def test_generate_and_eval_on_every_host_of_a_pod_answer_once(trained, tmp_path):
-    """The same command on both hosts of a (simulated) pod: process 0 generates or scores and writes, the other waits
-    for it and exits 0 having written and printed nothing; the answers equal one process's. An error on process 0
-    stops both with its message."""
+def test_generate_and_eval_on_every_host_of_a_pod_decode_together(trained, tmp_path):
+    """The same command on both hosts of a (simulated) pod, two processes of two devices: they load the model sharded
+    over all four devices and decode in step; process 0 alone prints and writes. The answers and scores equal one
+    process's. An error reading the input on process 0 stops both with its message."""
     from helpers import free_port, launch, wait_all
 
     run, _, records = trained
@@ -137,25 +137,40 @@ def test_generate_and_eval_on_every_host_of_a_pod_answer_once(trained, tmp_path)
     two, one = str(tmp_path / "two.json"), str(tmp_path / "one.json")
     outs = wait_all(launch(["generate", "--file", requests, "--output", two, "--run-dir", run, "-q"], free_port()))
     assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert all("sharded over 4 devices of 2 processes" in err for _, _, err in outs), outs
     assert "3 answers in" in outs[0][2] and "answers in" not in outs[1][2] and outs[1][1] == ""
     run_cli(["generate", "--file", requests, "--output", one, "--run-dir", run, "-q"])
     with open(two) as f, open(one) as g:
         answers = json.load(f)
         assert answers == json.load(g)
     assert [a["output"] for a in answers] == [r["output"] for r in records]
-
-    outs = wait_all(launch(["eval", "--data", requests.replace("requests", "held_out"), "--run-dir", run, "--json",
-                            "--max-new-tokens", "64"], free_port()))
-    assert [rc for rc, _, _ in outs] != [0, 0]  # held_out.jsonl does not exist yet: both stop, with process 0's error
-    assert all("held_out.jsonl" in err for _, _, err in outs), outs
-    held_out = write_jsonl(str(tmp_path / "held_out.jsonl"), records)
-    outs = wait_all(launch(["eval", "--data", held_out, "--run-dir", run, "--json", "--max-new-tokens", "64"],
-                           free_port()))
+    # a file cut short by a kill after its first answer: process 0 finds that answer, both decode the other two
+    resumed = str(tmp_path / "resumed.json")
+    key = {"decoding": {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "seed": 0},
+           "generator": answers[0]["generator"]}
+    with open(resumed + ".partial.jsonl", "w") as f:
+        f.write(json.dumps({"index": 0, "key": key, **answers[0], "output": "(from the partial file)"}) + "\n")
+    outs = wait_all(launch(["generate", "--file", requests, "--output", resumed, "--run-dir", run, "-q"], free_port()))
     assert [rc for rc, _, _ in outs] == [0, 0], outs
-    scores = json.loads(outs[0][1])
-    assert outs[1][1] == "" and scores[0]["eos_stop_rate"] == 1.0 and scores[0]["loss"] < 0.1
+    said = " ".join(outs[0][2].split())  # the console wraps long lines
+    assert "3 answers in" in said and "(1 from an earlier, interrupted run)" in said
+    with open(resumed) as f:
+        assert json.load(f) == [{**answers[0], "output": "(from the partial file)"}, *answers[1:]]
+
+    held_out = str(tmp_path / "held_out.jsonl")
+    args = ["eval", "--data", held_out, "--run-dir", run, "--json", "--max-new-tokens", "64"]
+    outs = wait_all(launch(args, free_port()))  # no held_out.jsonl yet: both stop, with process 0's error
+    assert all(rc != 0 and "held_out.jsonl" in err for rc, _, err in outs), outs
+    write_jsonl(held_out, records)
+    outs = wait_all(launch(args, free_port()))
+    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    assert outs[1][1] == ""
     st = open_run(run).eval
     assert st.complete and (st.writer.process_index, st.writer.process_count) == (0, 2)
+    alone = json.loads(run_cli(args).stdout)
+    for x, y in zip(json.loads(outs[0][1]), alone):
+        assert x["eos_stop_rate"] == y["eos_stop_rate"] == 1.0 and x["trained_tokens"] == y["trained_tokens"]
+        assert abs(x["loss"] - y["loss"]) < 1e-5
 
 
 def test_a_file_of_requests_survives_a_kill_and_writes_alpaca_evals_format(trained, tmp_path):

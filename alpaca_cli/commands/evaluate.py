@@ -15,7 +15,7 @@ Examples:
   alpaca eval --data held_out.jsonl --from-export runs/x/hf
   alpaca eval --data demo --run-dir runs/demo                               the built-in records (the quickstart's)
 Scores go to the run's manifest and, when the run has an export, to its model card.
-On a pod, run the same command on every host: host 0 scores on its own devices and writes, the others wait.
+On a pod, run the same command on every host: they score together (the model sharded over all of them); host 0 writes.
 """
 
 
@@ -39,33 +39,31 @@ def eval_(
     process_id: ProcessIdOpt = None,
 ) -> None:
     """Score a model on held-out records: loss, perplexity and how often it stops on its own."""
-    from alpaca_cli import distributed
+    import dataclasses
+    import json
+
+    from alpaca_cli import config as cfgmod
+    from alpaca_cli import distributed, rundir
+    from alpaca_cli.config import PrepareConfig
+    from alpaca_cli.core import evaluate as core
+    from alpaca_cli.core.defaults import resolve_builtin_data
+    from alpaca_cli.core.generate import Request, load_generator
     from alpaca_cli.errors import ConfigError
+    from alpaca_cli.records import EvalRecord
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
     if base and from_export is not None and run_dir is None:
         raise ConfigError("--base needs the run (--run-dir): its base model is the one training started from")
     distributed.initialize(coordinator_address, num_processes, process_id)
-    distributed.on_writer(lambda: _score(data, run_dir, step, from_export, base, max_new_tokens, batch_size, json_),
-                          encode=lambda _: None, decode=lambda _: None)  # the others of a pod wait for process 0
-
-
-def _score(data, run_dir, step, from_export, base, max_new_tokens, batch_size, json_) -> None:
-    import json
-
-    from alpaca_cli import config as cfgmod
-    from alpaca_cli import rundir
-    from alpaca_cli.config import PrepareConfig
-    from alpaca_cli.core import evaluate as core
-    from alpaca_cli.core.defaults import resolve_builtin_data
-    from alpaca_cli.core.generate import load_generator
-    from alpaca_cli.records import EvalRecord
-
-    run = rundir.open_run(run_dir) if (from_export is None or run_dir is not None) else None
+    writer = distributed.is_writer()  # several processes (a pod's hosts) score together; process 0 writes and prints
+    run = rundir.open_run(run_dir, writer=writer) if (from_export is None or run_dir is not None) else None
     pcfg = run.require_prepare().config if run is not None else PrepareConfig()
     path = resolve_builtin_data(data)  # `demo`, as prepare reads it
-    held_out = core.held_out(pcfg, path)
+    held_out = distributed.on_writer(
+        lambda: core.held_out(pcfg, path),
+        encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
+        decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
     gen = load_generator(run, from_export=from_export, step=step)
     label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
     scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
@@ -74,6 +72,8 @@ def _score(data, run_dir, step, from_export, base, max_new_tokens, batch_size, j
         base_gen = load_generator(run, base=True)
         scores.append(core.score(base_gen, held_out, pcfg, label="base", max_new_tokens=max_new_tokens,
                                  batch_size=batch_size))
+    if not writer:
+        return
     if run is not None:
         from alpaca_cli.core.data import load_records
 

@@ -16,7 +16,7 @@ Examples:
       (AlpacaEval's 805 prompts, its alpaca-7b decoding; rerun after a kill to continue)
   alpaca generate "Name a primary color." --from-export runs/x/hf
   alpaca generate --file prompts.jsonl --output base.jsonl --base --run-dir runs/x     (the base model's answers)
-On a pod, run the same command on every host: host 0 generates on its own devices and writes, the others wait.
+On a pod, run the same command on every host: they decode together (the model sharded over all of them); host 0 writes.
 """
 
 
@@ -59,6 +59,8 @@ def generate(
     process_id: ProcessIdOpt = None,
 ) -> None:
     """Answer an instruction (or a file of them) with the run's template."""
+    import dataclasses
+    import json
     import sys
 
     from alpaca_cli import console, distributed, io, rundir
@@ -86,27 +88,33 @@ def generate(
         if not output.endswith(core.OUTPUT_FORMATS):
             raise ConfigError(f"--output {output}: use a .json (AlpacaEval) or .jsonl file name")
     distributed.initialize(coordinator_address, num_processes, process_id)
-
-    def work() -> None:  # on one process: the others of a pod wait for it (and raise its error, if any)
-        requests = core.read_requests(file) if file else [core.Request(instruction or "", input or "")]
-        run = None
-        if from_export is None or run_dir is not None:
-            run = rundir.open_run(run_dir)
-        gen = core.load_generator(run, from_export=from_export, step=step, base=base)
-        if file is None:
-            typer.echo(gen.generate(requests, decoding)[0].text)
-            return
-        name = generator or ((run.name + ("-base" if base else "")) if run is not None
-                             else from_export.rstrip("/").rsplit("/", 1)[-1])
-        if output:
-            answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
+    # several processes (a pod's hosts): all of them decode together, over all their devices; process 0 reads the
+    # requests (the others get them from it), prints and writes
+    writer = distributed.is_writer()
+    if file:
+        requests = distributed.on_writer(lambda: core.read_requests(file),
+                                         encode=lambda rs: [dataclasses.asdict(r) for r in rs],
+                                         decode=lambda rs: [core.Request(**r) for r in rs])
+    else:
+        requests = [core.Request(instruction or "", input or "")]
+    run = None
+    if from_export is None or run_dir is not None:
+        run = rundir.open_run(run_dir, writer=writer)
+    gen = core.load_generator(run, from_export=from_export, step=step, base=base)
+    if file is None:
+        text = gen.generate(requests, decoding)[0].text
+        if writer:
+            typer.echo(text)
+        return
+    name = generator or ((run.name + ("-base" if base else "")) if run is not None
+                         else from_export.rstrip("/").rsplit("/", 1)[-1])
+    if output:
+        answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
+        if writer:
             console.stderr.print(f"{answered + resumed} answers in {output}"
                                  + (f" ({resumed} from an earlier, interrupted run)" if resumed else ""))
-            return
-        answers = gen.generate(requests, decoding)
-        import json
-
+        return
+    answers = gen.generate(requests, decoding)
+    if writer:
         for r, a in zip(requests, answers):
             sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")
-
-    distributed.on_writer(work, encode=lambda _: None, decode=lambda _: None)

@@ -19,7 +19,7 @@ from alpaca_cli import interrupts, io
 from alpaca_cli.config import PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
-from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
+from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh, pod_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.errors import ConfigError, DataError
 from alpaca_cli.rundir import RunDir
@@ -131,7 +131,12 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
     the run's base model as training started from it ([PAD] rows added as training adds them)."""
     import haliax as hax
 
-    mesh = local_mesh(all_devices=True)
+    from alpaca_cli import distributed
+
+    # several processes (a pod's hosts): one mesh over all their devices, every process running the same steps
+    mesh = pod_mesh() if distributed.process_count() > 1 else local_mesh(all_devices=True)
+    if distributed.process_count() > 1:
+        logger.info("the model sharded over %d devices of %d processes", mesh.devices.size, distributed.process_count())
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(FSDP):
         if from_export:
             from alpaca_cli.core.models import open_base_model
@@ -225,14 +230,19 @@ def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, out
 
     Progress goes to OUTPUT.partial.jsonl (one line per finished request, with its index and the decoding that made
     it) as batches finish; a rerun with the same requests and decoding skips what is there. The output is written
-    whole at the end (atomically), then the progress file is removed."""
+    whole at the end (atomically), then the progress file is removed.
+    Several processes: all of them generate (in step), process 0 alone reads and writes the files."""
+    from alpaca_cli import distributed
+
     if not output.endswith(OUTPUT_FORMATS):
         raise ConfigError(f"--output {output}: use a .json (AlpacaEval) or .jsonl file name")
+    writer = distributed.is_writer()
+    progress = progress if writer else None
     partial = output + ".partial.jsonl"
     key = {"decoding": {k: getattr(decoding, k) for k in ("max_new_tokens", "temperature", "top_p", "seed")},
            "generator": generator}
     done: dict[int, dict] = {}
-    if io.exists(partial):
+    if writer and io.exists(partial):
         for line in io.read_text(partial).splitlines():
             try:
                 rec = json.loads(line)
@@ -241,6 +251,8 @@ def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, out
             if rec.get("key") == key and 0 <= rec.get("index", -1) < len(requests) and \
                     rec.get("instruction") == requests[rec["index"]].instruction:
                 done[rec["index"]] = rec
+    # what process 0 found, on every process: they must decode the same requests
+    done = {int(i): rec for i, rec in distributed.broadcast({str(i): rec for i, rec in done.items()}).items()}
     todo = [i for i in range(len(requests)) if i not in done]
     resumed = len(done)
     if resumed:
@@ -256,7 +268,8 @@ def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, out
             rec = {"index": i, "key": key, **output_record(requests[i], a, generator), "finish": a.finish}
             done[i] = rec
             lines.append(json.dumps(rec, ensure_ascii=False) + "\n")
-        io.write_text_atomic(partial, "".join(lines))  # whole lines only, even if killed mid-write
+        if writer:
+            io.write_text_atomic(partial, "".join(lines))  # whole lines only, even if killed mid-write
         if progress is not None:
             progress.advance(len(batch))
 
@@ -267,6 +280,8 @@ def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, out
         if progress is not None:
             progress.stop()
     records = [{k: v for k, v in done[i].items() if k not in ("index", "key", "finish")} for i in range(len(requests))]
+    if not writer:
+        return len(todo), resumed
     if output.endswith(".json"):
         io.write_text_atomic(output, json.dumps(records, ensure_ascii=False, indent=2) + "\n")
     else:

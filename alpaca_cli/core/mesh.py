@@ -21,3 +21,13 @@ def local_mesh(all_devices: bool = False):
 
     devices = jax.local_devices() if all_devices else jax.local_devices()[:1]
     return Mesh(np.array(devices).reshape(1, -1, 1), AXES)
+
+
+def pod_mesh():
+    """Every device of every process (a pod's hosts together), for work that all processes run in step: generate
+    and eval on several hosts."""
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices()).reshape(1, -1, 1), AXES)
