@@ -1,4 +1,5 @@
-"""Meshes outside the trainer (export, generate, tests): this process's own devices, with Levanter's axis names."""
+"""Meshes outside the trainer (export, generate, eval, tests), with Levanter's axis names: this process's own
+devices, or every process's (pod_mesh)."""
 
 from __future__ import annotations
 
