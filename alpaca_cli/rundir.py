@@ -78,6 +78,9 @@ def package_versions() -> dict[str, Optional[str]]:
 @dataclass
 class Manifest:
     schema_version: int = SCHEMA_VERSION
+    run_id: str = ""
+    """The run's identity, made once with the manifest: checkpoints and caches record it, so a copied-in checkpoint
+    or one left by a run whose manifest was replaced is never taken for this run's own."""
     alpaca_version: str = ""
     created: str = ""
     updated: Optional[str] = None
@@ -88,6 +91,7 @@ class Manifest:
 
         obj = {
             "schema_version": self.schema_version,
+            "run_id": self.run_id,
             "alpaca_version": self.alpaca_version,
             "created": self.created,
             "updated": self.updated,
@@ -109,7 +113,9 @@ class Manifest:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise RunDirError(f"{path}: the `{name}` record is malformed ({first})",
                                   hint="restore the manifest, or start a new --run-dir") from None
-        return cls(schema_version=obj["schema_version"], alpaca_version=obj.get("alpaca_version", ""),
+        # a manifest written before runs had an identity gets one (saved with the next write)
+        return cls(schema_version=obj["schema_version"], run_id=obj.get("run_id") or new_run_id(),
+                   alpaca_version=obj.get("alpaca_version", ""),
                    created=obj.get("created", ""), updated=obj.get("updated"), stages=stages)
 
 
@@ -187,6 +193,10 @@ class RunDir:
     def export_dir(self) -> str:
         """The default export directory."""
         return self.path("hf")
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest.run_id
 
     @property
     def name(self) -> str:
@@ -347,7 +357,13 @@ def _pid_alive(pid: int) -> bool:
 def _empty_manifest() -> Manifest:
     from alpaca_cli import __version__
 
-    return Manifest(schema_version=SCHEMA_VERSION, alpaca_version=__version__, created=now())
+    return Manifest(schema_version=SCHEMA_VERSION, run_id=new_run_id(), alpaca_version=__version__, created=now())
+
+
+def new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
 
 
 def read_manifest(url: str) -> Optional[Manifest]:

@@ -108,3 +108,13 @@ def test_default_run_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.delenv("ALPACA_RUN_DIR")
     monkeypatch.chdir(tmp_path)
     assert open_run(None, create=True).url == str(tmp_path / "alpaca-run")
+
+
+def test_each_run_has_its_own_identity_which_survives_reopening(tmp_path):
+    a = open_run(str(tmp_path / "a"), create=True)
+    a.save()
+    b = open_run(str(tmp_path / "b"), create=True)
+    b.save()
+    assert a.run_id and b.run_id and a.run_id != b.run_id
+    assert open_run(str(tmp_path / "a")).run_id == a.run_id
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["run_id"] == a.run_id
