@@ -141,6 +141,23 @@ def rm_tree(url: str) -> None:
         fs.rm(path, recursive=True)
 
 
+def rm_file(url: str) -> None:
+    """Delete one file; nothing when it is not there."""
+    fs, path = fs_and_path(url)
+    if fs.exists(path):
+        fs.rm_file(path)
+
+
+def move(src: str, dst: str) -> None:
+    """Move a folder (a rename on local disks; a copy and delete on object stores)."""
+    if not is_remote(src):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        os.rename(src, dst)
+        return
+    fs, path = fs_and_path(src)
+    fs.mv(path, fs_and_path(dst)[1], recursive=True)
+
+
 def listdir(url: str) -> list[str]:
     """Names (not paths) directly under url; empty if it does not exist."""
     fs, path = fs_and_path(url)

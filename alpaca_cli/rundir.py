@@ -9,7 +9,8 @@ RUN/
   data/stats.json    what prepare counted
   data/val/<fp>/     held-out records (--val-data) prepared like the training data
   base/              the base model's config.json (and generation_config.json): export and generate need no Hub
-  checkpoints/       Levanter checkpoints (step-N/)
+  checkpoints/       Levanter checkpoints (step-N/), each sealed (seal.py) when whole
+  checkpoints-unusable/  checkpoints a resume found damaged or not this run's, moved aside (never deleted)
   metrics.jsonl      one JSON object per training step
   logs/              log files (local runs)
   hf/                the exported Hugging Face checkpoint (default export directory)
@@ -163,6 +164,11 @@ class RunDir:
     @property
     def checkpoints_dir(self) -> str:
         return self.path("checkpoints")
+
+    @property
+    def unusable_checkpoints_dir(self) -> str:
+        """Where a resume moves checkpoints that are not whole or not this run's (never deleted)."""
+        return self.path("checkpoints-unusable")
 
     def checkpoint_dir(self, step: int) -> str:
         """Levanter's name for the checkpoint saved after step + 1 optimizer updates."""

@@ -208,15 +208,11 @@ def copy_tree(src: str, dst: str) -> str:
 
 
 def checkpoint_saved(checkpoint_url: str) -> bool:
-    """Whether a checkpoint's save has finished: its metadata.json (Levanter writes it last) exists *and* parses.
-    Existing is not enough: on local disk the file is created empty and written a moment later."""
-    from alpaca_cli import io
+    """Whether a checkpoint's save has finished: it is sealed (alpaca_cli/seal.py: written after Levanter's
+    metadata.json, once every array is in place)."""
+    from alpaca_cli import seal
 
-    try:
-        json.loads(io.read_text(checkpoint_url.rstrip("/") + "/metadata.json"))
-        return True
-    except (FileNotFoundError, ValueError):
-        return False
+    return seal.read(checkpoint_url.rstrip("/")) is not None
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:

@@ -2,7 +2,7 @@
 name crosses a module boundary, and `alpaca --help` imports nothing heavy (test_cli.py).
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
-  0  errors, io                                  no alpaca imports but each other
+  0  errors, io, seal                            no alpaca imports but each other
   1  config, distributed, logs, console,         settings, processes, logging, terminal output, newer JAX,
      compat, interrupts                          Ctrl-C
   2  records, options                            typed stage records; the commands' shared flag aliases
@@ -24,6 +24,7 @@ LAYERS = {
     "alpaca_cli": 0,
     "alpaca_cli.errors": 0,
     "alpaca_cli.io": 0,
+    "alpaca_cli.seal": 0,
     "alpaca_cli.config": 1,
     "alpaca_cli.distributed": 1,
     "alpaca_cli.logs": 1,

@@ -142,7 +142,7 @@ def test_overflow_policies(tmp_path, fixture_data, tokenizer_dir):
 
     with pytest.raises(DataError, match=r"record \d+ is \d+ tokens long, over --max-length 100"):
         run_prepare(tmp_path, fixture_data, tokenizer_dir, name="err", max_length=100, on_overflow="error")
-    assert not cachemod.is_complete(str(tmp_path / "err" / "data" / "cache"))
+    assert "has no alpaca-seal.json" in cachemod.problem(str(tmp_path / "err" / "data" / "cache"), "any")
     assert open_run(str(tmp_path / "err")).prepare.status == "failed"
 
 

@@ -130,6 +130,7 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path,
     # and a later save that the kill interrupted: Levanter had created its metadata.json but not yet written it
     interrupted = os.path.join(killed, "checkpoints", "step-14")
     shutil.copytree(os.path.join(killed, "checkpoints", "step-10"), interrupted, dirs_exist_ok=True)
+    os.remove(os.path.join(interrupted, "alpaca-seal.json"))  # never sealed: the seal comes after metadata.json
     open(os.path.join(interrupted, "metadata.json"), "w").close()
     out = run_cli(["train", "--run-dir", killed, *args[:-1]])
     assert "Resuming from the checkpoint after step" in out.stderr

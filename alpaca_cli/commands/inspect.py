@@ -45,7 +45,7 @@ def inspect(
 
     run = rundir.open_run(run_dir)
     run.require_prepare()
-    prepared = cachemod.open_cache(run.cache_dir)
+    prepared = cachemod.open_run_cache(run)
     sources = prepared.source_indices()
     start = 0 if index is None else int(sources.searchsorted(index))
     if index is not None and (start >= len(sources) or sources[start] != index):

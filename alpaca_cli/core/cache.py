@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from alpaca_cli import io
+from alpaca_cli import seal
 from alpaca_cli.errors import RunDirError
-
-LEDGER = "shard_ledger.json"  # written by Levanter's SerialCacheWriter when (and only when) the cache is complete
 
 EXEMPLAR = {
     "input_ids": np.zeros((0,), dtype=np.int32),
@@ -31,8 +29,19 @@ def labels(input_ids: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return np.where(targets.astype(bool), input_ids, IGNORE_INDEX).astype(np.int64)
 
 
-def is_complete(cache_dir: str) -> bool:
-    return io.exists(io.join(cache_dir, LEDGER))
+def identity(fingerprint: str) -> dict:
+    """What a cache's seal records: the fingerprint of the inputs it was prepared from."""
+    return {"fingerprint": fingerprint}
+
+
+def problem(cache_dir: str, fingerprint: str) -> str | None:
+    """None when the cache is whole and prepared from these inputs (its seal checked), else what is wrong."""
+    return seal.problem(cache_dir, identity(fingerprint))
+
+
+def seal_cache(cache_dir: str, fingerprint: str) -> None:
+    """Seal a finished cache (after Levanter's writer closed it with its ledger): its files, sizes and fingerprint."""
+    seal.write(cache_dir, identity(fingerprint))
 
 
 @dataclass
@@ -77,10 +86,19 @@ class PreparedCache:
         return self.store.tree["source_index"].data[0:n].read().result().astype(np.int64)
 
 
-def open_cache(cache_dir: str) -> PreparedCache:
+def open_cache(cache_dir: str, fingerprint: str | None = None, *, rebuild: str = "run `alpaca prepare` again"
+               ) -> PreparedCache:
+    """A finished cache, refused unless whole (and, given a fingerprint, prepared from those inputs)."""
     from levanter.store.tree_store import TreeStore
 
-    if not is_complete(cache_dir):
-        raise RunDirError(f"the token cache at {cache_dir} is incomplete; run `alpaca prepare` again to finish it")
+    why = seal.problem(cache_dir, identity(fingerprint) if fingerprint else {})
+    if why is not None:
+        raise RunDirError(f"the token cache at {cache_dir} {why}", hint=f"{rebuild}: it rebuilds the cache")
     store = TreeStore.open(EXEMPLAR, cache_dir, mode="r", cache_metadata=True)
     return PreparedCache(store=store)
+
+
+def open_run_cache(run) -> PreparedCache:
+    """The run's prepared cache (RunDir run), refused unless whole and the one its prepare record describes."""
+    return open_cache(run.cache_dir, run.require_prepare().fingerprint,
+                      rebuild=f"run `alpaca prepare --run-dir {run.url}` again with the same inputs")

@@ -12,10 +12,11 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from alpaca_cli import io
+from alpaca_cli import io, seal
 from alpaca_cli.core.models import BaseModel, open_model_folder
 from alpaca_cli.errors import StageError
 from alpaca_cli.rundir import RunDir
@@ -68,70 +69,157 @@ class Checkpoint:
     path: str
     step: int
     """Levanter's step number: the checkpoint directory is step-<step>, saved after step + 1 optimizer updates."""
+    problem: str | None = None
+    """None when the checkpoint is whole and this run's (its seal checked), else what is wrong with it."""
 
 
 def checkpoint_step(path: str) -> int:
-    """The step a complete checkpoint (one with metadata.json) was saved at."""
+    """The step a checkpoint (one with metadata.json) was saved at."""
     return int(json.loads(io.read_text(io.join(path, "metadata.json")))["step"])
 
 
-def list_checkpoints(run: RunDir) -> list[Checkpoint]:
-    """Complete checkpoints (those with a readable metadata.json: Levanter writes it last, and an asynchronous
-    save may be writing it right now), oldest first."""
+def identity(run: RunDir, step: int) -> dict:
+    """What a checkpoint's seal records it belongs to."""
+    return {"run_id": run.run_id, "step": int(step)}
+
+
+def seal_every_save(checkpointer, run: RunDir) -> None:
+    """Seal (alpaca_cli/seal.py) every checkpoint `checkpointer` saves once Levanter has committed it: process 0
+    writes it in Levanter's commit callback, after every process's arrays and Levanter's metadata.json are in place,
+    so a checkpoint is sealed only when it is whole. A failure to seal fails the next save (Levanter re-raises)."""
+    save = checkpointer.save_checkpoint
+
+    def save_checkpoint(info, destination, commit_callback=None, **kwargs):
+        path, step = io.join(checkpointer.base_path, destination), int(info.step)
+
+        def committed():
+            seal.write(path, identity(run, step))
+            if commit_callback is not None:
+                commit_callback()
+
+        return save(info, destination, commit_callback=committed, **kwargs)
+
+    checkpointer.save_checkpoint = save_checkpoint
+
+
+def _folders(run: RunDir) -> list[tuple[str, str]]:
+    return [(name, io.join(run.checkpoints_dir, name)) for name in io.listdir(run.checkpoints_dir)
+            if name.startswith("step-")]
+
+
+def sealed_checkpoints(run: RunDir) -> list[Checkpoint]:
+    """This run's sealed checkpoints, oldest first, from their seals alone (cheap: no listing of their files). What
+    retention counts and progress reports; `scan_checkpoints` checks the files too."""
     out = []
-    for name in io.listdir(run.checkpoints_dir):
-        path = io.join(run.checkpoints_dir, name)
-        try:
-            out.append(Checkpoint(path=path, step=checkpoint_step(path)))
-        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
-            continue  # ValueError covers json's JSONDecodeError (an empty or half-written file)
+    for _, path in _folders(run):
+        record = seal.read(path)
+        mine = record is not None and (record.get("identity") or {}).get("run_id") == run.run_id
+        if mine:
+            out.append(Checkpoint(path=path, step=int(record["identity"]["step"])))
     return sorted(out, key=lambda c: c.step)
 
 
+def scan_checkpoints(run: RunDir) -> list[Checkpoint]:
+    """Every checkpoint folder with a readable metadata.json (an asynchronous save may be writing it right now, and
+    a kill can leave it empty), oldest first, each with its problem (None: whole and this run's)."""
+    out = []
+    for _, path in _folders(run):
+        try:
+            step = checkpoint_step(path)
+        except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+            continue  # ValueError covers json's JSONDecodeError (an empty or half-written file)
+        out.append(Checkpoint(path=path, step=step, problem=seal.problem(path, identity(run, step))))
+    return sorted(out, key=lambda c: c.step)
+
+
+def is_whole(run: RunDir, path: str) -> bool:
+    """Whether the checkpoint at path is whole and this run's (its files checked against its seal)."""
+    if not _has_metadata(path):
+        return False
+    return seal.problem(path, identity(run, checkpoint_step(path))) is None
+
+
 def latest_checkpoint(run: RunDir) -> str | None:
-    """The newest complete checkpoint. Not Levanter's discover_latest_checkpoint: it json-loads every metadata.json
-    it sees and crashes on one that an asynchronous save is writing right now."""
-    complete = list_checkpoints(run)
-    return complete[-1].path if complete else None
+    """The newest sealed checkpoint of this run."""
+    sealed = sealed_checkpoints(run)
+    return sealed[-1].path if sealed else None
 
 
-def discard_incomplete_checkpoints(run: RunDir) -> list[str]:
-    """Delete the checkpoint directories that have no readable metadata.json (a save interrupted by a kill or a
-    preemption), on the writer, before training starts. Call on every process: the others wait for it.
+def delete_checkpoint(path: str) -> None:
+    """Delete a checkpoint so that a deletion cut short (a kill, a preemption) never leaves one that looks whole:
+    its seal goes first, Levanter's metadata.json second, the arrays last."""
+    seal.remove(path)
+    io.rm_file(io.join(path, "metadata.json"))
+    io.rm_tree(path)
 
-    Upstream symptom (levanter 1.2.dev1644): a kill -9 between Levanter opening step-N/metadata.json and closing it
-    leaves the file empty on local disk; from then on every resume dies in discover_latest_checkpoint with
-    `JSONDecodeError: Expecting value` (the trainer's initial_state and the Checkpointer both call it). Remove this
-    when Levanter skips unreadable metadata."""
+
+def resume_point(run: RunDir) -> str | None:
+    """The newest whole checkpoint of this run, for training to resume from (None: start from the base model). Call
+    on every process: the writer decides, the others get its answer (or its error).
+
+    Before that, on the writer: a folder with neither a readable metadata.json nor a seal (a save cut short by a kill)
+    is deleted, as Levanter would trip over any folder without a readable metadata.json (upstream symptom, levanter 1.2.dev1644: discover_latest_checkpoint
+    json-loads every metadata.json and dies with `JSONDecodeError` on an empty one); a checkpoint that is not whole or
+    not this run's is moved aside to RUN/checkpoints-unusable/ with a warning, so neither Levanter nor retention ever
+    takes it for the run's own, and nothing is lost. With no whole checkpoint but unusable ones, nothing is moved and
+    the resume is refused: training from the base model again is the user's decision."""
     from alpaca_cli import distributed
 
-    def discard() -> list[str]:
-        complete = {c.path for c in list_checkpoints(run)}
-        gone = []
-        for name in io.listdir(run.checkpoints_dir):
-            path = io.join(run.checkpoints_dir, name)
-            if name.startswith("step-") and path not in complete:
+    def decide() -> str | None:
+        found = scan_checkpoints(run)
+        unusable = [(c.path, c.problem) for c in found if c.problem is not None]
+        for _, path in _folders(run):
+            if _has_metadata(path):
+                continue
+            if seal.read(path) is None:
                 logger.info("Deleting the incomplete checkpoint %s (its save was interrupted)", path)
                 io.rm_tree(path)
-                gone.append(path)
-        return gone
+            else:
+                unusable.append((path, "has no readable metadata.json"))
+        whole = [c for c in found if c.problem is None]
+        if unusable and not whole:
+            path, why = unusable[-1]
+            raise StageError(f"no whole checkpoint of run {run.url} to resume from: {path} {why}",
+                             hint=f"restore it from a copy, or move it out of {run.checkpoints_dir} to train again "
+                                  "from the base model")
+        for path, why in unusable:
+            aside = io.join(run.unusable_checkpoints_dir, f"{os.path.basename(path)}-{int(time.time())}")
+            logger.warning("Checkpoint %s %s: moved aside to %s; resuming from %s", path, why, aside, whole[-1].path)
+            io.move(path, aside)
+        return whole[-1].path if whole else None
 
-    return distributed.on_writer(discard)  # the others wait for it, and get its error if it fails
+    return distributed.on_writer(decide)
+
+
+def _has_metadata(path: str) -> bool:
+    try:
+        checkpoint_step(path)
+        return True
+    except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
+        return False
 
 
 def find_checkpoint(run: RunDir, step: int | None = None) -> Checkpoint:
-    """The final checkpoint of a finished run, or the one of the given step."""
+    """The final checkpoint of a finished run, or the one of the given step; refused unless whole and the run's own."""
+    found = scan_checkpoints(run)
+    whole = ", ".join(f"step-{c.step}" for c in found if c.problem is None) or "none"
     if step is None:
         final = run.require_train().final_checkpoint
-        if not final or not io.exists(io.join(run.resolve(final), "metadata.json")):
-            raise StageError(f"the final checkpoint of run {run.url} is missing; run `alpaca train --run-dir {run.url}`")
-        return Checkpoint(path=run.resolve(final), step=checkpoint_step(run.resolve(final)))
-    available = list_checkpoints(run)
-    for c in available:
-        if c.step == step:
-            return c
-    names = ", ".join(f"step-{c.step}" for c in available) or "none"
-    raise StageError(f"no checkpoint step-{step} in {run.checkpoints_dir} (available: {names})")
+        path = run.resolve(final) if final else None
+        match = [c for c in found if c.path == path]
+        if not match:
+            raise StageError(f"the final checkpoint of run {run.url} ({path or 'none recorded'}) is missing",
+                             hint=f"run `alpaca train --run-dir {run.url}` to train it again from the last whole "
+                                  f"checkpoint, or pick a whole one with --step (whole: {whole})")
+    else:
+        match = [c for c in found if c.step == step]
+        if not match:
+            raise StageError(f"no checkpoint step-{step} in {run.checkpoints_dir} (whole: {whole})")
+    c = match[-1]
+    if c.problem is not None:
+        raise StageError(f"checkpoint {c.path} {c.problem}",
+                         hint=f"restore it from a copy, or pick a whole one with --step (whole: {whole})")
+    return c
 
 
 def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=None, mesh=None, dtype=None,

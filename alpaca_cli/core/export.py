@@ -575,7 +575,7 @@ def _compare(hf, lev_model, run: RunDir, tok, dtype_name: str, tolerance: float,
 
     from alpaca_cli.core import cache as cachemod
 
-    prepared = cachemod.open_cache(run.cache_dir)
+    prepared = cachemod.open_run_cache(run)
     n = min(examples, len(prepared))
     rows = prepared.rows(range(n))
 

@@ -12,7 +12,7 @@ from levanter.callbacks import Callback, StepInfo
 from alpaca_cli import io
 from alpaca_cli.console import format_eta
 from alpaca_cli import distributed, interrupts
-from alpaca_cli.core.checkpoints import latest_checkpoint, list_checkpoints
+from alpaca_cli.core.checkpoints import delete_checkpoint, latest_checkpoint, sealed_checkpoints
 from alpaca_cli.core.plan import Plan
 from alpaca_cli.records import TrainProgress
 from alpaca_cli.rundir import RunDir
@@ -162,9 +162,10 @@ class MetricsHook(Callback):
 
 
 class CheckpointRetention(Callback):
-    """Deletes complete checkpoints beyond the newest `keep` (0 keeps all), on the writer. A checkpoint counts once
-    its metadata.json exists, so the newest complete one is never the one being deleted, and an interrupted save
-    always leaves an older complete checkpoint behind. (A 7B checkpoint with Adam state is ~81 GB.)"""
+    """Deletes this run's checkpoints beyond the newest `keep` (0 keeps all), on the writer. Only sealed checkpoints
+    count (core/checkpoints.py: sealed once whole), so the newest whole one is never the one being deleted and an
+    interrupted save always leaves an older whole checkpoint behind; each deletion unseals first, so one cut short
+    never looks whole. (A 7B checkpoint with Adam state is ~81 GB.)"""
 
     def __init__(self, run: RunDir, keep: int):
         self.run, self.keep = run, keep
@@ -172,11 +173,11 @@ class CheckpointRetention(Callback):
     def on_step(self, info: StepInfo, force: bool = False):
         if self.keep <= 0 or not distributed.is_writer():
             return
-        complete = list_checkpoints(self.run)
-        for old in complete[: max(0, len(complete) - self.keep)]:
+        sealed = sealed_checkpoints(self.run)
+        for old in sealed[: max(0, len(sealed) - self.keep)]:
             logger.debug("Deleting checkpoint %s (keeping the newest %d)", old.path, self.keep)
             try:
-                io.rm_tree(old.path)
+                delete_checkpoint(old.path)
             except FileNotFoundError:  # Levanter removed it first (a temporary checkpoint)
                 pass
 

@@ -79,7 +79,12 @@ def prepare(
         fingerprint = fingerprint_inputs(components)
 
         previous = run.prepare
-        if previous is not None and previous.complete and cachemod.is_complete(run.cache_dir):
+        damaged = None
+        if previous is not None and previous.complete and previous.fingerprint == fingerprint and not overwrite:
+            damaged = cachemod.problem(run.cache_dir, fingerprint)
+            if damaged is not None:
+                logger.warning("The run's cache at %s %s: preparing it again", run.cache_dir, damaged)
+        if previous is not None and previous.complete and damaged is None:
             if previous.fingerprint == fingerprint and not overwrite:
                 logger.info("The run's cache was prepared from the same inputs: reusing it")
                 stats = json.loads(io.read_text(run.stats_path))
@@ -155,6 +160,8 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
         tokenized = write_cache(run.cache_dir, prompts, records.outputs, tok, cfg, fast, progress.advance, metadata)
     finally:
         progress.stop()
+    if run.writer:
+        cachemod.seal_cache(run.cache_dir, run.prepare.fingerprint)
     seconds_tokenize = time.time() - t_tok
 
     io.upload_dir(loaded.local_dir, run.tokenizer_dir)
@@ -215,13 +222,14 @@ def prepare_validation(run: RunDir, data: str) -> str:
     records = load_records(pcfg)
     fingerprint = fingerprint_inputs({"val": dataclasses.asdict(records.source), "prepared": prepared.fingerprint})
     cache_dir = run.val_cache_dir(fingerprint)
-    if cachemod.is_complete(cache_dir):
+    if cachemod.problem(cache_dir, fingerprint) is None:
         return cache_dir
     tok = run.load_tokenizer()
     prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
     io.rm_tree(cache_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})
     tokenized = write_cache(cache_dir, prompts, records.outputs, tok, pcfg, prefix_stable(tok)[0], None, metadata)
+    cachemod.seal_cache(cache_dir, fingerprint)
     logger.info("Prepared %d held-out examples from %s", len(tokenized.input_ids), data)
     return cache_dir
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from alpaca_cli import config as cfgmod
-from alpaca_cli import distributed, io, logs
+from alpaca_cli import distributed, logs
 from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
-from alpaca_cli.core.checkpoints import (checkpoint_step, discard_incomplete_checkpoints, latest_checkpoint,
-                                        save_base_files)
+from alpaca_cli.core.checkpoints import (checkpoint_step, is_whole, latest_checkpoint, resume_point, save_base_files,
+                                        seal_every_save)
 from alpaca_cli.core.models import check_vocab, load_base_weights, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError
@@ -68,7 +68,7 @@ class Prepared:
 
 def load_prepared(run: RunDir) -> Prepared:
     record = run.require_prepare()
-    prepared_cache = cachemod.open_cache(run.cache_dir)
+    prepared_cache = cachemod.open_run_cache(run)
     return Prepared(
         cache=prepared_cache,
         tokenizer=run.load_tokenizer(),
@@ -311,20 +311,23 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
             return TrainResult("planned", summary)
 
         previous = run.train
-        if previous is not None and previous.plan_fingerprint not in (None, fingerprint):
+        # the plan is locked once a checkpoint of this run follows it: before that, a failed start (a wrong --model)
+        # is corrected by running again with other settings
+        if previous is not None and previous.plan_fingerprint not in (None, fingerprint) and latest_checkpoint(run):
             raise StageError(
                 f"run {run.url} was trained with a different plan (model, data, batch size, steps, seq len, "
                 "seed or device count changed); resume it with the same settings and devices, or use a new --run-dir"
             )
         if previous is not None and previous.complete:
             final = previous.final_checkpoint
-            if final and io.exists(io.join(run.resolve(final), "metadata.json")):
+            if final and is_whole(run, run.resolve(final)):
                 return TrainResult(
                     "already_trained", summary, final_checkpoint=run.resolve(final),
                     final_loss=previous.summary.final_loss if previous.summary else None,
                 )
-
-        record = previous if previous is not None and previous.status == RUNNING else None
+        resume = resume_point(run)
+        fresh = previous is None or previous.plan_fingerprint != fingerprint
+        record = previous if not fresh and previous.status == RUNNING else None
         if record is None:
             record = TrainRecord(
                 config=cfgmod.encode(cfg),
@@ -339,7 +342,8 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
         if on_plan is not None:
             on_plan(summary)
         try:
-            return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory)
+            return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory,
+                                 resume)
         except BaseException as e:
             run.fail_stage("train", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
             if distributed.process_count() > 1 and isinstance(e, Exception) and not isinstance(e, AlpacaError):
@@ -390,7 +394,7 @@ def _compiled_plan(cfg, run, plan, summary, lev_config, vocab, machine):
     )
 
 
-def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):
+def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume: str | None = None):
     from levanter.checkpoint import CheckpointerConfig
     from levanter.distributed import DistributedConfig, RayConfig
 
@@ -414,6 +418,10 @@ def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers):
             keep=[dict(every=cfg.checkpoint_every)],
             append_run_id_to_base_path=False,
         ),
+        # the checkpoint to resume from, as checked by resume_point (not Levanter's discovery, which takes any
+        # folder with a metadata.json for the newest); None: start from the base model
+        load_checkpoint_path=resume,
+        load_checkpoint=resume is not None,
         log_dir=Path(log_dir),
         tracker=trackers,
         require_accelerator=False,
@@ -462,7 +470,8 @@ def _wandb_id(run: RunDir) -> str:
     return "alpaca-" + hashlib.sha1(run.url.encode()).hexdigest()[:12]
 
 
-def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory) -> TrainResult:
+def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory,
+                  resume) -> TrainResult:
     import haliax as hax
     import jax.random as jrandom
     import levanter
@@ -474,7 +483,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
 
     tok = prepared.tokenizer
     log_dir = run.local_logs_dir()
-    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run))
+    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run), resume)
     with logs.keep_console_handlers():
         trainer_config.initialize()
     levanter.tracker.log_configuration(cfg)
@@ -489,7 +498,6 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     Pos = lev_config.Pos
 
-    discard_incomplete_checkpoints(run)
     with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
         param_mapping = trainer.parameter_axis_mapping
         Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
@@ -529,6 +537,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
             prepared.cache, plan.rows, Pos, pad_id, step_tokens=plan.step_tokens, rows_per_step=plan.rows_per_step
         )
         checkpointer = trainer.config.checkpointer.create(trainer.run_id)
+        seal_every_save(checkpointer, run)
         metrics = MetricsHook(run, plan, cfg.optimizer.lr_scheduler(plan.steps), start_step, progress_factory)
         metrics.before_checkpoints_of(checkpointer)
         manifest_hook = ManifestHook(run, plan, metrics, every_seconds=HEARTBEAT_SECONDS)
