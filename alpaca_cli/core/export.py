@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from alpaca_cli import __version__, distributed, io
 from alpaca_cli.config import ExportConfig
 from alpaca_cli.core.checkpoints import find_checkpoint, load_model, open_run_base
-from alpaca_cli.core.logits import model_logits
+from alpaca_cli.core.logits import for_inference, model_logits
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE, adds_bos, chat_template
 from alpaca_cli.errors import AlpacaError, ConfigError
@@ -580,10 +580,10 @@ def _compare(hf, lev_model, run: RunDir, tok, dtype_name: str, tolerance: float,
     rows = prepared.rows(range(n))
 
     # Levanter side: the trained model rounded to the export dtype, computed in float32 at full precision
-    # (only floating arrays: models carry other leaves too, e.g. GPT-2's static flags)
-    lev = jax.tree_util.tree_map(
+    # (only floating arrays: models carry other leaves too, e.g. GPT-2's static flags), dropout off as transformers'
+    lev = for_inference(jax.tree_util.tree_map(
         lambda x: x.astype(dtype_name).astype(jnp.float32) if eqx.is_inexact_array(x) else x, lev_model
-    )
+    ))
 
     @hax.named_jit
     def logits_fn(model, ids):

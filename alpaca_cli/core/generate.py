@@ -19,6 +19,7 @@ from alpaca_cli import interrupts, io
 from alpaca_cli.config import PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh, pod_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.errors import ConfigError, DataError
@@ -76,6 +77,9 @@ class Generator:
     templates: PromptTemplates
     max_len: int
     mesh: object
+
+    def __post_init__(self):
+        self.model = for_inference(self.model)  # answers and scores with dropout off, whatever the model's config
 
     @property
     def eos_ids(self) -> list[int]:
