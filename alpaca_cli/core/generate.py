@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 ALPACA_EVAL = dict(temperature=0.7, top_p=1.0, max_new_tokens=2048)
 """The decoding AlpacaEval's alpaca-7b entry used (its configs: temperature 0.7, top_p 1.0, max_new_tokens 2048)."""
 OUTPUT_FORMATS = (".json", ".jsonl")
+EXPORT_AGAIN = "export it again (`alpaca export --run-dir RUN --output DIR`), or copy the whole export again"
 
 
 @dataclass
@@ -143,9 +144,10 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
         logger.info("the model sharded over %d devices of %d processes", mesh.devices.size, distributed.process_count())
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(FSDP):
         if from_export:
-            from alpaca_cli.core.models import open_base_model
+            from alpaca_cli.core.models import check_weights, open_base_model
 
             with open_base_model(from_export) as model_folder, io.local_dir(from_export) as local:
+                check_weights(model_folder, f"--from-export {from_export}", hint=EXPORT_AGAIN)
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(local)
