@@ -141,6 +141,38 @@ def test_from_export_of_a_folder_without_whole_weights(command, damage, tmp_path
                     "again")
 
 
+@pytest.mark.parametrize("repo_id,reason", [
+    ("not a valid id!!", ("Repo id must use alphanumeric chars, '-', '_' or '.'. The name cannot start or end with "
+                          "'-' or '.' and the maximum length is 96")),
+    ("a/b/c", "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"),
+])
+def test_push_to_hub_with_an_invalid_repo_id_is_refused_before_any_work(repo_id, reason, prepared, capsys,
+                                                                        monkeypatch):
+    """huggingface_hub's own validator, before anything is read or written (before: an internal HFValidationError
+    once the export was written). Refused even before the missing train stage is noticed."""
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_SECRET_token_0123456789")
+    code, line = alpaca(["export", "--run-dir", prepared, "--push-to-hub", "--repo-id", repo_id], capsys, monkeypatch)
+    assert code == 1
+    assert line == (f"Error: --repo-id {repo_id!r} is not a Hub repo id: {reason}\n"
+                    "  hint: give NAMESPACE/NAME (e.g. YOU/llama2-alpaca), or NAME for your own namespace")
+    assert open_run(prepared).export is None and not os.path.exists(os.path.join(prepared, "hf"))
+
+
+def test_push_to_hub_in_offline_mode_is_refused_before_any_work(prepared, capsys, monkeypatch):
+    """HF_HUB_OFFLINE=1 (this test session's, read by huggingface_hub when imported): nothing could be pushed, so
+    nothing is exported (before: an internal OfflineModeIsEnabled once the export was written)."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_SECRET_token_0123456789")
+    code, line = alpaca(["export", "--run-dir", prepared, "--push-to-hub", "--repo-id", "tester/alpaca-tiny"], capsys,
+                        monkeypatch)
+    assert code == 1
+    assert line == ("Error: --push-to-hub: the Hub cannot be reached, offline mode is on (HF_HUB_OFFLINE=1)\n"
+                    "  hint: unset HF_HUB_OFFLINE to push, or export without --push-to-hub")
+    assert open_run(prepared).export is None and not os.path.exists(os.path.join(prepared, "hf"))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

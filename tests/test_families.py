@@ -272,11 +272,12 @@ def test_inference_runs_without_dropout_and_training_with_it():
     from alpaca_cli.core.logits import for_inference, model_logits
     from alpaca_cli.core.mesh import local_mesh
 
-    shape = dict(seq_len=64, hidden_dim=32, num_layers=2, num_heads=4)
+    shape = {"seq_len": 64, "hidden_dim": 32, "num_layers": 2, "num_heads": 4}
     Vocab = hax.Axis("vocab", 64)
     tokens = hax.named(jnp.arange(3, 35, dtype=jnp.int32), ("position",))
     with hax.partitioning.set_mesh(local_mesh()):
-        model = Gpt2Config(**shape, embed_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1).build(Vocab, key=jax.random.PRNGKey(0))
+        dropout = Gpt2Config(**shape, embed_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)
+        model = dropout.build(Vocab, key=jax.random.PRNGKey(0))
         without = Gpt2Config(**shape).build(Vocab, key=jax.random.PRNGKey(0))  # the same weights, no dropout
         with pytest.raises(RuntimeError, match="Dropout requires a key"):
             model_logits(model, tokens, AttentionMask.causal())  # what inference did before
