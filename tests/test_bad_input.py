@@ -105,6 +105,74 @@ def test_weights_that_do_not_match_their_config(prepared, tmp_path, tiny_model_d
     assert open_run(prepared).train.status == "failed"
 
 
+def _no_weights(folder) -> str:
+    os.remove(folder / "model.safetensors")
+    return " has no weights (no model.safetensors, model.safetensors.index.json or pytorch_model.bin in it)"
+
+
+def _truncated(folder) -> str:  # an interrupted copy: the first half of the file
+    path = folder / "model.safetensors"
+    os.truncate(path, path.stat().st_size // 2)
+    return (": model.safetensors is truncated or damaged (safetensors: Error while deserializing header: incomplete "
+            "metadata, file not fully covered)")
+
+
+def _shard_missing(folder) -> str:  # a sharded export copied without one of its shards
+    os.rename(folder / "model.safetensors", folder / "model-00001-of-00002.safetensors")
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    return ": model-00002-of-00002.safetensors (named in model.safetensors.index.json) is missing"
+
+
+@pytest.mark.parametrize("damage", [_no_weights, _truncated, _shard_missing])
+@pytest.mark.parametrize("command", [["generate", "Name a color."], ["eval", "--data", "demo"]])
+def test_from_export_of_a_folder_without_whole_weights(command, damage, tmp_path, tiny_model_dir, capsys,
+                                                       monkeypatch):
+    """An export folder whose weights are missing or cut short: one line naming the folder or the file, and the
+    fix (before: an internal error, a Hub repo-id error for a local path or 'buffer is smaller than requested
+    size')."""
+    export = tmp_path / "export"
+    shutil.copytree(tiny_model_dir, export)
+    what = damage(export)
+    code, line = alpaca([*command, "--from-export", str(export)], capsys, monkeypatch)
+    assert code == 1
+    assert line == (f"Error: --from-export {export}{what}\n"
+                    "  hint: export it again (`alpaca export --run-dir RUN --output DIR`), or copy the whole export "
+                    "again")
+
+
+@pytest.mark.parametrize("repo_id,reason", [
+    ("not a valid id!!", ("Repo id must use alphanumeric chars, '-', '_' or '.'. The name cannot start or end with "
+                          "'-' or '.' and the maximum length is 96")),
+    ("a/b/c", "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"),
+])
+def test_push_to_hub_with_an_invalid_repo_id_is_refused_before_any_work(repo_id, reason, prepared, capsys,
+                                                                        monkeypatch):
+    """huggingface_hub's own validator, before anything is read or written (before: an internal HFValidationError
+    once the export was written). Refused even before the missing train stage is noticed."""
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_SECRET_token_0123456789")
+    code, line = alpaca(["export", "--run-dir", prepared, "--push-to-hub", "--repo-id", repo_id], capsys, monkeypatch)
+    assert code == 1
+    assert line == (f"Error: --repo-id {repo_id!r} is not a Hub repo id: {reason}\n"
+                    "  hint: give NAMESPACE/NAME (e.g. YOU/llama2-alpaca), or NAME for your own namespace")
+    assert open_run(prepared).export is None and not os.path.exists(os.path.join(prepared, "hf"))
+
+
+def test_push_to_hub_in_offline_mode_is_refused_before_any_work(prepared, capsys, monkeypatch):
+    """HF_HUB_OFFLINE=1 (this test session's, read by huggingface_hub when imported): nothing could be pushed, so
+    nothing is exported (before: an internal OfflineModeIsEnabled once the export was written)."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_SECRET_token_0123456789")
+    code, line = alpaca(["export", "--run-dir", prepared, "--push-to-hub", "--repo-id", "tester/alpaca-tiny"], capsys,
+                        monkeypatch)
+    assert code == 1
+    assert line == ("Error: --push-to-hub: the Hub cannot be reached, offline mode is on (HF_HUB_OFFLINE=1)\n"
+                    "  hint: unset HF_HUB_OFFLINE to push, or export without --push-to-hub")
+    assert open_run(prepared).export is None and not os.path.exists(os.path.join(prepared, "hf"))
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

@@ -111,6 +111,40 @@ def test_push_to_hub_round_trip_and_no_token_anywhere(trained, tmp_path):
         hub.stop()
 
 
+def test_push_to_hub_without_network_says_where_the_export_is_and_the_hint_pushes_it(trained, tmp_path):
+    """The Hub's endpoint refuses connections (a closed local port): one line that says so and where the complete
+    export is, the token nowhere; the `hf upload` of the hint, run once the Hub is back, publishes that export."""
+    import subprocess
+    import sys
+
+    from helpers import free_port
+
+    run, _, _ = trained
+    token = "hf_fake_SECRET_token_0123456789"
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = cli_env(HF_TOKEN=token, HF_HUB_OFFLINE="0", HF_ENDPOINT=endpoint, HF_HUB_DISABLE_XET="1")
+    out = run_cli(["export", "--run-dir", run, "--push-to-hub", "--repo-id", "tester/alpaca-tiny"], env=env,
+                  check=False)
+    export = os.path.join(run, "hf")
+    assert out.returncode == 1
+    assert error_line(out) == (f"Error: cannot reach the Hugging Face Hub at {endpoint} (Connection refused); the "
+                               f"export itself is complete at {export}")
+    command = f"hf upload tester/alpaca-tiny {export} ."
+    assert f"hint: once the Hub can be reached, push it with `{command}`, or run this export again" in out.stderr
+    assert token not in out.stdout + out.stderr
+
+    hub = FakeHub.start(token=token)
+    try:
+        hf = [sys.executable, "-c", "import sys; from huggingface_hub.cli.hf import main; sys.exit(main())"]
+        subprocess.run(hf + command.split()[1:], env={**env, **hub.env()}, check=True, capture_output=True)
+        pushed = hub.files("tester/alpaca-tiny")
+        for name in os.listdir(export):
+            with open(os.path.join(export, name), "rb") as f:
+                assert pushed[name] == f.read(), name
+    finally:
+        hub.stop()
+
+
 def test_export_to_gcs(trained, gcs):
     import gcsfs
 

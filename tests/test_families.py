@@ -201,3 +201,99 @@ def test_real_configs_build_the_published_shapes_without_weights(name):
     count = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes) if hasattr(x, "shape"))
     assert abs(count - PUBLISHED_PARAMETERS[name]) <= 1e-3 * PUBLISHED_PARAMETERS[name], (name, count)
     assert count == PUBLISHED_PARAMETERS[name]  # exactly, in fact
+
+
+def test_gpt2_with_dropout_trains_with_it_and_exports_generates_and_evaluates_without_it(tmp_path, tokenizer_dir,
+                                                                                       fixture_data):
+    """A GPT-2 with its published dropout (0.1 on embeddings, residuals and attention): training applies it (the
+    first step's loss is not transformers' eval-mode loss on the same weights and labels), every inference runs in
+    evaluation mode: `export --verify` computes transformers' eval-mode logits, `generate` answers what transformers'
+    generate answers on the export, `eval --base` scores transformers' eval-mode loss."""
+    import torch
+    import transformers as t
+    from helpers import torch_loss_stanford, write_jsonl
+    from stanford_reference import PROMPT_DICT, stanford_tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = t.GPT2Config(vocab_size=640, n_embd=64, n_layer=2, n_head=4, n_positions=512, bos_token_id=1,
+                          eos_token_id=2)
+    assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.1  # transformers' (and GPT-2's) default
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(config, attn_implementation="eager", torch_dtype=torch.float32)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model_dir = str(tmp_path / "gpt2")
+    hf.save_pretrained(model_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+    records = [r for r in read_records(fixture_data) if len(r["instruction"]) + len(r["output"]) < 200]
+    data = write_jsonl(str(tmp_path / "short.jsonl"), records)
+    run = str(tmp_path / "run")
+
+    alpaca(["prepare", "--data", data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128", "-q"])
+    alpaca(["train", "--run-dir", run, "--model", model_dir, "--seq-len", "512", "--batch-size", str(len(records)),
+            "--steps", "2", "--learning-rate", "1e-3", "--precision", "p=f32,c=f32", "-q"])
+    first = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))][0]
+    eval_mode_loss, count = torch_loss_stanford(model_dir, stanford_tokenizer(tokenizer_dir), records, 128)
+    assert first["loss_tokens"] == count and abs(first["loss"] - eval_mode_loss) > 1e-3  # dropout in training
+
+    alpaca(["export", "--run-dir", run, "--verify"])
+    verify = open_run(run).export.summary
+    assert verify.verify_max_abs_diff < 1e-4 == verify.verify_tolerance, verify
+
+    instruction = "Name three primary colors."
+    ours = alpaca(["generate", instruction, "--run-dir", run, "--max-new-tokens", "12"]).rstrip("\n")
+    tok = stanford_tokenizer(os.path.join(run, "hf"), use_fast=True)
+    exported = AutoModelForCausalLM.from_pretrained(os.path.join(run, "hf"), torch_dtype=torch.float32).eval()
+    ids = tok(PROMPT_DICT["prompt_no_input"].format(instruction=instruction), return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = exported.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                                pad_token_id=tok.pad_token_id)
+    assert ours == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+    scores = json.loads(alpaca(["eval", "--data", data, "--run-dir", run, "--base", "--json", "--max-new-tokens",
+                                "8"]))
+    base = scores[1]
+    assert base["model"] == "base" and base["trained_tokens"] == count
+    assert abs(base["loss"] - eval_mode_loss) < 1e-4, (base["loss"], eval_mode_loss)
+
+
+def test_inference_runs_without_dropout_and_training_with_it():
+    """for_inference (what generate, eval, export --verify and the held-out loss run) turns every dropout off: two
+    calls give the same logits, those of the same weights without dropout; the model it was given keeps training
+    mode, where the training loss with a key is another one at every key."""
+    import haliax as hax
+    import jax
+    import jax.numpy as jnp
+    from levanter.layers.attention import AttentionMask
+    from levanter.models.gpt2 import Gpt2Config
+
+    from alpaca_cli.core.batches import PackedRow, build_row, make_loss_fn
+    from alpaca_cli.core.logits import for_inference, model_logits
+    from alpaca_cli.core.mesh import local_mesh
+
+    shape = {"seq_len": 64, "hidden_dim": 32, "num_layers": 2, "num_heads": 4}
+    Vocab = hax.Axis("vocab", 64)
+    tokens = hax.named(jnp.arange(3, 35, dtype=jnp.int32), ("position",))
+    with hax.partitioning.set_mesh(local_mesh()):
+        dropout = Gpt2Config(**shape, embed_pdrop=0.1, resid_pdrop=0.1, attn_pdrop=0.1)
+        model = dropout.build(Vocab, key=jax.random.PRNGKey(0))
+        without = Gpt2Config(**shape).build(Vocab, key=jax.random.PRNGKey(0))  # the same weights, no dropout
+        with pytest.raises(RuntimeError, match="Dropout requires a key"):
+            model_logits(model, tokens, AttentionMask.causal())  # what inference did before
+
+        evaluating = for_inference(model)
+        once, twice = (model_logits(evaluating, tokens, AttentionMask.causal()).array for _ in range(2))
+        np.testing.assert_array_equal(np.asarray(once), np.asarray(twice))
+        np.testing.assert_allclose(np.asarray(once),
+                                   np.asarray(model_logits(without, tokens, AttentionMask.causal()).array), atol=1e-6)
+        training = model(tokens, AttentionMask.causal(), key=jax.random.PRNGKey(1)).array
+        assert float(jnp.abs(training - once).max()) > 1e-3
+
+        Pos = hax.Axis("position", 64)
+        row = PackedRow(*(hax.named(jnp.asarray(a), Pos) for a in build_row([(np.arange(3, 40), np.ones(37))], 64, 0,
+                                                                             1.0)))
+        loss_fn = make_loss_fn(real_vocab=64)  # the trainer's loss, given a key by Levanter's train step
+        eval_loss = float(loss_fn(evaluating, row)[0])
+        train_losses = {float(loss_fn(model, row, key=jax.random.PRNGKey(k))[0]) for k in (1, 2)}
+        assert len(train_losses) == 2 and all(abs(x - eval_loss) > 1e-4 for x in train_losses)

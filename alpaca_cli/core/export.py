@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from alpaca_cli import __version__, distributed, io
 from alpaca_cli.config import ExportConfig
 from alpaca_cli.core.checkpoints import find_checkpoint, load_model, open_run_base
-from alpaca_cli.core.logits import model_logits
+from alpaca_cli.core.logits import for_inference, model_logits
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE, adds_bos, chat_template
 from alpaca_cli.errors import AlpacaError, ConfigError
@@ -69,11 +69,25 @@ class ExportResult:
 
 
 def resolve_token(cfg: ExportConfig) -> str | None:
-    """HF_TOKEN or the huggingface_hub login; only needed (and checked before any work) with --push-to-hub."""
+    """With --push-to-hub, what the push needs, checked before any work: a --repo-id the Hub accepts (by
+    huggingface_hub's own validator), the Hub not switched off (HF_HUB_OFFLINE), and a token (HF_TOKEN or the
+    huggingface_hub login), which it returns."""
     if not cfg.push_to_hub:
         return None
-    from huggingface_hub import get_token
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
+    if cfg.repo_id is not None:
+        try:
+            validate_repo_id(cfg.repo_id)
+        except HFValidationError as e:
+            reason = str(e).split(f": '{cfg.repo_id}'")[0]  # huggingface_hub's sentence, without the id repeated
+            raise ConfigError(f"--repo-id {cfg.repo_id!r} is not a Hub repo id: {reason}",
+                              hint="give NAMESPACE/NAME (e.g. YOU/llama2-alpaca), or NAME for your own namespace")
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError("--push-to-hub: the Hub cannot be reached, offline mode is on (HF_HUB_OFFLINE=1)",
+                          hint="unset HF_HUB_OFFLINE to push, or export without --push-to-hub")
     token = get_token()
     if not token:
         raise ConfigError(
@@ -184,7 +198,7 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
                                   weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
             if cfg.push_to_hub:
                 source = export_dir if not io.is_remote(export_dir) else staging
-                result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token)
+                result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token, export_dir)
             return result
         with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
             model, lev_config, base_hf_config = load_model(run, checkpoint, tokenizer=tok, axis_mapping=mapping, mesh=mesh)
@@ -215,7 +229,7 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
                               weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
         if cfg.push_to_hub:
             source = export_dir if not io.is_remote(export_dir) else staging
-            result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token)
+            result.repo_id, result.repo_url, result.commit = push(source, run, cfg, token, export_dir)
         return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -580,10 +594,10 @@ def _compare(hf, lev_model, run: RunDir, tok, dtype_name: str, tolerance: float,
     rows = prepared.rows(range(n))
 
     # Levanter side: the trained model rounded to the export dtype, computed in float32 at full precision
-    # (only floating arrays: models carry other leaves too, e.g. GPT-2's static flags)
-    lev = jax.tree_util.tree_map(
+    # (only floating arrays: models carry other leaves too, e.g. GPT-2's static flags), dropout off as transformers'
+    lev = for_inference(jax.tree_util.tree_map(
         lambda x: x.astype(dtype_name).astype(jnp.float32) if eqx.is_inexact_array(x) else x, lev_model
-    )
+    ))
 
     @hax.named_jit
     def logits_fn(model, ids):
@@ -643,10 +657,13 @@ def _nll(logits, ids, targets) -> float:
     return float(-logp[np.arange(len(ids) - 1), ids[1:]][targets].sum())
 
 
-def push(folder: str, run: RunDir, cfg: ExportConfig, token: str | None) -> tuple[str, str, str | None]:
-    """Create the repo if needed and upload the folder; returns (repo_id, url, commit oid)."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
+def push(folder: str, run: RunDir, cfg: ExportConfig, token: str | None,
+         export_dir: str) -> tuple[str, str, str | None]:
+    """Create the repo if needed and upload the folder (the export, already complete at export_dir); returns
+    (repo_id, url, commit oid)."""
+    import requests
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     api = HfApi(token=token)
     try:
@@ -664,7 +681,38 @@ def push(folder: str, run: RunDir, cfg: ExportConfig, token: str | None) -> tupl
             f"upload to the Hub failed ({status}: {_redact(str(e).splitlines()[0], token)})",
             hint="check --repo-id, that your token may write there, and your network",
         ) from None
+    except (requests.ConnectionError, requests.Timeout, OfflineModeIsEnabled) as e:
+        raise AlpacaError(
+            _redact(f"cannot reach the Hugging Face Hub at {constants.ENDPOINT} ({_network_reason(e)}); the export "
+                    f"itself is complete at {export_dir}", token),
+            hint=_push_again_hint(cfg, run, export_dir),
+        ) from None
     return repo_id, str(url), getattr(info, "oid", None)
+
+
+def _network_reason(e: BaseException) -> str:
+    """The innermost socket-level reason of a failed request ("Connection refused", "timed out", ...): requests
+    wraps it in urllib3's retry and connection errors."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop(0)
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.strerror:
+            return x.strerror
+        todo += [y for y in (*getattr(x, "args", ()), getattr(x, "reason", None), x.__cause__, x.__context__)
+                 if isinstance(y, BaseException)]
+    return "timed out" if "timed out" in str(e).lower() else type(e).__name__
+
+
+def _push_again_hint(cfg: ExportConfig, run: RunDir, export_dir: str) -> str:
+    if io.is_remote(export_dir):
+        return "run this export again with --push-to-hub once the Hub can be reached"
+    flags = (" --private" if cfg.private else "") + (f" --revision {cfg.revision}" if cfg.revision else "")
+    repo = cfg.repo_id or f"YOUR_NAME/{run.name}"
+    return (f"once the Hub can be reached, push it with `hf upload {repo} {export_dir} .{flags}`, "
+            "or run this export again")
 
 
 def _redact(text: str, token: str | None) -> str:

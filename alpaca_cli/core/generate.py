@@ -19,6 +19,7 @@ from alpaca_cli import interrupts, io
 from alpaca_cli.config import PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh, pod_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.errors import ConfigError, DataError
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 ALPACA_EVAL = dict(temperature=0.7, top_p=1.0, max_new_tokens=2048)
 """The decoding AlpacaEval's alpaca-7b entry used (its configs: temperature 0.7, top_p 1.0, max_new_tokens 2048)."""
 OUTPUT_FORMATS = (".json", ".jsonl")
+EXPORT_AGAIN = "export it again (`alpaca export --run-dir RUN --output DIR`), or copy the whole export again"
 
 
 @dataclass
@@ -76,6 +78,9 @@ class Generator:
     templates: PromptTemplates
     max_len: int
     mesh: object
+
+    def __post_init__(self):
+        self.model = for_inference(self.model)  # answers and scores with dropout off, whatever the model's config
 
     @property
     def eos_ids(self) -> list[int]:
@@ -139,9 +144,10 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
         logger.info("the model sharded over %d devices of %d processes", mesh.devices.size, distributed.process_count())
     with hax.partitioning.set_mesh(mesh), hax.axis_mapping(FSDP):
         if from_export:
-            from alpaca_cli.core.models import open_base_model
+            from alpaca_cli.core.models import check_weights, open_base_model
 
             with open_base_model(from_export) as model_folder, io.local_dir(from_export) as local:
+                check_weights(model_folder, f"--from-export {from_export}", hint=EXPORT_AGAIN)
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(local)

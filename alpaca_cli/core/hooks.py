@@ -13,6 +13,7 @@ from alpaca_cli import io
 from alpaca_cli.console import format_eta
 from alpaca_cli import distributed, interrupts
 from alpaca_cli.core.checkpoints import delete_checkpoint, latest_checkpoint, sealed_checkpoints
+from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.plan import Plan
 from alpaca_cli.records import TrainProgress
 from alpaca_cli.rundir import RunDir
@@ -229,6 +230,7 @@ class EvalHook(Callback):
         self._sums = sums
 
     def evaluate(self, model) -> float:
+        model = for_inference(model)  # the held-out loss without dropout, as `alpaca eval` computes it
         total, count = 0.0, 0.0
         loader = self.trainer.data_loader(self.dataset, self.Batch)
         for batch in loader:

@@ -154,6 +154,43 @@ def read_hf_config(spec: str, ref: str):
         ) from None
 
 
+def check_weights(base: BaseModel, what: str, hint: str) -> None:
+    """Refuse a local model folder whose weights are missing or not whole (an interrupted copy, a full disk), in one
+    line that names the folder (`what`) or the file, before anything reads them: Levanter would otherwise look the
+    folder up on the Hub as a repo id, or fail deep in its reader. A safetensors file is whole when the header the
+    safetensors library parses covers the file exactly (headers only: cheap). Hub ids are left to the download."""
+    if not base.is_local:
+        return
+    from safetensors import SafetensorError, safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+    names = set(os.listdir(base.ref))
+    if SAFE_WEIGHTS_INDEX_NAME in names:  # sharded: the order in which Levanter's reader looks
+        try:
+            with open(os.path.join(base.ref, SAFE_WEIGHTS_INDEX_NAME)) as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{what}: {SAFE_WEIGHTS_INDEX_NAME} is damaged ({type(e).__name__}: {e})",
+                              hint=hint) from None
+        missing = [name for name in files if name not in names]
+        if missing:
+            raise ConfigError(f"{what}: {', '.join(missing)} (named in {SAFE_WEIGHTS_INDEX_NAME}) is missing",
+                              hint=hint)
+    elif SAFE_WEIGHTS_NAME in names:
+        files = [SAFE_WEIGHTS_NAME]
+    elif names & {WEIGHTS_NAME, WEIGHTS_INDEX_NAME}:
+        return  # torch's pickles: read by torch, which says what is wrong
+    else:
+        raise ConfigError(f"{what} has no weights (no {SAFE_WEIGHTS_NAME}, {SAFE_WEIGHTS_INDEX_NAME} or "
+                          f"{WEIGHTS_NAME} in it)", hint=hint)
+    for name in files:
+        try:
+            with safe_open(os.path.join(base.ref, name), "np"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{what}: {name} is truncated or damaged (safetensors: {e})", hint=hint) from None
+
+
 def check_vocab(base: BaseModel, tokenizer, added: dict) -> None:
     """The prepared tokenizer must be the model's own plus what prepare added (e.g. [PAD]).
 
