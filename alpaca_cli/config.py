@@ -121,6 +121,8 @@ class ExportConfig:
     verify_examples: int = 4
     verify_tolerance: Optional[float] = None
     """Largest allowed |logit difference|. Default: 1e-4 for float32 exports, 5e-2 for 16-bit ones."""
+    overwrite: bool = False
+    """Replace an earlier export of this run in the output folder (any other non-empty folder is refused)."""
 
     def __post_init__(self):
         problems = []

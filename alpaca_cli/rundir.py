@@ -194,6 +194,11 @@ class RunDir:
         """The default export directory."""
         return self.path("hf")
 
+    def state_paths(self) -> list[str]:
+        """What holds the run's own state (folders and files): no other output may be written over or inside it."""
+        return [self.manifest_path, self.path("configs"), self.tokenizer_dir, self.path("data"), self.base_dir,
+                self.checkpoints_dir, self.metrics_path, self.logs_dir]
+
     @property
     def run_id(self) -> str:
         return self.manifest.run_id
