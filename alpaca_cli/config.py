@@ -121,6 +121,8 @@ class ExportConfig:
     verify_examples: int = 4
     verify_tolerance: Optional[float] = None
     """Largest allowed |logit difference|. Default: 1e-4 for float32 exports, 5e-2 for 16-bit ones."""
+    overwrite: bool = False
+    """Replace an earlier export of this run in the output folder (any other non-empty folder is refused)."""
 
     def __post_init__(self):
         problems = []
@@ -308,8 +310,19 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def parse_set(items: Sequence[str] | None) -> dict:
-    """`--set a.b=v` items -> nested dict; values are YAML (so 1e-5, true, [a, b] work)."""
+def _lookup(tree: Mapping | None, key: str) -> Any:
+    """The value at a dotted key of a nested mapping, None when there is none."""
+    node: Any = tree
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def parse_set(items: Sequence[str] | None, defaults: Mapping | None = None) -> dict:
+    """`--set a.b=v` items -> nested dict; values are YAML (so 1e-5, true, [a, b] work).
+
+    With `defaults` (the config's default tree), a value given for a whole section (`--set trainer=5`) is refused:
+    merged, it would replace every key of the section with its class default."""
     out: dict = {}
     problems = []
     for item in items or ():
@@ -321,6 +334,12 @@ def parse_set(items: Sequence[str] | None) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        section = _lookup(defaults, key.strip())
+        if isinstance(section, Mapping) and section and not isinstance(value, Mapping):
+            example = "seed" if "seed" in section else next(iter(section))
+            problems.append(f"--set {item}: `{key.strip()}` is a section of settings, not one value; set a key in "
+                            f"it, e.g. --set {key.strip()}.{example}={raw}")
+            continue
         _set_dotted(out, key.strip(), value)
     if problems:
         raise ConfigError(problems)
@@ -373,19 +392,19 @@ def load_config(
     """
     import draccus
 
+    tree = draccus.encode(cls())
     layers: list = []
     if config_path:
         file_tree = read_config_file(config_path)
         if file_adapter is not None:
             file_tree = file_adapter(file_tree)
         layers.append(file_tree)
-    layers.append(parse_set(set_items))
+    layers.append(parse_set(set_items, defaults=tree))
     for key, value in (flags or {}).items():
         if value is not None:
             override: dict = {}
             _set_dotted(override, key, value)
             layers.append(override)
-    tree = draccus.encode(cls())
     if derived_defaults is not None:
         given: dict = {}
         for layer in layers:

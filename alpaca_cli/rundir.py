@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Optional, TypeVar
@@ -46,6 +47,7 @@ from alpaca_cli.records import (
 )
 
 R = TypeVar("R", bound=StageRecord)
+logger = logging.getLogger(__name__)
 
 _MAKES = {"prepare": "alpaca prepare", "train": "alpaca train", "export": "alpaca export", "eval": "alpaca eval"}
 HEARTBEAT_SECONDS = 60.0
@@ -178,6 +180,31 @@ class RunDir:
     def metrics_path(self) -> str:
         return self.path("metrics.jsonl")
 
+    def read_metrics(self) -> list[dict]:
+        """metrics.jsonl's records, [] when there is none. A torn last line (a kill or a full disk during an append)
+        is skipped with a warning, as the next flush rewrites the file; a malformed line before it is refused."""
+        try:
+            text = io.read_text(self.metrics_path)
+        except FileNotFoundError:
+            return []
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        records = []
+        for k, (n, line) in enumerate(lines):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                if k == len(lines) - 1:
+                    logger.warning("%s line %d was cut short (an interrupted write); skipping it",
+                                   self.metrics_path, n)
+                    break
+                raise RunDirError(f"{self.metrics_path} line {n} is not valid JSON ({e.msg})",
+                                  hint="repair or delete that line, then run again") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+                raise RunDirError(f"{self.metrics_path} line {n} is not a metrics record (an object with a `step`)",
+                                  hint="repair or delete that line, then run again")
+            records.append(rec)
+        return records
+
     @property
     def logs_dir(self) -> str:
         return self.path("logs")
@@ -199,6 +226,11 @@ class RunDir:
     def export_dir(self) -> str:
         """The default export directory."""
         return self.path("hf")
+
+    def state_paths(self) -> list[str]:
+        """What holds the run's own state (folders and files): no other output may be written over or inside it."""
+        return [self.manifest_path, self.path("configs"), self.tokenizer_dir, self.path("data"), self.base_dir,
+                self.checkpoints_dir, self.metrics_path, self.logs_dir]
 
     @property
     def run_id(self) -> str:

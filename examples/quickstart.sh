@@ -18,7 +18,7 @@ alpaca train --run-dir "$RUN" --model demo --seq-len 256 --batch-size 16 --epoch
 
 echo "== alpaca export"
 if python -c "import torch" 2>/dev/null; then verify=--verify; else verify=; fi
-alpaca export --run-dir "$RUN" $verify
+alpaca export --run-dir "$RUN" --overwrite $verify   # --overwrite: a rerun replaces its earlier export
 
 echo "== alpaca generate"
 echo '$ alpaca generate "What is the capital of Kenya?"'

@@ -173,6 +173,18 @@ def test_push_to_hub_in_offline_mode_is_refused_before_any_work(prepared, capsys
     assert open_run(prepared).export is None and not os.path.exists(os.path.join(prepared, "hf"))
 
 
+def test_a_model_folder_without_weights(prepared, tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Only the config and tokenizer copied (the weights forgotten, or still downloading)."""
+    bare = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    code, line = alpaca(["train", "--run-dir", prepared, "--model", str(bare), "--seq-len", "256", "-q"],
+                        capsys, monkeypatch)
+    assert code == 1 and line == (f"Error: --model {bare}: the folder has no weights (no *.safetensors or "
+                                  "pytorch_model*.bin)\n  hint: copy the model's weight files into it, or give the "
+                                  "folder that has them")
+    assert open_run(prepared).train is None  # refused before anything started
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
@@ -223,6 +235,30 @@ def test_data_mistakes_get_a_message_that_says_what_to_do(tmp_path, fixture_data
     run_file.write_text("x")
     code, line = alpaca(["status", "--run-dir", str(run_file)], capsys, monkeypatch)
     assert code == 1 and line.startswith(f"Error: --run-dir {run_file} is a file, not a directory")
+
+
+def test_a_record_with_a_key_given_twice_is_refused_with_its_place(tmp_path, tokenizer_dir, capsys, monkeypatch):
+    """JSON readers keep the last of two equal keys silently; one of the two answers would be lost unseen."""
+    lines = tmp_path / "twice.jsonl"
+    lines.write_text('{"instruction": "a", "output": "b"}\n'
+                     '{"instruction": "Name a color.", "output": "Red.", "output": "Blue."}\n')
+    listed = tmp_path / "twice.json"
+    listed.write_text('[{"instruction": "a", "output": "b"},\n'
+                      ' {"instruction": "x", "instruction": "y", "output": "z"}]')
+    hint = "  hint: keep one of them: JSON readers silently take the last"
+    for path, where, key in ((lines, "line 2", "output"), (listed, "record 1", "instruction")):
+        code, line = alpaca(["prepare", "--data", str(path), "--tokenizer", tokenizer_dir, "--run-dir",
+                             str(tmp_path / "run")], capsys, monkeypatch)
+        assert code == 1 and line == f"Error: {path} {where}: the key `{key}` appears twice in one record\n{hint}"
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_inspect_past_the_last_record_says_the_range(prepared, capsys, monkeypatch):
+    indices = sorted(prepared_examples(prepared))
+    code, line = alpaca(["inspect", "--run-dir", prepared, "--index", "500"], capsys, monkeypatch)
+    assert code == 1 and line == (f"Error: --index 500 is past the end: the prepared examples are source records "
+                                  f"{indices[0]} to {indices[-1]} ({len(indices)} examples)\n"
+                                  "  hint: give an --index in that range")
 
 
 def test_a_byte_order_mark_is_accepted(tmp_path, fixture_data, tokenizer_dir):

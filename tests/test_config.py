@@ -119,6 +119,20 @@ def test_bad_train_config_is_one_clear_error(sets, message):
         cfgmod.load_config(TrainConfig, None, sets)
 
 
+def test_set_of_a_whole_section_is_refused_rather_than_reset_to_its_defaults():
+    """`--set trainer=5` (meaning trainer.seed) would replace the trainer section with Levanter's defaults (compute
+    in float32 instead of the recipe's bfloat16, say) once a flag such as --batch-size writes into it."""
+    with pytest.raises(ConfigError) as e:
+        cfgmod.load_config(TrainConfig, None, ["trainer=5"], {"trainer.train_batch_size": 16})
+    assert str(e.value) == ("--set trainer=5: `trainer` is a section of settings, not one value; set a key in it, "
+                            "e.g. --set trainer.seed=5")
+    with pytest.raises(ConfigError, match=r"`prompts` is a section .* e.g. --set prompts.prompt_input=x"):
+        cfgmod.load_config(cfgmod.PrepareConfig, None, ["prompts=x"])
+    merged = cfgmod.load_config(TrainConfig, None, ["trainer={seed: 5}"], {"trainer.train_batch_size": 16})
+    assert (merged.trainer.seed, merged.trainer.train_batch_size) == (5, 16)  # a mapping merges, as in a file
+    assert merged.trainer.mp == TrainConfig().trainer.mp
+
+
 def test_config_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         cfgmod.load_config(cfgmod.PrepareConfig, str(tmp_path / "none.yaml"))

@@ -118,3 +118,22 @@ def test_each_run_has_its_own_identity_which_survives_reopening(tmp_path):
     assert a.run_id and b.run_id and a.run_id != b.run_id
     assert open_run(str(tmp_path / "a")).run_id == a.run_id
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["run_id"] == a.run_id
+
+
+def test_a_torn_last_metrics_line_is_skipped_and_a_malformed_one_before_it_refused(tmp_path, caplog):
+    """A kill or a full disk during an append cuts the last line short; the resume rewrites the file without it.
+    A damaged line in the middle is no interrupted write: it is refused, with its place."""
+    run = open_run(str(tmp_path / "r"), create=True)
+    run.save()
+    steps = "".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in (1, 2, 3))
+    (tmp_path / "r" / "metrics.jsonl").write_text(steps + '{"step": 4, "lo')
+    with caplog.at_level("WARNING"):
+        assert [r["step"] for r in run.read_metrics()] == [1, 2, 3]
+    assert "metrics.jsonl line 4 was cut short (an interrupted write); skipping it" in caplog.text
+    (tmp_path / "r" / "metrics.jsonl").write_text(steps.replace('{"step": 2', '{"step": 2,,') + steps)
+    with pytest.raises(RunDirError) as e:
+        run.read_metrics()
+    assert str(e.value) == (f"{run.metrics_path} line 2 is not valid JSON (Expecting property name enclosed in "
+                            "double quotes) (repair or delete that line, then run again)")
+    (tmp_path / "r" / "metrics.jsonl").unlink()
+    assert run.read_metrics() == []

@@ -146,6 +146,26 @@ def test_resume_after_sigkill_gives_the_same_losses(prepared_template, tmp_path,
     assert os.listdir(os.path.join(killed, "checkpoints")) == [os.path.basename(final)]
 
 
+def test_a_torn_last_metrics_line_from_a_kill_does_not_stop_the_resume(trained):
+    """A kill -9 (or a full disk) in the middle of appending a step's line leaves it cut short: the resume skips it
+    with a warning and rewrites the file, every step once."""
+    run, model_dir, _ = trained
+    shutil.rmtree(os.path.join(run, "checkpoints", "step-79"))  # killed after step 61, its checkpoint at step 41
+    state = open_run(run)
+    state.train.status = "running"
+    state.save()
+    path = os.path.join(run, "metrics.jsonl")
+    lines = open(path).read().splitlines()[:60]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + '\n{"step": 61, "loss": 0.01')
+    out = run_cli(["train", "--run-dir", run, "--model", model_dir, "--seq-len", "128", "--batch-size", "6",
+                   "--steps", "80", "--learning-rate", "1e-2", "--warmup", "0.05", "--precision", "p=f32,c=f32",
+                   "--checkpoint-every", "40", "--keep-checkpoints", "2", "-q"])  # the `trained` fixture's command
+    assert "Resuming from the checkpoint after step 41 of 80" in out.stderr
+    assert f"{path} line 61 was cut short (an interrupted write); skipping it" in out.stderr
+    assert [r["step"] for r in metrics(run)] == list(range(1, 81)) and open_run(run).train.complete
+
+
 def test_it_learns_the_responses(tmp_path, tokenizer_dir):
     """A few examples, many steps: the loss on the responses falls and teacher-forced argmax reproduces them."""
     import haliax as hax

@@ -15,6 +15,7 @@ Examples:
   alpaca export --run-dir runs/llama2-alpaca --push-to-hub --repo-id me/llama2-alpaca --private
   alpaca export --run-dir gs://bucket/runs/alpaca --output gs://bucket/exports/alpaca --dtype bfloat16
   alpaca export --run-dir runs/x --step 499                    a kept checkpoint instead of the final one
+  alpaca export --run-dir runs/x --overwrite                   replace the run's earlier export (RUN/hf)
 The Hub token comes from HF_TOKEN or `huggingface-cli login`; it is never printed or stored.
 """
 
@@ -55,6 +56,9 @@ def export(
         Optional[float],
         typer.Option(help="Largest allowed |logit difference|. Default: 1e-4 (float32), 5e-2 (16-bit).", show_default=False),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier export of this run (never other files).")
+    ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
     coordinator_address: CoordinatorOpt = None,
@@ -82,6 +86,7 @@ def export(
             "adapter": adapter or None,
             "verify": verify or None,
             "verify_tolerance": verify_tolerance,
+            "overwrite": overwrite or None,
         },
     )
     distributed.initialize(coordinator_address, num_processes, process_id)

@@ -91,23 +91,28 @@ def generate(
     # several processes (a pod's hosts): all of them decode together, over all their devices; process 0 reads the
     # requests (the others get them from it), prints and writes
     writer = distributed.is_writer()
-    if file:
-        requests = distributed.on_writer(lambda: core.read_requests(file),
-                                         encode=lambda rs: [dataclasses.asdict(r) for r in rs],
-                                         decode=lambda rs: [core.Request(**r) for r in rs])
-    else:
-        requests = [core.Request(instruction or "", input or "")]
     run = None
     if from_export is None or run_dir is not None:
         run = rundir.open_run(run_dir, writer=writer)
+    name = generator or ((run.name + ("-base" if base else "")) if run is not None
+                         else from_export.rstrip("/").rsplit("/", 1)[-1])
+
+    def read_requests():
+        if output:  # before any work: never over a file generate did not write
+            core.check_output(output, file, name)
+        return core.read_requests(file)
+
+    if file:
+        requests = distributed.on_writer(read_requests, encode=lambda rs: [dataclasses.asdict(r) for r in rs],
+                                         decode=lambda rs: [core.Request(**r) for r in rs])
+    else:
+        requests = [core.Request(instruction or "", input or "")]
     gen = core.load_generator(run, from_export=from_export, step=step, base=base)
     if file is None:
         text = gen.generate(requests, decoding)[0].text
         if writer:
             typer.echo(text)
         return
-    name = generator or ((run.name + ("-base" if base else "")) if run is not None
-                         else from_export.rstrip("/").rsplit("/", 1)[-1])
     if output:
         answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
         if writer:

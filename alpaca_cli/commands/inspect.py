@@ -47,6 +47,12 @@ def inspect(
     run.require_prepare()
     prepared = cachemod.open_run_cache(run)
     sources = prepared.source_indices()
+    if index is not None and len(sources) and index > sources[-1]:
+        from alpaca_cli.errors import ConfigError
+
+        raise ConfigError(f"--index {index} is past the end: the prepared examples are source records "
+                          f"{sources[0]} to {sources[-1]} ({len(sources)} examples)",
+                          hint="give an --index in that range")
     start = 0 if index is None else int(sources.searchsorted(index))
     if index is not None and (start >= len(sources) or sources[start] != index):
         shown = f"; the next prepared one is record {sources[start]}" if start < len(sources) else ""

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -118,14 +119,48 @@ def _read_file(spec: str, flag: str) -> tuple[list[tuple[str, Any]], str, int]:
     return rows, digest, len(raw)
 
 
+class _Duplicated(dict):
+    """A JSON object in which a key appeared more than once (json keeps the last value silently)."""
+
+    key: str = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    """json's object_pairs_hook: a plain dict, or a _Duplicated one naming the first key given twice (in it or in an
+    object inside it), so that the reader can refuse the record with its place."""
+    out = dict(pairs)
+    dup = None
+    if len(out) < len(pairs):
+        dup = next(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+    dup = dup or next((v.key for v in out.values() if isinstance(v, _Duplicated)), None)
+    if dup is None:
+        return out
+    marked = _Duplicated(out)
+    marked.key = dup
+    return marked
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_object)
+
+
+def _refuse_duplicates(row: Any, source: str, where: str) -> None:
+    if isinstance(row, _Duplicated):
+        raise DataError(f"{source} {where}: the key `{row.key}` appears twice in one record",
+                        hint="keep one of them: JSON readers silently take the last")
+
+
 def _parse_json(text: str, source: str) -> list[tuple[str, Any]]:
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{source} line {e.lineno}: malformed JSON ({e.msg})") from None
     if not isinstance(data, list):
         raise DataError(f"{source}: a .json file must hold a list of records, found a {type(data).__name__}")
-    return [(f"record {i}", row) for i, row in enumerate(data)]
+    rows = [(f"record {i}", row) for i, row in enumerate(data)]
+    for where, row in rows:
+        _refuse_duplicates(row, source, where)
+    return rows
 
 
 def _first_line_is_json(text: str) -> bool:
@@ -142,9 +177,10 @@ def _parse_jsonl(text: str, source: str) -> list[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append((f"line {lineno}", json.loads(line)))
+            rows.append((f"line {lineno}", _loads(line)))
         except json.JSONDecodeError as e:
             raise DataError(f"{source} line {lineno}: malformed JSON ({e.msg})") from None
+        _refuse_duplicates(rows[-1][1], source, rows[-1][0])
     return rows
 
 

@@ -33,6 +33,9 @@ from alpaca_cli.rundir import RunDir
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+EXPORT_MARKER = ".alpaca-export.json"
+"""Written into every export folder with the identity of the run it came from (`run_id`): a folder is replaced only
+when it holds this run's marker (and --overwrite is given); any other non-empty folder is refused. Not pushed."""
 
 
 @dataclass
@@ -116,6 +119,7 @@ def export(cfg: ExportConfig, run: RunDir) -> ExportResult | None:
         raise ConfigError(f"--max-shard-size {cfg.max_shard_size!r} is not a size like 5GB") from None
 
     def work() -> ExportResult:
+        check_output(export_dir, run, cfg.overwrite)
         record = run.start_stage(
             "export", ExportRecord(config=cfg, checkpoint=run.relative(checkpoint.path), step=checkpoint.step)
         )
@@ -175,6 +179,57 @@ def _check_writable(url: str) -> None:
         raise ConfigError(f"--output {url}: cannot create a folder there ({probe} is not a writable directory)")
 
 
+def check_output(out: str, run: RunDir, overwrite: bool) -> None:
+    """Refuse an --output whose export would replace what this run's exports did not write: the run directory, a
+    folder holding it, its own state, a non-empty folder that is not an export of this run, or (without overwrite)
+    an earlier export of this run."""
+    hint = f"export to a folder of its own, e.g. --output {run.export_dir} (the default)"
+    real_out, real_run = _real(out), _real(run.url)
+    if _within(real_run, real_out):
+        what = "is the run directory" if real_out == real_run else f"holds the run directory {run.url}"
+        raise ConfigError(f"--output {out} {what}: an export there would replace the run", hint=hint)
+    for state in run.state_paths():
+        if _within(real_out, _real(state)):
+            where = "" if real_out == _real(state) else "inside "
+            raise ConfigError(f"--output {out} is {where}the run's own {run.relative(state)}", hint=hint)
+    names = io.listdir(out) if io.is_remote(out) or os.path.isdir(out) else []
+    if not names:
+        return
+    marker = _read_marker(out) if EXPORT_MARKER in names else {}
+    if marker.get("run_id") != run.run_id:
+        what = f"holds an export of another run ({marker.get('run_dir')})" if marker else "is not empty"
+        raise ConfigError(f"--output {out} {what}; an export replaces only an earlier export of this run",
+                          hint="give another --output, or empty that folder yourself")
+    if not overwrite:
+        raise ConfigError(f"--output {out} holds an earlier export of this run",
+                          hint="add --overwrite to replace it, or give another --output")
+
+
+def _real(url: str) -> str:
+    return url.rstrip("/") if io.is_remote(url) else os.path.realpath(url)
+
+
+def _within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _read_marker(folder: str) -> dict:
+    try:
+        marker = json.loads(io.read_text(io.join(folder, EXPORT_MARKER)))
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _finish(run: RunDir, checkpoint, staging: str, export_dir: str) -> list[str]:
+    """Mark the finished folder as this run's export, put it in place; the names of its files."""
+    with open(os.path.join(staging, EXPORT_MARKER), "w") as f:
+        json.dump({"run_id": run.run_id, "run_dir": run.url, "step": checkpoint.step}, f, indent=2)
+    files = sorted(os.listdir(staging))
+    _publish(staging, export_dir)
+    return files
+
+
 def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token) -> ExportResult:
     import haliax as hax
     import jax.numpy as jnp
@@ -190,10 +245,9 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
         if cfg.adapter:
             with hax.partitioning.set_mesh(mesh), hax.axis_mapping(mapping):
                 verify = _export_adapter(cfg, run, checkpoint, staging, tok, mapping, mesh, export_dir)
-            files = sorted(os.listdir(staging))
             weight_bytes = os.path.getsize(os.path.join(staging, "adapter_model.safetensors"))
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            _publish(staging, export_dir)
+            files = _finish(run, checkpoint, staging, export_dir)
             result = ExportResult(export_dir=export_dir, dtype="float32", step=checkpoint.step, files=files,
                                   weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
             if cfg.push_to_hub:
@@ -223,8 +277,7 @@ def _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
                         f"(tolerance {verify.tolerance:g}); the export at {export_dir} was not written"
                     )
             _write_model_card(run, staging, checkpoint, dtype_name, verify)
-        files = sorted(os.listdir(staging))
-        _publish(staging, export_dir)
+        files = _finish(run, checkpoint, staging, export_dir)
         result = ExportResult(export_dir=export_dir, dtype=dtype_name, step=checkpoint.step, files=files,
                               weight_bytes=weight_bytes, peak_rss_bytes=peak, seconds=0.0, verify=verify)
         if cfg.push_to_hub:
@@ -367,11 +420,22 @@ def _haliax_state_dict_module():
 
 
 def _publish(staging: str, out_url: str) -> None:
-    """Put the finished folder in place. Locally the old export (if any) is swapped out only once the new one is
-    complete; on object stores the files are uploaded and any stale file of an earlier export is removed."""
+    """Put the finished folder in place (check_output has made sure nothing else is there). Locally the earlier export
+    (if any) is swapped out only once the new one is complete, and put back if the swap fails; a failure leaves no
+    hidden folder behind. On object stores the marker goes first (a partial upload is recognisably this run's),
+    then the files, then any stale file of the earlier export is removed; a failed upload into an empty folder is
+    removed again."""
     if io.is_remote(out_url):
         old = set(io.listdir(out_url))
-        io.upload_dir(staging, out_url)
+        try:
+            with open(os.path.join(staging, EXPORT_MARKER), "rb") as f:
+                io.write_bytes_atomic(io.join(out_url, EXPORT_MARKER), f.read())
+            io.upload_dir(staging, out_url)
+        except BaseException:
+            if not old:
+                with contextlib.suppress(Exception):
+                    io.rm_tree(out_url)
+            raise
         fs, path = io.fs_and_path(out_url)
         for name in old - set(os.listdir(staging)):
             fs.rm(f"{path}/{name}", recursive=True)
@@ -379,14 +443,23 @@ def _publish(staging: str, out_url: str) -> None:
     parent = os.path.dirname(out_url.rstrip("/"))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    shutil.copytree(staging, tmp, dirs_exist_ok=True)
-    if os.path.exists(out_url):
-        trash = tempfile.mkdtemp(prefix=".export-old-", dir=parent)
-        os.replace(out_url, os.path.join(trash, "old"))
-        os.replace(tmp, out_url)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out_url)
+    trash = None
+    try:
+        shutil.copytree(staging, tmp, dirs_exist_ok=True)
+        if os.path.exists(out_url):
+            trash = tempfile.mkdtemp(prefix=".export-old-", dir=parent)
+            os.replace(out_url, os.path.join(trash, "old"))
+            try:
+                os.replace(tmp, out_url)
+            except BaseException:
+                os.replace(os.path.join(trash, "old"), out_url)  # the earlier export back in place
+                raise
+        else:
+            os.replace(tmp, out_url)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when the swap succeeded
+        if trash is not None and os.path.exists(out_url):  # never the earlier export while it is not back in place
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
@@ -672,7 +745,7 @@ def push(folder: str, run: RunDir, cfg: ExportConfig, token: str | None,
         if cfg.revision and cfg.revision != "main":
             api.create_branch(repo_id, branch=cfg.revision, exist_ok=True)
         info = api.upload_folder(
-            folder_path=folder, repo_id=repo_id, revision=cfg.revision,
+            folder_path=folder, repo_id=repo_id, revision=cfg.revision, ignore_patterns=[EXPORT_MARKER],
             commit_message=cfg.commit_message or f"alpaca export of {run.name}",
         )
     except HfHubHTTPError as e:

@@ -230,6 +230,44 @@ def output_record(r: Request, a: Answer, generator: str) -> dict:
     return rec
 
 
+def check_output(output: str, requests_file: str, generator: str) -> None:
+    """Refuse an --output that answer_file would replace although generate did not write it: the --file itself, or
+    an existing file that is not an earlier output of this generator (the format answer_file writes, every record's
+    `generator` this one). An empty file holds nothing to lose; an earlier output is answered again as before."""
+    if _same_file(output, requests_file):
+        raise ConfigError(f"--output {output} is the --file it would answer", hint="write the answers to another file")
+    if not io.exists(output):
+        return
+    try:
+        text = io.read_text(output)
+    except (OSError, UnicodeDecodeError):
+        text = None
+    if text is not None and (not text.strip() or _is_output_of(text, output, generator)):
+        return
+    raise ConfigError(f"--output {output} already exists and is not an earlier output of generator {generator!r}",
+                      hint="give another --output, or delete that file yourself")
+
+
+def _same_file(a: str, b: str) -> bool:
+    a, b = io.normalize(a), io.normalize(b)
+    if io.is_remote(a) or io.is_remote(b) or not (os.path.exists(a) and os.path.exists(b)):
+        return a == b
+    return os.path.samefile(a, b)
+
+
+def _is_output_of(text: str, output: str, generator: str) -> bool:
+    """Whether text is what answer_file writes for this generator: a JSON list (.json) or JSON Lines (.jsonl) of
+    records with a string instruction and output and this `generator`."""
+    try:
+        lines = [json.loads(x) for x in text.splitlines() if x.strip()] if output.endswith(".jsonl") else None
+        records = json.loads(text) if lines is None else lines
+    except json.JSONDecodeError:
+        return False
+    return isinstance(records, list) and all(
+        isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
+        and r.get("generator") == generator for r in records)
+
+
 def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, output: str, generator: str,
                 progress=None) -> tuple[int, int]:
     """Answer a file of requests into `output` (.json or .jsonl), resumable. Returns (answered now, resumed).

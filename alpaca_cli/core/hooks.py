@@ -73,12 +73,8 @@ class MetricsHook(Callback):
             [sum(len(r) for r in plan.rows[s * plan.rows_per_step : (s + 1) * plan.rows_per_step]) for s in range(plan.steps)]
         )
         self._tokens = plan.step_real_tokens
-        if start_step > 0 and io.exists(run.metrics_path):
-            for line in io.read_text(run.metrics_path).splitlines():
-                if line.strip():
-                    rec = json.loads(line)
-                    if rec.get("step", 0) <= start_step:
-                        self.records[rec["step"]] = rec
+        if start_step > 0:
+            self.records = {rec["step"]: rec for rec in run.read_metrics() if rec["step"] <= start_step}
 
     def start(self) -> None:
         self._t_start = time.time()

@@ -290,6 +290,8 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
     with open_base_model(cfg.model_name_or_path) as base:
         check_vocab(base, prepared.tokenizer, prepared.added)
         base.check_supported(cfg.seq_len)
+        if not dry_run:  # a plan needs config.json alone
+            base.check_weights()
         lev_config = base.lev_config(cfg.seq_len, attention, cfg.remat)
         _check_shapes(cfg, lev_config, base, dp)
         lora_record = lora_mod.record(cfg)
