@@ -179,9 +179,9 @@ def test_a_model_folder_without_weights(prepared, tmp_path, tiny_model_dir, caps
     shutil.copytree(tiny_model_dir, bare, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
     code, line = alpaca(["train", "--run-dir", prepared, "--model", str(bare), "--seq-len", "256", "-q"],
                         capsys, monkeypatch)
-    assert code == 1 and line == (f"Error: --model {bare}: the folder has no weights (no *.safetensors or "
-                                  "pytorch_model*.bin)\n  hint: copy the model's weight files into it, or give the "
-                                  "folder that has them")
+    assert code == 1 and line == (f"Error: --model {bare} has no weights (no model.safetensors, "
+                                  "model.safetensors.index.json or pytorch_model.bin in it)\n  hint: copy the model's "
+                                  "weight files into it, or give the folder that has them")
     assert open_run(prepared).train is None  # refused before anything started
 
 

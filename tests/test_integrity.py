@@ -216,15 +216,17 @@ def test_a_train_that_failed_before_its_first_checkpoint_can_be_run_again_with_a
     run_dir = str(tmp_path / "run")
     run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run_dir, "--max-length",
              "128", "-q"])
+    # a wrong --model: another model's config.json beside these weights (found when the weights are loaded)
     broken = str(tmp_path / "broken-model")
     shutil.copytree(tiny_model_dir, broken)
-    weights = [f for f in os.listdir(broken) if f.endswith(".safetensors")]
-    for name in weights:
-        with open(os.path.join(broken, name), "r+b") as f:
-            f.truncate(100)
+    with open(os.path.join(broken, "config.json")) as f:
+        config = json.load(f)
+    config["intermediate_size"] *= 2
+    with open(os.path.join(broken, "config.json"), "w") as f:
+        json.dump(config, f)
     args = ["--seq-len", "128", "--batch-size", "4", "--steps", "2", "-q"]
     out = run_cli(["train", "--run-dir", run_dir, "--model", broken, *args], check=False)
-    assert out.returncode == 1
+    assert out.returncode == 1 and "its weights do not match its config.json" in error_line(out)
     assert open_run(run_dir).train.plan_fingerprint  # the plan was recorded before the weights failed to load
 
     run_cli(["train", "--run-dir", run_dir, "--model", tiny_model_dir, *args])  # the corrected model trains

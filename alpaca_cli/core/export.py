@@ -781,11 +781,11 @@ def _network_reason(e: BaseException) -> str:
 
 def _push_again_hint(cfg: ExportConfig, run: RunDir, export_dir: str) -> str:
     if io.is_remote(export_dir):
-        return "run this export again with --push-to-hub once the Hub can be reached"
+        return "run this export again with --push-to-hub --overwrite once the Hub can be reached"
     flags = (" --private" if cfg.private else "") + (f" --revision {cfg.revision}" if cfg.revision else "")
     repo = cfg.repo_id or f"YOUR_NAME/{run.name}"
-    return (f"once the Hub can be reached, push it with `hf upload {repo} {export_dir} .{flags}`, "
-            "or run this export again")
+    return (f"once the Hub can be reached, push it with `hf upload {repo} {export_dir} .{flags} --exclude "
+            f"{EXPORT_MARKER}`, or run this export again with --overwrite")
 
 
 def _redact(text: str, token: str | None) -> str:

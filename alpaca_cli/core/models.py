@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -76,15 +75,6 @@ class BaseModel:
             changes["reference_checkpoint"] = self.ref
         changes.update(levanter_fields(attention or AttentionChoice("vanilla", None), remat, cfg))
         return dataclasses.replace(cfg, **changes)
-
-    def check_weights(self) -> None:
-        """A local folder must hold weight files (a Hub repo is checked when they are downloaded)."""
-        names = os.listdir(self.ref) if self.is_local else []
-        if self.is_local and not any(f.endswith(".safetensors") or re.fullmatch(r"pytorch_model.*\.bin", f)
-                                     for f in names):
-            raise ConfigError(f"--model {self.spec}: the folder has no weights (no *.safetensors or "
-                              "pytorch_model*.bin)",
-                              hint="copy the model's weight files into it, or give the folder that has them")
 
     def converter(self, tokenizer):
         from levanter.compat.hf_checkpoints import HFCheckpointConverter
@@ -162,6 +152,9 @@ def read_hf_config(spec: str, ref: str):
             f"--model {spec}: cannot read its config ({first[:300]})",
             hint="pass a local Hugging Face folder, or check the id, your network and HF_TOKEN for gated models",
         ) from None
+
+
+COPY_WEIGHTS = "copy the model's weight files into it, or give the folder that has them"
 
 
 def check_weights(base: BaseModel, what: str, hint: str) -> None:
@@ -249,7 +242,7 @@ def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp, dtype=Non
     `dtype`: LoRA's frozen base is held in the compute dtype)."""
     import haliax as hax
 
-    base.check_weights()
+    check_weights(base, f"--model {base.spec}", hint=COPY_WEIGHTS)
     converter = base.converter(tok)
     try:
         model = converter.load_pretrained(

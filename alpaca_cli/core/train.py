@@ -19,7 +19,7 @@ from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
 from alpaca_cli.core.checkpoints import (checkpoint_step, is_whole, latest_checkpoint, resume_point, save_base_files,
                                         seal_every_save)
-from alpaca_cli.core.models import check_vocab, load_base_weights, open_base_model
+from alpaca_cli.core.models import COPY_WEIGHTS, check_vocab, check_weights, load_base_weights, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError
 from alpaca_cli.records import (
@@ -291,7 +291,7 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
         check_vocab(base, prepared.tokenizer, prepared.added)
         base.check_supported(cfg.seq_len)
         if not dry_run:  # a plan needs config.json alone
-            base.check_weights()
+            check_weights(base, f"--model {base.spec}", hint=COPY_WEIGHTS)
         lev_config = base.lev_config(cfg.seq_len, attention, cfg.remat)
         _check_shapes(cfg, lev_config, base, dp)
         lora_record = lora_mod.record(cfg)
