@@ -171,10 +171,14 @@ def test_a_live_process_on_this_host_keeps_its_lease_however_old_its_start(tmp_p
         Lease(url, str(tmp_path), "alpaca train").acquire()
 
 
-def test_two_takeovers_of_a_dead_lease_at_once_one_wins(where):
+@pytest.mark.parametrize("left", ["no lease", "a dead lease"])
+def test_commands_starting_at_once_one_wins(where, left):
+    """Twelve at once, three times: on a fresh run (they all create the lease) and on a dead holder's lease (they
+    all take it over)."""
     url = f"{where}/lease.json"
     for _ in range(3):
-        left_behind(url, host="gone-host", heartbeat=ago(lease.STALE_AFTER_SECONDS + 60))
+        if left == "a dead lease":
+            left_behind(url, host="gone-host", heartbeat=ago(lease.STALE_AFTER_SECONDS + 60))
         start, winners, refused = threading.Barrier(12), [], []
 
         def take():
