@@ -23,7 +23,7 @@ import socket
 import tempfile
 import threading
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 from alpaca_cli import io
@@ -76,7 +76,7 @@ class Holder:
         """The holder, or None for a file that is not a lease (edited by hand, or from another version)."""
         try:
             obj = json.loads(data)
-            holder = cls(**obj)
+            holder = cls(**{f.name: obj[f.name] for f in fields(cls) if f.name in obj})  # newer fields: ignored
             _dt.datetime.fromisoformat(holder.heartbeat)
             return holder
         except (ValueError, TypeError):
