@@ -125,7 +125,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600} h"
 
 
-# -- where the file lives: compare-and-replace on a local file or a GCS object -----------------------------------------
+# -- where the file lives: compare-and-replace on a local file or a GCS object ---------------------------------
 
 
 class _LocalFile:

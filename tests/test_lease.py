@@ -118,7 +118,8 @@ def test_a_lease_left_by_a_killed_prepare_is_taken_over_by_the_next_one(tmp_path
 
     again = run_cli([*PREPARE, "--run-dir", run])
     assert re.search(rf"run {re.escape(run)} was left in use by `alpaca prepare` \(pid {killed.pid} on host .*\), "
-                     rf"which is dead \(its process {killed.pid} is gone\): taking it over", again.stderr), again.stderr
+                     rf"which is dead \(its process {killed.pid} is gone\): taking it over", again.stderr), \
+        again.stderr
     assert open_run(run).prepare.complete
     assert not os.path.exists(f"{run}/lease.json")
 
@@ -181,7 +182,7 @@ def test_commands_starting_at_once_one_wins(where, left):
             left_behind(url, host="gone-host", heartbeat=ago(lease.STALE_AFTER_SECONDS + 60))
         start, winners, refused = threading.Barrier(12), [], []
 
-        def take():
+        def take(start=start, winners=winners, refused=refused):
             start.wait()
             try:
                 winners.append(Lease(url, where, "alpaca train").acquire())
