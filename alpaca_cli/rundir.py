@@ -14,6 +14,7 @@ RUN/
   metrics.jsonl      one JSON object per training step
   logs/              log files (local runs)
   hf/                the exported Hugging Face checkpoint (default export directory)
+  lease.json         who is writing the run now (lease.py): one writer at a time (prepare, train, export, eval)
 ```
 
 Every path in the manifest is relative to the run directory, so a run can be copied or moved (e.g. to gs://).
@@ -21,14 +22,16 @@ Every path in the manifest is relative to the run directory, so a run can be cop
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Optional, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 from alpaca_cli import io
+from alpaca_cli import lease as leasemod
 from alpaca_cli.errors import RunDirError
 from alpaca_cli.records import (
     COMPLETE,
@@ -130,6 +133,7 @@ class RunDir:
     writer: bool = True
     manifest: Manifest = field(default_factory=lambda: _empty_manifest())
     _local_logs: Optional[str] = field(default=None, repr=False)
+    _lease: Optional[leasemod.Lease] = field(default=None, repr=False)
 
     # -- layout -------------------------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -223,6 +227,10 @@ class RunDir:
         return self._local_logs
 
     @property
+    def lease_path(self) -> str:
+        return self.path("lease.json")
+
+    @property
     def export_dir(self) -> str:
         """The default export directory."""
         return self.path("hf")
@@ -308,9 +316,38 @@ class RunDir:
             self.manifest = Manifest.from_json(json.loads(text), self.manifest_path)
 
     # -- writing ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lease(self, stage: str) -> Iterator[None]:
+        """Hold the run's lease while `alpaca <stage>` writes it: one writer per run directory. Taken by the writer
+        process before anything is written (on a pod every process stops with its refusal), the manifest re-read
+        under it, released at the end however the command ends. A lease lost to another process meanwhile stops the
+        command at its next manifest write, or at the end."""
+        from alpaca_cli import distributed
+
+        held = distributed.on_writer(
+            lambda: leasemod.Lease(self.lease_path, self.url, _MAKES[stage]).acquire() if self.writer else None,
+            encode=lambda _: None, decode=lambda _: None)
+        if held is not None:
+            self.manifest = read_manifest(self.url) or self.manifest  # as the previous writer left it
+        self._lease = held
+        try:
+            yield
+        finally:
+            self._lease = None
+            if held is not None:
+                held.release()
+        if held is not None:
+            held.check()
+
+    def holder(self) -> Optional[leasemod.Holder]:
+        """Who holds the run's lease now, if anyone."""
+        return leasemod.read_holder(self.lease_path)
+
     def save(self) -> None:
         if not self.writer:
             return
+        if self._lease is not None:
+            self._lease.check()
         self.manifest.updated = now()
         io.write_text_atomic(self.manifest_path, self.manifest.to_json())
 
@@ -373,23 +410,13 @@ def liveness(st: StageRecord, *, stale_after_s: float = 5 * HEARTBEAT_SECONDS) -
 
     if st.status != RUNNING:
         return st.status
-    if st.writer.host == socket.gethostname() and st.writer.pid and not _pid_alive(st.writer.pid):
+    if st.writer.host == socket.gethostname() and st.writer.pid and not leasemod.pid_alive(st.writer.pid):
         return f"dead (process {st.writer.pid} on {st.writer.host} is gone)"
     if st.heartbeat:
         age = (_dt.datetime.now(_dt.timezone.utc) - _dt.datetime.fromisoformat(st.heartbeat)).total_seconds()
         if age > stale_after_s:
             return f"stale (no sign of life for {int(age // 60)} min)"
     return RUNNING
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _empty_manifest() -> Manifest:

@@ -5,7 +5,8 @@ Layers, lowest first (a module may import its own layer or lower ones, never a h
   0  errors, io, seal                            no alpaca imports but each other
   1  config, distributed, logs, console,         settings, processes, logging, terminal output, newer JAX,
      compat, interrupts                          Ctrl-C
-  2  records, options                            typed stage records; the commands' shared flag aliases
+  2  records, options, lease                     typed stage records; the commands' shared flag aliases; the
+                                                 run directory's one-writer lease
   3  rundir, train_config                        the run directory; the Levanter-backed train config
   4  core.*                                      the work (no Typer, no printing)
   5  commands.*                                  flags in, core called, results printed
@@ -32,6 +33,7 @@ LAYERS = {
     "alpaca_cli.compat": 1,
     "alpaca_cli.interrupts": 1,
     "alpaca_cli.records": 2,
+    "alpaca_cli.lease": 2,
     "alpaca_cli.options": 2,
     "alpaca_cli.rundir": 3,
     "alpaca_cli.train_config": 3,

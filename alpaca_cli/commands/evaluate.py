@@ -39,6 +39,7 @@ def eval_(
     process_id: ProcessIdOpt = None,
 ) -> None:
     """Score a model on held-out records: loss, perplexity and how often it stops on its own."""
+    import contextlib
     import dataclasses
     import json
 
@@ -58,32 +59,35 @@ def eval_(
     distributed.initialize(coordinator_address, num_processes, process_id)
     writer = distributed.is_writer()  # several processes (a pod's hosts) score together; process 0 writes and prints
     run = rundir.open_run(run_dir, writer=writer) if (from_export is None or run_dir is not None) else None
-    pcfg = run.require_prepare().config if run is not None else PrepareConfig()
-    path = resolve_builtin_data(data)  # `demo`, as prepare reads it
-    held_out = distributed.on_writer(
-        lambda: core.held_out(pcfg, path),
-        encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
-        decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
-    gen = load_generator(run, from_export=from_export, step=step)
-    label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
-    scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
-    if base:
-        del gen
-        base_gen = load_generator(run, base=True)
-        scores.append(core.score(base_gen, held_out, pcfg, label="base", max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size))
-    if not writer:
-        return
-    if run is not None:
-        from alpaca_cli.core.data import load_records
+    # eval records its scores in the manifest (and the export's model card): a writer like export, so it holds the
+    # run's lease; a train running meanwhile would overwrite the record with its own copy of the manifest
+    with run.lease("eval") if run is not None else contextlib.nullcontext():
+        pcfg = run.require_prepare().config if run is not None else PrepareConfig()
+        path = resolve_builtin_data(data)  # `demo`, as prepare reads it
+        held_out = distributed.on_writer(
+            lambda: core.held_out(pcfg, path),
+            encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
+            decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
+        gen = load_generator(run, from_export=from_export, step=step)
+        label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
+        scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+        if base:
+            del gen
+            base_gen = load_generator(run, base=True)
+            scores.append(core.score(base_gen, held_out, pcfg, label="base", max_new_tokens=max_new_tokens,
+                                     batch_size=batch_size))
+        if not writer:
+            return
+        if run is not None:
+            from alpaca_cli.core.data import load_records
 
-        source = load_records(cfgmod.replace(pcfg, data=path)).source
-        run.start_stage("eval", EvalRecord(data=data, source=source, scores=scores))
-        run.complete_stage("eval")
-        if run.export is not None and run.export.complete:
-            from alpaca_cli.core.export import refresh_model_card
+            source = load_records(cfgmod.replace(pcfg, data=path)).source
+            run.start_stage("eval", EvalRecord(data=data, source=source, scores=scores))
+            run.complete_stage("eval")
+            if run.export is not None and run.export.complete:
+                from alpaca_cli.core.export import refresh_model_card
 
-            refresh_model_card(run)
+                refresh_model_card(run)
     if json_:
         typer.echo(json.dumps([cfgmod.encode(s) for s in scores], indent=2))
         return

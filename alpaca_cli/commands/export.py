@@ -93,7 +93,8 @@ def export(
     from alpaca_cli.core import export as core
 
     run = rundir.open_run(run_dir, writer=distributed.is_writer())
-    result = core.export(cfg, run)
+    with run.lease("export"):
+        result = core.export(cfg, run)
     if result is None:  # another host of the pod did the writing
         return
     mb = 1024 * 1024

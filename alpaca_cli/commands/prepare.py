@@ -106,12 +106,13 @@ def prepare(
     distributed.initialize(coordinator_address, num_processes, process_id)
     run = rundir.open_run(run_dir, create=True, writer=distributed.is_writer())
     # one process prepares the shared cache; the others wait for it and get its outcome (or its error)
-    result = distributed.on_writer(
-        lambda: core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet)),
-        encode=lambda r: {"reused": r.reused, "stats": r.stats, "cache_dir": r.cache_dir,
-                          "fingerprint": r.fingerprint, "seconds": r.seconds},
-        decode=lambda d: core.PrepareResult(**d),
-    )
+    with run.lease("prepare"):
+        result = distributed.on_writer(
+            lambda: core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet)),
+            encode=lambda r: {"reused": r.reused, "stats": r.stats, "cache_dir": r.cache_dir,
+                              "fingerprint": r.fingerprint, "seconds": r.seconds},
+            decode=lambda d: core.PrepareResult(**d),
+        )
     if distributed.is_writer():
         print_stats(result.stats, reused=result.reused, run_url=run.url)
 

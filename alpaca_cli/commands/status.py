@@ -41,6 +41,11 @@ def status(
         shown = state if not st.error or state == "complete" else f"{state}: {st.error[:80]}"
         t.add_row(name, f"[{style}]{shown}[/{style}]", st.started or "", st.finished or "", key_figures(run, name))
     console.stdout.print(t)
+    holder = run.holder()
+    if holder is not None:
+        why = holder.dead()
+        console.stdout.print(f"in use by {holder.describe()}" + (f"; dead ({why}): the next command takes over"
+                                                                  if why else ""), markup=False, highlight=False)
 
 
 def key_figures(run, name: str) -> str:

@@ -130,6 +130,7 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune the base model on the prepared data (packed, sharded, resumable)."""
+    import contextlib
     import json
     import os
 
@@ -182,15 +183,16 @@ def train(
     from alpaca_cli.core import train as core
 
     run = rundir.open_run(run_dir, writer=distributed.is_writer())
-    if cfg.wandb_project:
-        os.environ.setdefault("WANDB_DIR", run.local_logs_dir())  # W&B writes ./wandb otherwise
     progress = None if quiet else console.step_progress_factory()
 
     def show_plan(plan) -> None:
         if distributed.is_writer() and not quiet:
             console.stderr.print(plan_table(plan))
 
-    result = core.train(cfg, run, dry_run=dry_run, target=target, progress_factory=progress, on_plan=show_plan)
+    with contextlib.nullcontext() if dry_run else run.lease("train"):  # --dry-run writes nothing
+        if cfg.wandb_project:
+            os.environ.setdefault("WANDB_DIR", run.local_logs_dir())  # W&B writes ./wandb otherwise
+        result = core.train(cfg, run, dry_run=dry_run, target=target, progress_factory=progress, on_plan=show_plan)
     if not distributed.is_writer():
         return
     if result.status == "planned":
