@@ -337,3 +337,11 @@ def test_ctrl_c_says_how_to_continue_and_status_tells_what_happened(prepared, ti
     assert open_run(prepared).train.status == "interrupted"
     status = run_cli(["status", "--run-dir", prepared])
     assert "interrupted" in status.stdout
+
+
+def test_from_export_of_a_folder_without_a_config_names_that_flag(tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "not-an-export"
+    empty.mkdir()
+    code, line = alpaca(["generate", "--from-export", str(empty), "Name a color."], capsys, monkeypatch)
+    assert code == 1
+    assert line.splitlines()[0] == f"Error: --from-export {empty}: expected a Hugging Face checkpoint folder with a config.json"

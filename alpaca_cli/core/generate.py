@@ -146,7 +146,7 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
         if from_export:
             from alpaca_cli.core.models import check_weights, open_base_model
 
-            with open_base_model(from_export) as model_folder, io.local_dir(from_export) as local:
+            with open_base_model(from_export, "--from-export") as model_folder, io.local_dir(from_export) as local:
                 check_weights(model_folder, f"--from-export {from_export}", hint=EXPORT_AGAIN)
                 from transformers import AutoTokenizer
 

@@ -90,51 +90,52 @@ class BaseModel:
 
 
 @contextlib.contextmanager
-def open_base_model(spec: str) -> Iterator[BaseModel]:
-    """Resolve a base model (Hub id, local folder, gs:// folder, or `demo`) and read its config.json."""
+def open_base_model(spec: str, flag: str = "--model") -> Iterator[BaseModel]:
+    """Resolve a base model (Hub id, local folder, gs:// folder, or `demo`) and read its config.json. `flag` is the
+    option that named it, for the messages (--model, --from-export)."""
     from alpaca_cli.core import demo_model
 
     if spec == DEMO_MODEL:
-        with open_model_folder(spec, demo_model.ensure_demo_model()) as bm:
+        with open_model_folder(spec, demo_model.ensure_demo_model(), flag) as bm:
             yield bm
         return
     if io.is_remote(spec):
         if not io.exists(io.join(spec, "config.json")):
-            raise ConfigError(f"--model {spec}: no config.json there; expected a Hugging Face checkpoint folder")
+            raise ConfigError(f"{flag} {spec}: no config.json there; expected a Hugging Face checkpoint folder")
         logger.info("Copying %s to local disk", spec)
-        with io.local_dir(spec) as local, open_model_folder(spec, local) as bm:
+        with io.local_dir(spec) as local, open_model_folder(spec, local, flag) as bm:
             yield bm
         return
     path = os.path.expanduser(spec)
     if os.path.exists(path):
         if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
-            raise ConfigError(f"--model {spec}: expected a Hugging Face checkpoint folder with a config.json")
-        with open_model_folder(spec, os.path.abspath(path)) as bm:
+            raise ConfigError(f"{flag} {spec}: expected a Hugging Face checkpoint folder with a config.json")
+        with open_model_folder(spec, os.path.abspath(path), flag) as bm:
             yield bm
         return
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise ConfigError(f"--model {spec}: no such folder")
-    with open_model_folder(spec, spec) as bm:  # a Hub id
+        raise ConfigError(f"{flag} {spec}: no such folder")
+    with open_model_folder(spec, spec, flag) as bm:  # a Hub id
         yield bm
 
 
 @contextlib.contextmanager
-def open_model_folder(spec: str, ref: str) -> Iterator[BaseModel]:
+def open_model_folder(spec: str, ref: str, flag: str = "--model") -> Iterator[BaseModel]:
     """The model whose config.json is in `ref` (a local folder or a Hub id); `spec` is what the user gave."""
-    hf_config = read_hf_config(spec, ref)
-    _check_model_type(spec, getattr(hf_config, "model_type", None))
+    hf_config = read_hf_config(spec, ref, flag)
+    _check_model_type(f"{flag} {spec}", getattr(hf_config, "model_type", None))
     yield BaseModel(spec=spec, ref=ref, hf_config=hf_config, model_type=hf_config.model_type)
 
 
-def _check_model_type(spec: str, model_type) -> None:
+def _check_model_type(named: str, model_type) -> None:
     if model_type not in families.LEVANTER_CHOICES:
         raise ConfigError(
-            f"--model {spec}: model_type {model_type!r} is not supported; "
+            f"{named}: model_type {model_type!r} is not supported; "
             f"supported: {', '.join(sorted(families.LEVANTER_CHOICES))}"
         )
 
 
-def read_hf_config(spec: str, ref: str):
+def read_hf_config(spec: str, ref: str, flag: str = "--model"):
     from transformers import AutoConfig
 
     if os.path.isdir(ref):
@@ -142,14 +143,14 @@ def read_hf_config(spec: str, ref: str):
             with open(os.path.join(ref, "config.json")) as f:
                 raw = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"--model {spec}: unreadable config.json ({e})") from None
-        _check_model_type(spec, raw.get("model_type") if isinstance(raw, dict) else None)
+            raise ConfigError(f"{flag} {spec}: unreadable config.json ({e})") from None
+        _check_model_type(f"{flag} {spec}", raw.get("model_type") if isinstance(raw, dict) else None)
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"--model {spec}: cannot read its config ({first[:300]})",
+            f"{flag} {spec}: cannot read its config ({first[:300]})",
             hint="pass a local Hugging Face folder, or check the id, your network and HF_TOKEN for gated models",
         ) from None
 
