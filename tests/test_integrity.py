@@ -136,7 +136,7 @@ def test_export_and_generate_refuse_a_checkpoint_with_a_missing_chunk(trained):
     assert out.returncode == 1
     assert error_line(out) == f"Error: checkpoint {step79} is damaged: {chunk} of its {len(_files(step79))} files missing"
     older = _steps(run_dir)[0]
-    assert f"hint: restore it from a copy, or pick a whole one with --step (whole: {older})" in out.stderr
+    assert f"hint: restore it from a copy or pick a whole one with --step (whole: {older})" in out.stderr
     assert not os.path.exists(os.path.join(run_dir, "hf"))
 
     out = run_cli(["generate", "--run-dir", run_dir, "Say hi."], check=False)

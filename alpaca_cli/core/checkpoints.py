@@ -202,23 +202,23 @@ def _has_metadata(path: str) -> bool:
 def find_checkpoint(run: RunDir, step: int | None = None) -> Checkpoint:
     """The final checkpoint of a finished run, or the one of the given step; refused unless whole and the run's own."""
     found = scan_checkpoints(run)
-    whole = ", ".join(f"step-{c.step}" for c in found if c.problem is None) or "none"
+    whole = [f"step-{c.step}" for c in found if c.problem is None]
+    pick = (f"or pick a whole one with --step (whole: {', '.join(whole)})" if whole else
+            "(no other checkpoint of this run is whole)")
     if step is None:
         final = run.require_train().final_checkpoint
         path = run.resolve(final) if final else None
         match = [c for c in found if c.path == path]
         if not match:
             raise StageError(f"the final checkpoint of run {run.url} ({path or 'none recorded'}) is missing",
-                             hint=f"run `alpaca train --run-dir {run.url}` to train it again from the last whole "
-                                  f"checkpoint, or pick a whole one with --step (whole: {whole})")
+                             hint=f"restore it from a copy {pick}")
     else:
         match = [c for c in found if c.step == step]
         if not match:
-            raise StageError(f"no checkpoint step-{step} in {run.checkpoints_dir} (whole: {whole})")
+            raise StageError(f"no checkpoint step-{step} in {run.checkpoints_dir} (whole: {', '.join(whole) or 'none'})")
     c = match[-1]
     if c.problem is not None:
-        raise StageError(f"checkpoint {c.path} {c.problem}",
-                         hint=f"restore it from a copy, or pick a whole one with --step (whole: {whole})")
+        raise StageError(f"checkpoint {c.path} {c.problem}", hint=f"restore it from a copy {pick}")
     return c
 
 
