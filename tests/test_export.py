@@ -165,7 +165,7 @@ def test_export_to_gcs(trained, gcs):
 def test_export_bad_input(trained, tmp_path):
     run, _, _ = trained
     missing = run_cli(["export", "--run-dir", run, "--step", "7"], check=False)
-    assert missing.returncode == 1 and re.search(r"no checkpoint step-7 .*available: step-40, step-79", error_line(missing))
+    assert missing.returncode == 1 and re.search(r"no checkpoint step-7 .*whole: step-40, step-79", error_line(missing))
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     unwritable = run_cli(["export", "--run-dir", run, "--output", str(blocker / "hf")], check=False)

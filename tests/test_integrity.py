@@ -100,7 +100,7 @@ def test_a_deletion_cut_short_never_leaves_a_checkpoint_that_looks_whole(tmp_pat
 
 def test_deleting_any_file_of_a_checkpoint_makes_every_reader_refuse_it(trained):
     """The fault-injection test: each file of the final checkpoint deleted in turn. find_checkpoint is what export,
-    generate and eval load through; resume_point is what train resumes from."""
+    generate and eval load through; scan_checkpoints is what train's resume_point chooses from."""
     run_dir, _, _ = trained
     run = open_run(run_dir)
     final = checkpoints.find_checkpoint(run)
@@ -121,6 +121,8 @@ def test_deleting_any_file_of_a_checkpoint_makes_every_reader_refuse_it(trained)
                 with pytest.raises(StageError, match=f"step-79 is damaged: {re.escape(name)}"):
                     checkpoints.find_checkpoint(run, 79)
             assert not checkpoints.is_whole(run, final.path)
+            # what a resume chooses from: step-79 is not whole (or, without metadata.json, no checkpoint at all)
+            assert all(c.problem for c in checkpoints.scan_checkpoints(run) if c.step == 79)
         finally:
             os.rename(saved, path)
     assert checkpoints.find_checkpoint(run).step == 79
