@@ -154,10 +154,18 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_keeps_it_aside(t
     with open(os.path.join(step79, chunk), "r+b") as f:
         f.truncate(10)  # a partial copy
     older = _steps(run_dir)[0]
-    assert checkpoints.resume_point(run) == os.path.join(run_dir, "checkpoints", older)
+    out = run_cli(["train", "--run-dir", run_dir, "--model", model_dir, "--seq-len", "128", "--batch-size", "6",
+                   "--steps", "80", "--learning-rate", "1e-2", "--warmup", "0.05", "--precision", "p=f32,c=f32",
+                   "--checkpoint-every", "40", "--keep-checkpoints", "2"])
+    assert f"Checkpoint {step79} is damaged: {chunk} has 10 bytes" in out.stderr
+    assert f"resuming from {os.path.join(run_dir, 'checkpoints', older)}" in out.stderr
     aside = os.listdir(run.unusable_checkpoints_dir)
     assert len(aside) == 1 and aside[0].startswith("step-79-")  # moved, not deleted
     assert os.path.getsize(os.path.join(run.unusable_checkpoints_dir, aside[0], chunk)) == 10
+    # trained again from the whole one: a new, whole final checkpoint, and every step's metrics once
+    assert checkpoints.find_checkpoint(open_run(run_dir)).step == 79
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f if line.strip()] == list(range(1, 81))
 
 
 def test_a_checkpoint_of_another_run_is_never_resumed_or_exported(trained, tmp_path):
