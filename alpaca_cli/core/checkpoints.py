@@ -102,16 +102,16 @@ def seal_every_save(checkpointer, run: RunDir) -> None:
     checkpointer.save_checkpoint = save_checkpoint
 
 
-def _folders(run: RunDir) -> list[tuple[str, str]]:
-    return [(name, io.join(run.checkpoints_dir, name)) for name in io.listdir(run.checkpoints_dir)
-            if name.startswith("step-")]
+def _folders(run: RunDir) -> list[str]:
+    """The paths of the run's checkpoint folders (step-N)."""
+    return [io.join(run.checkpoints_dir, name) for name in io.listdir(run.checkpoints_dir) if name.startswith("step-")]
 
 
 def sealed_checkpoints(run: RunDir) -> list[Checkpoint]:
     """This run's sealed checkpoints, oldest first, from their seals alone (cheap: no listing of their files). What
     retention counts and progress reports; `scan_checkpoints` checks the files too."""
     out = []
-    for _, path in _folders(run):
+    for path in _folders(run):
         record = seal.read(path)
         mine = record is not None and (record.get("identity") or {}).get("run_id") == run.run_id
         if mine:
@@ -123,7 +123,7 @@ def scan_checkpoints(run: RunDir) -> list[Checkpoint]:
     """Every checkpoint folder with a readable metadata.json (an asynchronous save may be writing it right now, and
     a kill can leave it empty), oldest first, each with its problem (None: whole and this run's)."""
     out = []
-    for _, path in _folders(run):
+    for path in _folders(run):
         try:
             step = checkpoint_step(path)
         except (FileNotFoundError, NotADirectoryError, ValueError, KeyError, TypeError):
@@ -168,7 +168,7 @@ def resume_point(run: RunDir) -> str | None:
     def decide() -> str | None:
         found = scan_checkpoints(run)
         unusable = [(c.path, c.problem) for c in found if c.problem is not None]
-        for _, path in _folders(run):
+        for path in _folders(run):
             if _has_metadata(path):
                 continue
             if seal.read(path) is None:
