@@ -1,14 +1,16 @@
 """Console logging for the whole process: one owner for the root logger's handlers.
 
-`main` configures them once (`setup`); Levanter's trainer replaces them when it starts (its `init_logging` calls
-`logging.basicConfig(force=True)` with its own console and file handlers), so training restores ours around that
-call (`keep_console_handlers`) and keeps only Levanter's log file.
+`main` configures them once (`setup`); Levanter's trainer replaces them when it starts (its `init_logging` clears
+the root handlers and adds its own console and file handlers), so training restores ours around that call
+(`keep_console_handlers`) and keeps only Levanter's log file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
 import sys
 
 
@@ -46,6 +48,11 @@ def keep_console_handlers():
     log file (which records INFO lines of every library)."""
     root = logging.getLogger()
     ours, level = list(root.handlers), root.level
+    # marin-levanter's init_logging enables faulthandler on sys.stderr (rigging/log_setup.py: install_fault_handler),
+    # which dies with "UnsupportedOperation: fileno" when stderr is not a file (captured, as in a notebook or
+    # pytest's capsys); without a file descriptor there is nothing for it to write to, so it is skipped then.
+    if not _has_fileno(sys.stderr):
+        os.environ.setdefault("RIGGING_DISABLE_FAULTHANDLER", "1")
     try:
         yield
     finally:
@@ -58,3 +65,11 @@ def keep_console_handlers():
             jax.config.update("jax_logging_level", None)  # drop JAX's own stderr handler; its records reach ours
         except Exception:  # noqa: BLE001 - older JAX without the option
             pass
+
+
+def _has_fileno(stream) -> bool:
+    try:
+        stream.fileno()
+        return True
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return False

@@ -73,7 +73,7 @@ def package_versions() -> dict[str, Optional[str]]:
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, Optional[str]] = {}
-    for name in ("alpaca-cli", "levanter", "haliax", "jax", "jaxlib", "transformers", "tokenizers"):
+    for name in ("alpaca-cli", "marin-levanter", "marin-haliax", "jax", "jaxlib", "transformers", "tokenizers"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

@@ -105,13 +105,23 @@ def adapt_tutorial_yaml(tree: dict) -> dict:
     """Accept Levanter's tutorial alpaca.yaml as it is.
 
     `trainer.wandb` (deprecated in Levanter) becomes our `wandb_project`; the tutorial's data keys that `alpaca
-    prepare` owns are refused with a pointer to it.
+    prepare` owns are refused with a pointer to it. The tutorial was written for the standalone Levanter: its
+    `trainer.tensor_parallel_axes` and `trainer.model_axis_size` are `trainer.mesh.shared_mapping` (those axes on
+    the "model" mesh axis) and `trainer.mesh.axes.model` in marin-levanter's TrainerConfig.
     """
     tree = dict(tree)
     trainer = dict(tree.get("trainer") or {})
     wandb = trainer.pop("wandb", None)
     if isinstance(wandb, dict) and wandb.get("project") and not tree.get("wandb_project"):
         tree["wandb_project"] = wandb["project"]
+    tp_axes, tp_size = trainer.pop("tensor_parallel_axes", None), trainer.pop("model_axis_size", None)
+    if tp_axes or tp_size:
+        mesh = dict(trainer.get("mesh") or {})
+        if tp_axes:
+            mesh["shared_mapping"] = {**{a: "model" for a in tp_axes}, **(mesh.get("shared_mapping") or {})}
+        if tp_size:
+            mesh["axes"] = {**(mesh.get("axes") or {}), "model": tp_size}
+        trainer["mesh"] = mesh
     if trainer or "trainer" in tree:
         tree["trainer"] = trainer
     owned_by_prepare = [k for k in ("data", "data_cache_dir", "max_tune_length", "mask_inputs") if k in tree]

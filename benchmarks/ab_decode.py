@@ -58,7 +58,7 @@ def main() -> None:
         variants[name] = load_variant(name, path)
     folder = write_random_hf_model(
         os.path.join(tempfile.mkdtemp(prefix="ab-decode-"), "model"), asset("demo_tokenizer"),
-        LlamaConfig(seq_len=2048, hidden_dim=args.hidden, intermediate_dim=3 * args.hidden, num_layers=args.layers,
+        LlamaConfig(max_seq_len=2048, hidden_dim=args.hidden, intermediate_dim=3 * args.hidden, num_layers=args.layers,
                     num_heads=4, num_kv_heads=2), seed=0)
     tok = AutoTokenizer.from_pretrained(folder)
     rng = np.random.default_rng(0)

@@ -64,7 +64,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-generate-")
     folder = write_random_hf_model(
         os.path.join(work, "model"), asset("demo_tokenizer"),
-        LlamaConfig(seq_len=args.context, hidden_dim=args.hidden, intermediate_dim=3 * args.hidden,
+        LlamaConfig(max_seq_len=args.context, hidden_dim=args.hidden, intermediate_dim=3 * args.hidden,
                     num_layers=args.layers, num_heads=4, num_kv_heads=2), seed=0)
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__}, "
           f"torch {torch.__version__}; Llama hidden {args.hidden}, {args.layers} layers, context {args.context}; "

@@ -43,7 +43,7 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="bench-lora-")
     model = write_random_hf_model(os.path.join(work, "model"), asset("demo_tokenizer"),
-                                  LlamaConfig(seq_len=512, hidden_dim=args.hidden, intermediate_dim=3 * args.hidden,
+                                  LlamaConfig(max_seq_len=512, hidden_dim=args.hidden, intermediate_dim=3 * args.hidden,
                                               num_layers=args.layers, num_heads=8, num_kv_heads=4))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     prepared = os.path.join(work, "prepared")

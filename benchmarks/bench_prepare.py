@@ -354,7 +354,7 @@ def environment() -> dict[str, Any]:
             env["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     except OSError:
         pass
-    for name in ("alpaca-cli", "transformers", "tokenizers", "torch", "levanter", "ray", "jax", "numpy", "sentencepiece"):
+    for name in ("alpaca-cli", "transformers", "tokenizers", "torch", "levanter", "marin-levanter", "ray", "jax", "numpy", "sentencepiece"):
         try:
             env[name] = version(name)
         except PackageNotFoundError:

@@ -462,7 +462,7 @@ def build_base_model(out_dir: str, tokenizer_dir: str, a) -> str:
         num_layers=a.layers,
         num_heads=a.heads,
         num_kv_heads=a.kv_heads,
-        seq_len=a.max_positions,
+        max_seq_len=a.max_positions,
     )
     return write_random_hf_model(out_dir, tokenizer_dir, cfg, seed=0)
 
@@ -609,7 +609,7 @@ def environment(a) -> list[str]:
         cpu = platform.processor()
     lines.append(f"CPU: {os.cpu_count()} x {cpu}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     vers = []
-    for mod in ("jax", "jaxlib", "levanter", "haliax", "equinox", "torch", "transformers", "numpy"):
+    for mod in ("jax", "jaxlib", "levanter", "marin-levanter", "haliax", "marin-haliax", "equinox", "torch", "transformers", "numpy"):
         try:
             from importlib.metadata import version
 

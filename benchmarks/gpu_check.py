@@ -114,7 +114,7 @@ def llama_config(s, dims: dict, seq_len: int, remat: bool, choice):
 
     import dataclasses
 
-    cfg = LlamaConfig(seq_len=seq_len, hidden_dim=dims["hidden_dim"], intermediate_dim=dims["intermediate_dim"],
+    cfg = LlamaConfig(max_seq_len=seq_len, hidden_dim=dims["hidden_dim"], intermediate_dim=dims["intermediate_dim"],
                       num_layers=dims["num_layers"], num_heads=dims["num_heads"], num_kv_heads=dims["num_kv_heads"])
     return dataclasses.replace(cfg, **levanter_fields(choice, remat, cfg))
 
@@ -249,7 +249,7 @@ def part_packing(a) -> dict:
     for seq_len in (1024, 1536):
         choice = attention.choose("auto", None, seq_len, platform)
         lev = llama_config(s, s["packing"], seq_len, False, choice)
-        Pos, Vocab = lev.Pos, hax.Axis("vocab", vocab_size(s, d))
+        Pos, Vocab = lev.max_Pos, hax.Axis("vocab", vocab_size(s, d))
         model32 = lev.build(Vocab, key=jrandom.PRNGKey(0))
         model16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating)
                                          else x, model32)
@@ -332,7 +332,7 @@ def part_train(a, remat: str) -> dict:
             rows.append(build_row(exs, s["seq_len"], pad, 1.0 / max(1, step_trained)))
             real += sum(len(x[0]) for x in exs)
         trained = step_trained
-        B, Pos = hax.Axis("batch", s["rows"]), lev.Pos
+        B, Pos = hax.Axis("batch", s["rows"]), lev.max_Pos
         arrays = [hax.named(jnp.asarray(np.stack([r[k] for r in rows])), (B, Pos)) for k in range(4)]
         return PackedRow(*arrays), real, trained
 

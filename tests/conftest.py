@@ -36,6 +36,10 @@ if _OWNS_RUN:
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["ALPACA_TESTS_RUN"], "jax-cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
+# jaxlib 0.10.0 logs two C++ errors for every executable it loads from that cache ("cpu_aot_loader.cc:195 ... Target
+# machine feature +prefer-no-gather is not supported on the host machine"), although this very host compiled it;
+# the tests' subprocesses would print thousands. Only the cache does it, and only the tests turn the cache on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import pytest  # noqa: E402
 

@@ -104,7 +104,7 @@ def make_tiny_llama(out_dir: str, tokenizer_dir: str, *, seed: int = 0, **shape)
 
     from alpaca_cli.core.demo_model import write_random_hf_model
 
-    dims = dict(hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=256)
+    dims = dict(hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=256)
     dims.update(shape)
     return write_random_hf_model(out_dir, tokenizer_dir, LlamaConfig(**dims), seed=seed)
 

@@ -82,7 +82,7 @@ def test_packed_logits_equal_unpacked_with_every_kernel(backend, seq_len, monkey
     platform = V4 if backend == "splash" else CPU
     choice = choose(backend, None, seq_len, platform)
     assert choice.backend == backend
-    cfg = LlamaConfig(seq_len=seq_len, hidden_dim=32, intermediate_dim=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    cfg = LlamaConfig(max_seq_len=seq_len, hidden_dim=32, intermediate_dim=64, num_layers=1, num_heads=4, num_kv_heads=2)
     cfg = dataclasses.replace(cfg, **levanter_fields(choice, remat=True, config=cfg))
     rng = np.random.default_rng(0)
     # examples that cross block boundaries (blocks of 256/512)
@@ -109,7 +109,7 @@ def test_packed_logits_equal_unpacked_with_every_kernel(backend, seq_len, monkey
 @pytest.fixture(scope="module")
 def long_context_run(tmp_path_factory, fixture_data, tokenizer_dir):
     root = tmp_path_factory.mktemp("attention-plan")
-    model = make_tiny_llama(str(root / "model"), tokenizer_dir, seq_len=2048)
+    model = make_tiny_llama(str(root / "model"), tokenizer_dir, max_seq_len=2048)
     run = str(root / "run")
     run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run, "-q"])
     return run, model

@@ -331,7 +331,7 @@ def test_ctrl_c_says_how_to_continue_and_status_tells_what_happened(prepared, ti
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err
     assert [line for line in err.splitlines() if line.startswith("Error: ")] == ["Error: interrupted"]
     assert "hint: run the same command again to continue" in err
     assert open_run(prepared).train.status == "interrupted"

@@ -8,7 +8,14 @@ from helpers import cli_env
 REMOVED = r"""
 import jax, jax.core
 original = jax.core.is_constant_dim
-del jax.core.is_constant_dim                      # as in jax 0.11: removed
+deprecated = getattr(jax.core, "__getattr__", None)   # jax 0.10 serves it (deprecated) through the module __getattr__
+def removed(name):                                     # as in jax 0.11: removed
+    if name == "is_constant_dim" or deprecated is None:
+        raise AttributeError(name)
+    return deprecated(name)
+jax.core.__getattr__ = removed
+jax.core.__dict__.pop("is_constant_dim", None)
+assert not hasattr(jax.core, "is_constant_dim")
 from alpaca_cli import compat
 assert compat.patch_jax() is True and compat.patch_jax() is False
 import haliax as hax, jax.numpy as jnp

@@ -272,7 +272,7 @@ def test_inference_runs_without_dropout_and_training_with_it():
     from alpaca_cli.core.logits import for_inference, model_logits
     from alpaca_cli.core.mesh import local_mesh
 
-    shape = {"seq_len": 64, "hidden_dim": 32, "num_layers": 2, "num_heads": 4}
+    shape = {"max_seq_len": 64, "hidden_dim": 32, "num_layers": 2, "num_heads": 4}
     Vocab = hax.Axis("vocab", 64)
     tokens = hax.named(jnp.arange(3, 35, dtype=jnp.int32), ("position",))
     with hax.partitioning.set_mesh(local_mesh()):

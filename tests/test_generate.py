@@ -34,11 +34,11 @@ def test_cached_decoding_equals_recomputing_the_whole_sequence(kind, tmp_path):
     if kind == "llama":
         from levanter.models.llama import LlamaConfig
 
-        cfg = LlamaConfig(seq_len=256, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
+        cfg = LlamaConfig(max_seq_len=256, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
     else:
         from levanter.models.gpt2 import Gpt2Config
 
-        cfg = Gpt2Config(seq_len=256, hidden_dim=32, num_layers=2, num_heads=4)
+        cfg = Gpt2Config(max_seq_len=256, hidden_dim=32, num_layers=2, num_heads=4)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 60, size=n).tolist() for n in (5, 17, 40, 9, 12)]
     with hax.partitioning.set_mesh(local_mesh()):

@@ -11,11 +11,11 @@ def _model(kind):
     if kind == "llama":
         from levanter.models.llama import LlamaConfig
 
-        cfg = LlamaConfig(seq_len=64, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
+        cfg = LlamaConfig(max_seq_len=64, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
     else:  # absolute learned positions: only right if every example restarts at position 0
         from levanter.models.gpt2 import Gpt2Config
 
-        cfg = Gpt2Config(seq_len=64, hidden_dim=32, num_layers=2, num_heads=4)
+        cfg = Gpt2Config(max_seq_len=64, hidden_dim=32, num_layers=2, num_heads=4)
     return cfg, cfg.build(hax.Axis("vocab", 50), key=jax.random.PRNGKey(1))
 
 

@@ -26,7 +26,7 @@ def test_a_stage_record_round_trips_typed(tmp_path):
     assert isinstance(again, PrepareRecord) and isinstance(again.config, PrepareConfig)
     assert again.complete and again.fingerprint == "abc" and again.config.max_length == 64
     assert again.summary.added_tokens == {"pad_token": "[PAD]"}
-    assert again.writer.pid == os.getpid() and again.versions["levanter"]
+    assert again.writer.pid == os.getpid() and again.versions["marin-levanter"]
     assert read_manifest(run.url).stages["prepare"] == again
 
 

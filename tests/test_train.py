@@ -98,7 +98,9 @@ def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, token
     from alpaca_cli.core.train import TP_AXES
 
     assert jax.device_count() == 4
-    tc = dataclasses.replace(TrainerConfig(), model_axis_size=2, tensor_parallel_axes=TP_AXES, fsdp_axis="embed")
+    from levanter.utils.mesh import MeshConfig
+
+    tc = dataclasses.replace(TrainerConfig(), mesh=MeshConfig(axes={"model": 2}, shared_mapping={a: "model" for a in TP_AXES}))
     with hax.partitioning.set_mesh(tc.device_mesh), open_base_model(tiny_model_dir) as base:
         lev = base.lev_config(256)
         tok = tokenizer

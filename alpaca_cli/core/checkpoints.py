@@ -89,17 +89,31 @@ def seal_every_save(checkpointer, run: RunDir) -> None:
     so a checkpoint is sealed only when it is whole. A failure to seal fails the next save (Levanter re-raises)."""
     save = checkpointer.save_checkpoint
 
-    def save_checkpoint(info, destination, commit_callback=None, **kwargs):
-        path, step = io.join(checkpointer.base_path, destination), int(info.step)
+    def save_checkpoint(tree, step, destination, commit_callback=None, **kwargs):
+        path = io.join(kwargs.get("base_path_override") or checkpointer.base_path, destination)
 
         def committed():
-            seal.write(path, identity(run, step))
+            seal.write(path, identity(run, int(step)))
             if commit_callback is not None:
                 commit_callback()
 
-        return save(info, destination, commit_callback=committed, **kwargs)
+        return save(tree, step, destination, commit_callback=committed, **kwargs)
 
     checkpointer.save_checkpoint = save_checkpoint
+
+
+def save_hook(checkpointer):
+    """Levanter's checkpointer as a trainer hook: it decides by step and by time whether this step is saved."""
+
+    def on_step(info, force: bool = False):
+        checkpointer.on_step(tree=info.state.saveable_state, step=info.step, force=force)
+
+    return on_step
+
+
+def save_now(checkpointer, info) -> None:
+    """Save the state after step `info.step` now, as step-N (asynchronous: wait_until_finished to be sure)."""
+    checkpointer.save_checkpoint(tree=info.state.saveable_state, step=info.step, destination=f"step-{info.step}")
 
 
 def _folders(run: RunDir) -> list[str]:
@@ -249,8 +263,7 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
             model = _load_lora(run, train, lev_config, tokenizer, Vocab, checkpoint, axis_mapping, mesh, merge)
         else:
             shape = eqx.filter_eval_shape(lev_config.build, Vocab, key=jax.random.PRNGKey(0))
-            model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh,
-                                    discover_latest=False)
+            model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh)
     except (KeyError, ValueError, TypeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise StageError(
@@ -285,6 +298,6 @@ def _load_lora(run: RunDir, train, lev_config, tokenizer, Vocab, checkpoint, axi
     model = lora.add_adapters(frozen, train.lora, jax.random.PRNGKey(0))
     base_part, adapters = partition_lora_params(model)
     adapters = load_checkpoint(eqx.filter_eval_shape(lambda: adapters), checkpoint.path, subpath="model",
-                               axis_mapping=axis_mapping, mesh=mesh, discover_latest=False)
+                               axis_mapping=axis_mapping, mesh=mesh)
     model = combine_lora_params(base_part, adapters)
     return lora.merge(model) if merge else model

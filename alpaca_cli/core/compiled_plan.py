@@ -127,7 +127,7 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
                                                                        mesh=mesh))
         half = sum(_per_device_bytes(x) for x in jax.tree_util.tree_leaves(state)
                    if isinstance(x, jax.ShapeDtypeStruct) and x.dtype.itemsize == 2)
-        B, Pos = trainer.TrainBatch, lev_config.Pos
+        B, Pos = trainer.TrainBatch, lev_config.max_Pos
         row = PackedRow(*(hax.NamedArray(jax.ShapeDtypeStruct((B.size, Pos.size), dt), (B, Pos))
                           for dt in (jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
         row = _with_shardings(row, hpart.infer_resource_partitions(row, compute, preserve_existing_shardings=False,
@@ -177,7 +177,7 @@ def model_flops_per_step(params: int, lev_config, tokens: int) -> float:
     layers = getattr(lev_config, "num_layers", 0) or 0
     heads = getattr(lev_config, "num_heads", 0) or 0
     head_dim = getattr(lev_config, "head_dim", None) or (lev_config.hidden_dim // max(heads, 1))
-    return 6.0 * params * tokens + 6.0 * layers * lev_config.seq_len * heads * head_dim * tokens
+    return 6.0 * params * tokens + 6.0 * layers * lev_config.max_seq_len * heads * head_dim * tokens
 
 
 def _with_shardings(shape_tree, sharding_tree):

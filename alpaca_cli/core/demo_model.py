@@ -16,7 +16,7 @@ import tempfile
 from alpaca_cli.core.defaults import asset
 
 DEMO_VERSION = 1
-DEMO_SHAPE = dict(hidden_dim=64, intermediate_dim=192, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=512)
+DEMO_SHAPE = dict(hidden_dim=64, intermediate_dim=192, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=512)
 COMPLETE_MARKER = ".alpaca-complete"
 """Written last: a cached folder without it is a half-made one, rebuilt rather than trusted."""
 

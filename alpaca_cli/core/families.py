@@ -166,7 +166,7 @@ class _PerLayerMixin:
         if kinds[i] != "sliding_attention":
             return self
         window = self.sliding_window
-        if window is not None and window >= self.seq_len:
+        if window is not None and window >= self.max_seq_len:
             window = None  # never narrower than the row: exact without a window
         return dataclasses.replace(self, layer_window=window, rope=self._local_rope())
 
@@ -283,7 +283,7 @@ class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
     def from_hf_config(cls, hf):  # Levanter's Gemma3Config.from_hf_config lacks @classmethod (gemma.py:836)
         hf = getattr(hf, "text_config", hf)
         return cls(
-            seq_len=hf.max_position_embeddings,
+            max_seq_len=hf.max_position_embeddings,
             activation_function=_gelu(hf.hidden_activation or "gelu_pytorch_tanh"),
             hidden_dim=hf.hidden_size, intermediate_dim=hf.intermediate_size, num_layers=hf.num_hidden_layers,
             num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim,
@@ -325,8 +325,8 @@ class AlpacaGpt2LMHeadModel(Gpt2LMHeadModel):
     def init(cls, Vocab, config, *, key):
         k_t, k_embeddings = jrandom.split(key, 2)
         transformer = Gpt2Transformer.init(config, key=k_t)
-        # Levanter sizes wpe by config.Pos (= our training seq_len); the checkpoint has n_positions rows
-        table = dataclasses.replace(config, seq_len=config.n_positions or config.seq_len)
+        # Levanter sizes wpe by config.max_Pos (= our training seq_len); the checkpoint has n_positions rows
+        table = dataclasses.replace(config, max_seq_len=config.n_positions or config.max_seq_len)
         embeddings = Gpt2Embeddings.init(Vocab, table, key=k_embeddings)
         return cls(transformer, embeddings)
 
@@ -341,7 +341,7 @@ class AlpacaGpt2Config(Gpt2Config):
 
     def to_hf_config(self, vocab_size, config_overrides=None):
         cfg = super().to_hf_config(vocab_size, config_overrides)
-        cfg.n_positions = self.n_positions or self.seq_len
+        cfg.n_positions = self.n_positions or self.max_seq_len
         return cfg
 
     @property

@@ -176,7 +176,7 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
             model, lev_config, _ = load_model(run, find_checkpoint(run, step), tokenizer=tok, axis_mapping=FSDP,
                                               mesh=mesh)
             templates = run.require_prepare().config.prompts
-            max_len = lev_config.seq_len
+            max_len = lev_config.max_seq_len
     return Generator(model=model, tokenizer=tok, templates=templates, max_len=max_len, mesh=mesh)
 
 

@@ -12,7 +12,7 @@ from levanter.callbacks import Callback, StepInfo
 from alpaca_cli import io
 from alpaca_cli.console import format_eta
 from alpaca_cli import distributed, interrupts
-from alpaca_cli.core.checkpoints import delete_checkpoint, latest_checkpoint, sealed_checkpoints
+from alpaca_cli.core.checkpoints import delete_checkpoint, latest_checkpoint, save_now, sealed_checkpoints
 from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.plan import Plan
 from alpaca_cli.records import TrainProgress
@@ -281,7 +281,7 @@ class PreemptionHook(Callback):
             stop = bool(np.any(multihost_utils.process_allgather(np.array(stop))))
         if not stop or force:
             return
-        self.checkpointer.on_step(info, force=True)
+        save_now(self.checkpointer, info)
         self.checkpointer.wait_until_finished()
         from alpaca_cli.errors import StageError
 
@@ -289,3 +289,20 @@ class PreemptionHook(Callback):
             f"stopped by SIGTERM after step {info.step + 1}; its checkpoint (step-{info.step}) is saved",
             hint="run the same command again (on every host) to resume",
         )
+
+
+def fire_from_the_first_step(trainer) -> None:
+    """Run the trainer's hooks after every step whose number is a multiple of their `every`, from step 0.
+
+    Upstream symptom (marin-levanter 0.2.20, levanter/trainer.py:129, `TrainerHooks.run_hooks`): hooks run only when
+    `info.step > 1`, so the first two steps had no metrics line, no progress and no eval, and a resume lost two
+    more. This restores the rule of levanter 1.2 (`force or step % every == 0`); remove it when upstream does.
+    """
+    hooks = trainer.hooks
+
+    def run_hooks(info, force: bool = False):
+        for hook in hooks.hooks:
+            if force or info.step % hook.every == 0:
+                hook.fn.on_step(info, force=force)
+
+    hooks.run_hooks = run_hooks

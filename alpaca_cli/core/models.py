@@ -70,7 +70,7 @@ class BaseModel:
 
         cfg = self.lev_config_class().from_hf_config(self.hf_config)
         fields = {f.name for f in dataclasses.fields(cfg)}
-        changes = {"seq_len": seq_len}
+        changes = {"max_seq_len": seq_len}
         if "reference_checkpoint" in fields:
             changes["reference_checkpoint"] = self.ref
         changes.update(levanter_fields(attention or AttentionChoice("vanilla", None), remat, cfg))

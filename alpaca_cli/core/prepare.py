@@ -246,7 +246,7 @@ def compute_stats(tokenized, prompts, outputs, tok, added: dict[str, str]) -> di
     trained = int(np.concatenate(tokenized.targets).sum(dtype=np.int64)) - sum(int(t[0]) for t in tokenized.targets)
     total = int(lengths.sum())
     pct = np.percentile(lengths, [50, 90, 99]).tolist()
-    packed_rows = len(pack_documents(lengths, PACK_ROW, slice_too_long_examples=True))
+    packed_rows = len(pack_documents(lengths, PACK_ROW, slice_strategy="right"))
     padded_rows = int(np.sum(np.ceil(lengths / PACK_ROW)))
 
     specials = [s for s in tok.all_special_tokens if s]

@@ -18,7 +18,7 @@ from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
 from alpaca_cli.core.checkpoints import (checkpoint_step, is_whole, latest_checkpoint, resume_point, save_base_files,
-                                        seal_every_save)
+                                        save_hook, save_now, seal_every_save)
 from alpaca_cli.core.models import COPY_WEIGHTS, check_vocab, check_weights, load_base_weights, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError
@@ -398,13 +398,14 @@ def _compiled_plan(cfg, run, plan, summary, lev_config, vocab, machine):
 
 def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume: str | None = None):
     from levanter.checkpoint import CheckpointerConfig
-    from levanter.distributed import DistributedConfig, RayConfig
+    from levanter.distributed import DistributedConfig
 
     tc = cfg.trainer
-    tp_axes = list(tc.tensor_parallel_axes or [])
-    for axis in TP_AXES:
-        if axis not in tp_axes:
-            tp_axes.append(axis)
+    mesh = tc.mesh
+    if cfg.tensor_parallel > 1:  # TP_AXES on the "model" mesh axis (a mapping the config gives for one wins)
+        mesh = dataclasses.replace(
+            mesh, axes={**mesh.axes, "model": cfg.tensor_parallel},
+            shared_mapping={**{a: "model" for a in TP_AXES}, **mesh.shared_mapping})
     return dataclasses.replace(
         tc,
         id=run.name,
@@ -412,8 +413,7 @@ def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume
         # the tutorial's meaning) counted examples; the plan turned it into rows.
         train_batch_size=plan.rows_per_step,
         num_train_steps=plan.steps,
-        model_axis_size=cfg.tensor_parallel,
-        tensor_parallel_axes=tp_axes if cfg.tensor_parallel > 1 else tc.tensor_parallel_axes,
+        mesh=mesh,
         checkpointer=CheckpointerConfig(
             base_path=run.checkpoints_dir,
             save_interval=datetime.timedelta(minutes=cfg.checkpoint_minutes),
@@ -427,7 +427,6 @@ def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume
         log_dir=Path(log_dir),
         tracker=trackers,
         require_accelerator=False,
-        ray=RayConfig(auto_start_cluster=False),
         distributed=DistributedConfig(initialize_jax_distributed=False),  # done by distributed.initialize()
         log_jaxprs=False,
         log_xla_hlo=False,
@@ -481,7 +480,8 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
     from levanter.trainer import Trainer
 
     from alpaca_cli.core.batches import PackedRows, make_loss_fn
-    from alpaca_cli.core.hooks import CheckpointRetention, EvalHook, ManifestHook, MetricsHook, PreemptionHook
+    from alpaca_cli.core.hooks import (CheckpointRetention, EvalHook, ManifestHook, MetricsHook, PreemptionHook,
+                                       fire_from_the_first_step)
 
     tok = prepared.tokenizer
     log_dir = run.local_logs_dir()
@@ -498,9 +498,10 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
     real_vocab = len(tok)
     loss_fn = make_loss_fn(real_vocab, accum_steps=max(1, accum))
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    Pos = lev_config.Pos
+    Pos = lev_config.max_Pos
 
     with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
+        fire_from_the_first_step(trainer)
         param_mapping = trainer.parameter_axis_mapping
         Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
         if Vocab.size != real_vocab:
@@ -546,7 +547,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         retention = CheckpointRetention(run, cfg.keep_checkpoints)
         trainer.add_hook(metrics, every=1)
         trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
-        trainer.add_hook(checkpointer.on_step, every=1)
+        trainer.add_hook(save_hook(checkpointer), every=1)
         trainer.add_hook(retention, every=1)
         trainer.add_hook(manifest_hook, every=1)
         preemption = PreemptionHook(checkpointer)
@@ -575,7 +576,7 @@ def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, p
         # saving is collective: every process must take the same decision
         if distributed.broadcast(final is None or checkpoint_step(final) != info.step):
             # Levanter's forced end-of-training save can be skipped; make sure the final state is on disk
-            checkpointer.save_checkpoint(info, f"step-{info.step}")
+            save_now(checkpointer, info)
             checkpointer.wait_until_finished()
             final = latest_checkpoint(run)
         distributed.barrier("final-checkpoint")
