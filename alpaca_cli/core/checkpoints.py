@@ -286,7 +286,7 @@ def _load_lora(run: RunDir, train, lev_config, tokenizer, Vocab, checkpoint, axi
     import jax
     import jmp
     from levanter.checkpoint import load_checkpoint
-    from levanter.lora import combine_lora_params, partition_lora_params
+    from levanter.adaptor.lora import combine_lora_params, partition_lora_params
 
     from alpaca_cli.core import lora
     from alpaca_cli.core.models import load_base_weights, open_base_model

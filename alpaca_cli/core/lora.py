@@ -1,7 +1,8 @@
 """LoRA (`alpaca train --lora-r R`): rank-R adapters on the attention and MLP projections, the base model frozen.
 
-Levanter's own LoRA (levanter.lora) does the tree surgery (`loraize`), the trainable-parameter filter the trainer
-takes (`lora_trainable_params_filter`: the optimizer state and the checkpoints hold the adapters only) and the merge.
+Levanter's own LoRA (levanter.adaptor.lora) does the tree surgery (`loraize`, with PEFT's initialisation: A random, B
+zero), the trainable-parameter filter the trainer takes (`lora_trainable_params_filter`: the optimizer state and the
+checkpoints hold the adapters only) and the merge.
 Here: which families and modules, the run record, and the two exports:
 - merged (the default): the adapters folded into the base weights, a plain Hugging Face checkpoint like a full run's;
 - `--adapter`: a PEFT adapter (adapter_config.json, adapter_model.safetensors). With LoRA the embedding is frozen, so
@@ -39,15 +40,17 @@ def check_family(model_type: str, spec: str) -> None:
 
 
 def levanter_config(lora: LoraRecord):
-    from levanter.lora import LoraConfig
+    from levanter.adaptor.lora import LoraConfig
 
-    return LoraConfig(target_modules=list(lora.targets), r=lora.r, alpha=lora.alpha, dropout=lora.dropout)
+    # the paper's and PEFT's initialisation (A random, B zero): training starts from the base model's own outputs
+    return LoraConfig(target_modules=list(lora.targets), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                      a_init_mode="random", zero_init_b=True)
 
 
 def add_adapters(model, lora: LoraRecord, key):
     """The model with adapters on the target projections (B initialised to 0: the model computes what it did)."""
     import jax
-    from levanter.lora import LowRankLinear, loraize
+    from levanter.adaptor.lora import LowRankLinear, loraize
 
     model = loraize(model, levanter_config(lora), key=key)
     found = [x for x in jax.tree_util.tree_leaves(model, is_leaf=lambda n: isinstance(n, LowRankLinear))
@@ -55,62 +58,27 @@ def add_adapters(model, lora: LoraRecord, key):
     if not found:
         raise ConfigError(f"--lora-targets {','.join(lora.targets)}: no module of the model has these names",
                           hint="use the projection names of the family, e.g. q_proj,v_proj")
-    return _zero_b(model)
-
-
-def _zero_b(model):
-    """LoRA's B matrices start at zero (the paper, PEFT): training starts from the base model's own outputs.
-    (Levanter initialises both A and B randomly.)"""
-    import dataclasses
-
-    import haliax as hax
-    import jax
-    from levanter.lora import LowRankLinear
-
-    def zero(node):
-        if isinstance(node, LowRankLinear):
-            b = node.lora_B
-            return dataclasses.replace(node, lora_B=dataclasses.replace(b, weight=hax.zeros_like(b.weight)))
-        return node
-
-    return jax.tree_util.tree_map(zero, model, is_leaf=lambda n: isinstance(n, LowRankLinear))
+    return model
 
 
 def trainable(model):
-    from levanter.lora import lora_trainable_params_filter
+    from levanter.adaptor.lora import lora_trainable_params_filter
 
     return lora_trainable_params_filter(model)
 
 
 def merge(model):
-    """The adapters folded into their projections: a plain model of the family.
-
-    Not levanter.lora.merge_lora_modules: its merged weight is `B A + W` as haliax broadcasts it, with the axes in
-    the product's order ([in, out]) instead of the projection's ([out, in]), so the exported checkpoint holds
-    transposed matrices ("Error(s) in loading state_dict for Linear" in transformers). Here the sum keeps W's axes."""
-    import dataclasses
-
+    """The adapters folded into their projections: a plain model of the family."""
     import haliax as hax
-    import jax
-    from levanter.lora import LoraLinear
+    from levanter.adaptor.lora import merge_lora_modules
 
-    @hax.named_jit
-    def _merge(model):
-        def one(node):
-            if not isinstance(node, LoraLinear):
-                return node
-            w = node.wrapped.weight
-            return dataclasses.replace(node.wrapped, weight=(node.lora.merge() + w).rearrange(w.axes).astype(w.dtype))
-
-        return jax.tree_util.tree_map(one, model, is_leaf=lambda n: isinstance(n, LoraLinear))
-
-    return _merge(model)
+    return hax.named_jit(merge_lora_modules)(model)
 
 
 def adapters_only(model):
     """The tree of the adapters alone (everything else None): what the checkpoints hold of the model."""
     import equinox as eqx
-    from levanter.lora import is_lora_param
+    from levanter.adaptor.lora import is_lora_param
 
     return eqx.filter(model, trainable(model), is_leaf=is_lora_param)
 
@@ -118,7 +86,7 @@ def adapters_only(model):
 def save_adapter(model, lora: LoraRecord, base_model: str, folder: str) -> None:
     """A PEFT adapter: adapter_config.json and adapter_model.safetensors (float32)."""
     import numpy as np
-    from levanter.lora import lora_state_dict, to_hf_config
+    from levanter.adaptor.lora import lora_state_dict, to_hf_config
     from safetensors.numpy import save_file
 
     state = {k: np.asarray(v, dtype=np.float32) for k, v in lora_state_dict(model, prefix=PEFT_PREFIX).items()}
