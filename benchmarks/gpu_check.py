@@ -129,7 +129,7 @@ def trainer_config(s, work: str, steps: int):
     from pathlib import Path
 
     from levanter.checkpoint import CheckpointerConfig
-    from levanter.distributed import DistributedConfig, RayConfig
+    from levanter.distributed import DistributedConfig
     from levanter.tracker.tracker import NoopConfig
 
     from alpaca_cli.train_config import TrainConfig
@@ -137,7 +137,7 @@ def trainer_config(s, work: str, steps: int):
     base = TrainConfig().trainer
     return dataclasses.replace(
         base, id="gpu-check", train_batch_size=s["rows"], per_device_parallelism=s["rows"], num_train_steps=steps,
-        tracker=NoopConfig(), require_accelerator=False, ray=RayConfig(auto_start_cluster=False),
+        tracker=NoopConfig(), require_accelerator=False,
         distributed=DistributedConfig(initialize_jax_distributed=False), log_dir=Path(work) / "logs",
         checkpointer=CheckpointerConfig(base_path=os.path.join(work, "checkpoints")), log_jaxprs=False,
         log_xla_hlo=False,
@@ -173,10 +173,12 @@ def part_env(a) -> dict:
 
     out = {"python": platform.python_version()}
     for name in ("jax", "jaxlib", "levanter", "haliax", "equinox", "torch", "transformers", "numpy"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
+        for dist in (f"marin-{name}", name) if name in ("levanter", "haliax") else (name,):
+            try:
+                out[name] = md.version(dist)
+                break
+            except md.PackageNotFoundError:
+                out[name] = None
     import jax
 
     had = hasattr(jax.core, "is_constant_dim")

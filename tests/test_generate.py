@@ -81,7 +81,7 @@ def test_a_long_prompt_prefilled_in_causal_chunks_equals_the_models_own_call(kin
     from alpaca_cli.core.logits import model_logits
     from alpaca_cli.core.mesh import local_mesh
 
-    small = dict(seq_len=1024, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    small = dict(max_seq_len=1024, hidden_dim=32, intermediate_dim=64, num_layers=2, num_heads=4, num_kv_heads=2)
     if kind == "llama":
         from levanter.models.llama import LlamaConfig
 

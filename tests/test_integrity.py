@@ -33,7 +33,8 @@ def _steps(run_dir: str) -> list[str]:
 
 
 def _chunk(folder: str, under: str = "") -> str:
-    """The largest array file under folder/under: a chunk of weights, not metadata."""
+    """The largest array file under folder/under: a chunk of weights, not metadata. (A checkpoint is one OCDBT
+    database: manifest.ocdbt and data files under d/, each holding chunks of many arrays.)"""
     files = [f for f in _files(folder) if f.startswith(under) and not f.endswith((".json", ".zarray", ".zattrs"))]
     return max(files, key=lambda f: os.path.getsize(os.path.join(folder, f)))
 
@@ -106,7 +107,7 @@ def test_deleting_any_file_of_a_checkpoint_makes_every_reader_refuse_it(trained)
     final = checkpoints.find_checkpoint(run)
     assert final.step == 79
     files = [f for f in _files(final.path) if f != seal.SEAL]
-    assert len(files) > 20
+    assert {"metadata.json", "manifest.ocdbt"} < set(files) and any(f.startswith("d/") for f in files)
     for name in files:
         path = os.path.join(final.path, name)
         saved = path + ".saved"
@@ -131,7 +132,7 @@ def test_deleting_any_file_of_a_checkpoint_makes_every_reader_refuse_it(trained)
 def test_export_and_generate_refuse_a_checkpoint_with_a_missing_chunk(trained):
     run_dir, _, _ = trained
     step79 = os.path.join(run_dir, "checkpoints", "step-79")
-    chunk = _chunk(step79, "model")
+    chunk = _chunk(step79, "d/")
     os.remove(os.path.join(step79, chunk))
 
     out = run_cli(["export", "--run-dir", run_dir], check=False)
@@ -150,7 +151,7 @@ def test_resume_falls_back_past_a_damaged_newest_checkpoint_and_keeps_it_aside(t
     run_dir, model_dir, _ = trained
     run = open_run(run_dir)
     step79 = os.path.join(run_dir, "checkpoints", "step-79")
-    chunk = _chunk(step79, "model")
+    chunk = _chunk(step79, "d/")
     with open(os.path.join(step79, chunk), "r+b") as f:
         f.truncate(10)  # a partial copy
     older = _steps(run_dir)[0]

@@ -123,15 +123,13 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
                                      model_averaging=trainer.config.model_averaging)
 
         state = eqx.filter_eval_shape(init_state, lambda: lev_config.build(Vocab, key=model_key), training_key)
-        state = _with_shardings(state, hpart.infer_resource_partitions(state, params, preserve_existing_shardings=False,
-                                                                       mesh=mesh))
+        state = _with_shardings(state, hpart.infer_resource_partitions(state, params, mesh=mesh))
         half = sum(_per_device_bytes(x) for x in jax.tree_util.tree_leaves(state)
                    if isinstance(x, jax.ShapeDtypeStruct) and x.dtype.itemsize == 2)
         B, Pos = trainer.TrainBatch, lev_config.max_Pos
         row = PackedRow(*(hax.NamedArray(jax.ShapeDtypeStruct((B.size, Pos.size), dt), (B, Pos))
                           for dt in (jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
-        row = _with_shardings(row, hpart.infer_resource_partitions(row, compute, preserve_existing_shardings=False,
-                                                                   mesh=mesh))
+        row = _with_shardings(row, hpart.infer_resource_partitions(row, compute, mesh=mesh))
         with _shapes_count_as_arrays(hpart):
             lowered = trainer._jit_train_step_fn_no_hook.lower(state, (row,), {})
         compiled = lowered.compile()

@@ -682,7 +682,7 @@ def _compare(hf, lev_model, run: RunDir, tok, dtype_name: str, tolerance: float,
     with jax.default_matmul_precision("float32"), hax.axis_mapping(COMPUTE):
         for row in rows:
             ids = row["input_ids"]
-            Pos = lev.max_Pos.resize(len(ids))
+            Pos = lev.Pos.resize(len(ids))
             lev_logits = np.asarray(logits_fn(lev, hax.named(jnp.asarray(ids, dtype=jnp.int32), Pos)).array, dtype=np.float64)
             with torch.no_grad():
                 hf_logits = hf(input_ids=torch.tensor([ids.tolist()])).logits[0].double().numpy()
