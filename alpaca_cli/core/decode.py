@@ -1,10 +1,11 @@
 """Batched decoding with a KV cache: the prompts are prefilled by length bucket into their rows of the cache, then one
 compiled loop of one-token steps decodes the whole batch, with sampling and a per-row stop at EOS.
 
-Why not Levanter's InferenceEngine: in the pinned version only Llama and Qwen3 have a `decode`, its prefill off TPU
-is a one-query-at-a-time loop (20x slower than this on CPU for 1,000-token prompts), and it has no top-p. Here each
-family's own modules do the work (projections, norms, rotary embeddings, MLP or experts, as in training); only the
-cache write and the attention (Levanter's vanilla arithmetic, on raw arrays in the cache's layout) are ours.
+Why not Levanter's InferenceEngine (benchmarks/ab_engine.py, measured in benchmarks/README.md): the same tokens, but
+slower on CPU (its prefill off TPU is a one-query-at-a-time loop), only Llama, Qwen3 and Apertus have its `decode`,
+and requests that do not fit its one prefill come back empty. Here each family's own modules do the work
+(projections, norms, rotary embeddings, MLP or experts, as in training); only the cache write and the attention
+(Levanter's vanilla arithmetic, on raw arrays in the cache's layout) are ours.
 
 - The cache: one dense K and one V buffer per model, K {layer, batch, kv_head, head_size, key_position} and V
   {layer, batch, kv_head, key_position, head_size}. It starts just wider than the longest prompt and doubles when
