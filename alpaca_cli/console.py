@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 
 stdout = Console(highlight=False, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)  # never folds a long path in two
 
 
 class BarProgress:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -194,11 +195,23 @@ def launch(args, port, *, n=2, devices=2, extra=None, flags=False):
     return procs
 
 
+# jaxlib 0.10.0's gloo (CPU collectives between processes: these tests, not TPUs or GPUs) prints "[Gloo] Rank N is
+# connected to M peer ranks. Expected number of connected peer ranks is : M" on stdout whenever processes connect,
+# from several threads at once (the pieces of two lines interleave); no setting turns it off.
+_GLOO_NOISE = re.compile(r"\[Gloo\] Rank \d+| is connected to \d+ peer ranks\. Expected number of connected peer ranks is : \d+")
+
+
+def without_gloo_lines(text: str) -> str:
+    text = _GLOO_NOISE.sub("", text)
+    return "".join(line for line in text.splitlines(keepends=True) if line.strip())
+
+
 def wait_all(procs, timeout=600):
+    """(exit code, stdout, stderr) of each process, once all have ended; gloo's connection lines left out."""
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
-        outs.append((p.returncode, out, err))
+        outs.append((p.returncode, without_gloo_lines(out), without_gloo_lines(err)))
     return outs
 
 
