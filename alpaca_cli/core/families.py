@@ -19,8 +19,8 @@ still compute differently is refused before anything is loaded (`unsupported`).
 |                        | sliding window never read (gemma.py:546); final soft-cap never applied   | ...LMHeadModel          |
 | gemma3_text            | from_hf_config lacks @classmethod (gemma.py:874): does not load; local   | AlpacaGemma3Config      |
 |                        | layers use the global RoPE base; windows never applied                   |                         |
-| qwen2                  | from_hf_config reads hf_config.no_bias (qwen.py:79), which               | AlpacaQwen2Config       |
-|                        | transformers' Qwen2Config lacks: AttributeError                         |                         |
+| qwen2                  | fixed upstream in marin-levanter 0.2.20 (qwen.py:76 defaults no_bias);   | AlpacaQwen2Config       |
+|                        | ours removed; linear rope_scaling saved without rope_type (as llama)     |                         |
 | gpt2                   | position table sized by the training seq_len (gpt2.py:295): "Shape       | AlpacaGpt2Config        |
 |                        | mismatch" unless --seq-len equals n_positions                            |                         |
 | olmo2, qwen3           | none found                                                               | Levanter's classes      |
@@ -28,7 +28,6 @@ still compute differently is refused before anything is loaded (`unsupported`).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -116,16 +115,12 @@ class AlpacaLlamaConfig(LlamaConfig):
         return _rebuild(cls, base, head_dim=getattr(hf_config, "head_dim", None), rope=_fix_rope(base.rope))
 
 
-# ---------------------------------------------------------------- qwen2: Levanter reads hf_config.no_bias (qwen.py:77)
+# ---------------------------------------------------------------- qwen2: linear rope on save
 @dataclass(frozen=True)
 class AlpacaQwen2Config(QwenConfig):
     @classmethod
     def from_hf_config(cls, hf_config):
-        # transformers' Qwen2Config has no `no_bias`: Qwen2 always has q/k/v biases (QwenConfig.attention_config
-        # hard-codes them) and none in the MLP, norms or o_proj, i.e. Levanter's use_bias=False.
-        hf = copy.copy(hf_config)
-        hf.no_bias = True
-        base = QwenConfig.from_hf_config(hf)
+        base = QwenConfig.from_hf_config(hf_config)
         return _rebuild(cls, base, rope=_fix_rope(base.rope))
 
 
