@@ -17,8 +17,9 @@ still compute differently is refused before anything is loaded (`unsupported`).
 |                        | for every real Gemma (16 x 256 != 3072); hidden_act gelu run as tanh     |                         |
 | gemma2                 | no head_dim or query_pre_attn_scalar (gemma.py:578); soft-caps and       | AlpacaGemma2Config,     |
 |                        | sliding window never read (gemma.py:546); final soft-cap never applied   | ...LMHeadModel          |
-| gemma3_text            | from_hf_config lacks @classmethod (gemma.py:874): does not load; local   | AlpacaGemma3Config      |
-|                        | layers use the global RoPE base; windows never applied                   |                         |
+| gemma3_text            | from_hf_config a classmethod again (gemma.py:867): fixed upstream in     | AlpacaGemma3Config      |
+|                        | marin-levanter 0.2.20, ours built on it; local layers use the global     |                         |
+|                        | RoPE base; windows never applied                                         |                         |
 | qwen2                  | fixed upstream in marin-levanter 0.2.20 (qwen.py:76 defaults no_bias);   | AlpacaQwen2Config       |
 |                        | ours removed; linear rope_scaling saved without rope_type (as llama)     |                         |
 | gpt2                   | position table sized by the training seq_len (gpt2.py:295): "Shape       | AlpacaGpt2Config        |
@@ -275,20 +276,14 @@ class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
     layer_window: Optional[int] = None
 
     @classmethod
-    def from_hf_config(cls, hf):  # Levanter's Gemma3Config.from_hf_config lacks @classmethod (gemma.py:836)
+    def from_hf_config(cls, hf):
         hf = getattr(hf, "text_config", hf)
-        return cls(
-            max_seq_len=hf.max_position_embeddings,
-            activation_function=_gelu(hf.hidden_activation or "gelu_pytorch_tanh"),
-            hidden_dim=hf.hidden_size, intermediate_dim=hf.intermediate_size, num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim,
-            initializer_range=hf.initializer_range, layer_norm_epsilon=hf.rms_norm_eps,
-            tie_word_embeddings=hf.tie_word_embeddings,
-            rope=_fix_rope(RotaryEmbeddingsConfig.from_hf_config(hf.rope_theta, getattr(hf, "rope_scaling", None))),
-            rope_local_base_freq=hf.rope_local_base_freq,
-            query_pre_attn_scalar=hf.query_pre_attn_scalar,
-            final_logit_softcapping=hf.final_logit_softcapping,
-            attn_logit_softcapping=hf.attn_logit_softcapping,
+        base = Gemma3Config.from_hf_config(hf)
+        return _rebuild(
+            cls, base,
+            rope=_fix_rope(base.rope),
+            final_logit_softcapping=hf.final_logit_softcapping,  # Levanter reads neither cap, the window, the
+            attn_logit_softcapping=hf.attn_logit_softcapping,    # layer types nor the attention bias
             sliding_window=hf.sliding_window,
             layer_types=tuple(hf.layer_types),
             use_bias=bool(getattr(hf, "attention_bias", False)),
