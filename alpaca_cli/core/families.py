@@ -289,12 +289,6 @@ class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
             use_bias=bool(getattr(hf, "attention_bias", False)),
         )
 
-    def to_hf_config(self, vocab_size, config_overrides=None):
-        cfg = super().to_hf_config(vocab_size, config_overrides)
-        cfg.layer_types, cfg.sliding_window = list(self.layer_types), self.sliding_window  # Levanter: pattern 1
-        cfg.query_pre_attn_scalar = self.query_pre_attn_scalar
-        return cfg
-
     def _local_rope(self):
         # transformers: local layers use plain RoPE at rope_local_base_freq; rope_scaling is for global layers only
         return DefaultRotaryEmbeddingsConfig(theta=self.rope_local_base_freq)
