@@ -323,11 +323,6 @@ class AlpacaGpt2Config(Gpt2Config):
     def from_hf_config(cls, hf_config):
         return _rebuild(cls, Gpt2Config.from_hf_config(hf_config), n_positions=hf_config.n_positions)
 
-    def to_hf_config(self, vocab_size, config_overrides=None):
-        cfg = super().to_hf_config(vocab_size, config_overrides)
-        cfg.n_positions = self.n_positions or self.max_seq_len
-        return cfg
-
     @property
     def model_type(self):
         return AlpacaGpt2LMHeadModel
