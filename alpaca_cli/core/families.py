@@ -40,7 +40,6 @@ import jax.numpy as jnp
 import jax.random as jrandom
 from haliax.jax_utils import maybe_rng_split, shaped_rng_split
 from haliax.nn.scan import BlockSeq, ScanCheckpointPolicy, Stacked
-from levanter.layers.attention import AttentionMask
 from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig, RotaryEmbeddingsConfig
 from levanter.models.gemma import (
     Gemma2Config,
@@ -167,33 +166,18 @@ class _PerLayerMixin:
         return dataclasses.replace(self, layer_window=window, rope=self._local_rope())
 
 
-class AlpacaGemma2DecoderLayer(Gemma2DecoderLayer):
-    @staticmethod
-    def init(config, *, key):
-        base = Gemma2DecoderLayer.init(config, key=key)
-        return AlpacaGemma2DecoderLayer(*(getattr(base, f.name) for f in dataclasses.fields(base)))
-
-    def __call__(self, x, mask, *, key=None, pos_ids=None):
-        window = getattr(self.config, "layer_window", None)
-        if window is not None:
-            if not isinstance(mask, AttentionMask):
-                raise NotImplementedError("sliding-window layers need an AttentionMask")
-            mask = mask.with_sliding_window(min(window, mask.sliding_window or window))
-        return super().__call__(x, mask, key=key, pos_ids=pos_ids)
-
-
 class AlpacaGemma2Transformer(Gemma2Transformer):
     @staticmethod
     def init(config, *, key):
         n = config.num_layers
         configs = [config.layer_config(i) for i in range(n)]
         if all(c == configs[0] for c in configs):  # homogeneous: keep Levanter's scanned stack
-            layers = Stacked.init(config.Layers, AlpacaGemma2DecoderLayer,
+            layers = Stacked.init(config.Layers, Gemma2DecoderLayer,
                                   gradient_checkpointing=config.gradient_checkpointing)(
                 configs[0], key=shaped_rng_split(key, n))
         else:  # layers differ in static config (window, RoPE base): an unrolled sequence
             keys = jrandom.split(key, n)
-            layers = BlockSeq([AlpacaGemma2DecoderLayer.init(c, key=k) for c, k in zip(configs, keys)],
+            layers = BlockSeq([Gemma2DecoderLayer.init(c, key=k) for c, k in zip(configs, keys)],
                               config.Layers, ScanCheckpointPolicy.from_bool_or_str(config.gradient_checkpointing))
         return AlpacaGemma2Transformer(config, layers, config.mk_LayerNorm(config.Embed))
 
@@ -263,7 +247,7 @@ class AlpacaGemma2Config(_PerLayerMixin, Gemma2Config):
 
     def attention_config(self):
         return dataclasses.replace(super().attention_config(), head_dim=self.head_dim,
-                                   scaling_factor=self.query_pre_attn_scalar ** -0.5)
+                                   scaling_factor=self.query_pre_attn_scalar ** -0.5, sliding_window=self.layer_window)
 
     @property
     def model_type(self):
@@ -296,7 +280,7 @@ class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
     def attention_config(self):
         return dataclasses.replace(super().attention_config(), head_dim=self.head_dim,
                                    scaling_factor=self.query_pre_attn_scalar ** -0.5,
-                                   logits_soft_cap=self.attn_logit_softcapping)
+                                   logits_soft_cap=self.attn_logit_softcapping, sliding_window=self.layer_window)
 
     @property
     def model_type(self):
