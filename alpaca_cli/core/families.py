@@ -1,30 +1,42 @@
-"""The model families alpaca trains, and where the pinned Levanter (1.2.dev1644) gets one wrong: each fix is a subclass
-of Levanter's own config (or model) class, used as the converter's config class, with the upstream symptom named.
-Every accepted family is tested end to end (tests/test_families.py: forward and first-step loss equal
-transformers', packed equals alone, export --verify, generate); a checkpoint whose settings the fixed classes would
-still compute differently is refused before anything is loaded (`unsupported`).
+"""The model families alpaca trains, and where the pinned Levanter (marin-levanter 0.2.20.dev202606180959) still gets
+one wrong: each fix is a subclass of Levanter's own config (or model) class, used as the converter's config class,
+with the upstream symptom named. Every accepted family is tested end to end (tests/test_families.py: forward and
+first-step loss equal transformers', packed equals alone, export --verify, generate); a checkpoint whose settings the
+fixed classes would still compute differently is refused before anything is loaded (`unsupported`). Fixed upstream
+since levanter 1.2.dev1644, ours removed: Qwen2's `no_bias` AttributeError (qwen.py:76 defaults it now), Gemma-3's
+from_hf_config without @classmethod (gemma.py:867; ours builds on it).
 
-| family (HF model_type) | upstream symptom (Levanter file:line)                                   | fix here                |
-| ---------------------- | ----------------------------------------------------------------------- | ----------------------- |
-| llama                  | head_dim dropped (llama.py:112): "Shape mismatch" when head_dim is set;  | AlpacaLlamaConfig       |
-|                        | linear rope_scaling saved without rope_type (rotary.py:90: KeyError)     |                         |
-| mistral                | head_dim dropped (mistral.py:95, :161)                                   | AlpacaMistralConfig     |
-| mixtral                | jit_log inside the forward (mixtral.py:563) uses io_callback: "IO        | loss under              |
-|                        | callbacks do not support JVP"; aux loss returned as a 0-d NamedArray;    | defer_tracker_for_jit   |
-|                        | always adds a router z-loss and the load-balancing loss, which           | (batches.py);           |
-|                        | transformers trains on only with output_router_logits                   | AlpacaMixtralConfig     |
-| gemma                  | attention_config passes no head_dim (gemma.py:231): "Shape mismatch"     | AlpacaGemmaConfig       |
-|                        | for every real Gemma (16 x 256 != 3072); hidden_act gelu run as tanh     |                         |
-| gemma2                 | no head_dim or query_pre_attn_scalar (gemma.py:578); soft-caps and       | AlpacaGemma2Config,     |
-|                        | sliding window never read (gemma.py:546); final soft-cap never applied   | ...LMHeadModel          |
-| gemma3_text            | from_hf_config a classmethod again (gemma.py:867): fixed upstream in     | AlpacaGemma3Config      |
-|                        | marin-levanter 0.2.20, ours built on it; local layers use the global     |                         |
-|                        | RoPE base; windows never applied                                         |                         |
-| qwen2                  | fixed upstream in marin-levanter 0.2.20 (qwen.py:76 defaults no_bias);   | AlpacaQwen2Config       |
-|                        | ours removed; linear rope_scaling saved without rope_type (as llama)     |                         |
-| gpt2                   | position table sized by the training seq_len (gpt2.py:295): "Shape       | AlpacaGpt2Config        |
-|                        | mismatch" unless --seq-len equals n_positions                            |                         |
-| olmo2, qwen3           | none found                                                               | Levanter's classes      |
+| family         | upstream symptom (marin-levanter 0.2.20; levanter/models/ file:line)       | fix here              |
+| -------------- | -------------------------------------------------------------------------- | --------------------- |
+| llama          | from_hf_config drops head_dim (llama.py:116): "Shape mismatch" when it is  | AlpacaLlamaConfig;    |
+|                | set; linear rope_scaling saved without rope_type                           | biases refused        |
+|                | (levanter/layers/rotary.py:87): transformers' KeyError; attention_bias and |                       |
+|                | mlp_bias never read, and use_bias would also put biases on the norms       |                       |
+|                | (llama.py:191)                                                             |                       |
+| mistral        | head_dim dropped (mistral.py:97, :165); sliding_window read but never      | AlpacaMistralConfig;  |
+|                | given to the attention (mistral.py:165); rope_scaling dropped              | window, rope refused  |
+|                | (mistral.py:99)                                                            |                       |
+| mixtral        | jit_log in the forward (mixtral.py:580) is an io_callback                  | loss under            |
+|                | (levanter/tracker/tracker_fns.py:110): "IO callbacks do not support JVP";  | defer_tracker_for_jit |
+|                | aux loss a 0-d NamedArray (mixtral.py:661); always adds a router z-loss    | (batches.py);         |
+|                | (rzl_coef 0.001, :84) and the load-balancing loss (:153), which            | AlpacaMixtralConfig   |
+|                | transformers trains on only with output_router_logits                      |                       |
+| gemma          | attention_config passes no head_dim (gemma.py:233): "Shape mismatch" for   | AlpacaGemmaConfig     |
+|                | every real Gemma (16 x 256 != 3072); hidden_act gelu run as tanh           |                       |
+|                | (gemma.py:145: both branches pick gelu_pytorch_tanh)                       |                       |
+| gemma2         | attention_config: no head_dim, no query_pre_attn_scalar (gemma.py:575);    | AlpacaGemma2Config,   |
+|                | from_hf_config reads neither soft-cap (keeps 30, 50) nor the window        | ...LMHeadModel        |
+|                | (gemma.py:543); the final soft-cap is never applied                        |                       |
+| gemma3_text    | from_hf_config (gemma.py:867) reads no soft-cap, window, layer types or    | AlpacaGemma3Config    |
+|                | attention bias; attention_config: no head_dim, query scaling or soft-cap   |                       |
+|                | (gemma.py:902); every layer global, on the global RoPE base                |                       |
+| qwen2          | linear rope_scaling saved without rope_type (as llama)                     | AlpacaQwen2Config     |
+| gpt2           | position table sized by the training seq_len (gpt2.py:308): "Shape         | AlpacaGpt2Config      |
+|                | mismatch" unless --seq-len equals n_positions                              |                       |
+| olmo2, qwen3   | none found                                                                 | Levanter's classes    |
+
+Gemma-2/3's sliding-window layers get their window through Levanter's AttentionConfig.sliding_window (applied by its
+Attention, levanter/layers/attention.py:1349), set per layer here.
 """
 
 from __future__ import annotations
