@@ -1,7 +1,7 @@
 """Every model family `alpaca train` accepts, end to end, on tiny random models that keep each family's quirks:
-head_dim different from hidden/heads (Gemma, Gemma-2, Gemma-3, Qwen3, Mistral-Nemo), attention biases (Qwen2), tied
-embeddings (Llama-3.2, Qwen2, Qwen3, Gemma, GPT-2), logit soft-capping and sliding windows (Gemma-2/3), MoE routing
-(Mixtral), learned positions and Conv1D weights (GPT-2), GQA, and Llama-3's rope scaling.
+head_dim different from hidden/heads (Llama, Gemma, Gemma-2, Gemma-3, Qwen3, Mistral-Nemo), attention biases (Qwen2),
+tied embeddings (Llama-3.2, Qwen2, Qwen3, Gemma, GPT-2), logit soft-capping and sliding windows (Gemma-2/3), MoE
+routing (Mixtral), learned positions and Conv1D weights (GPT-2), GQA, and Llama-3's rope scaling.
 
 For each: the first training step's loss equals transformers' on the same weights and Stanford's labels (so the
 forward, the packing, the mask and the [PAD] rows are right for the family), `export --verify` holds (transformers
