@@ -1,7 +1,7 @@
 """Every model family `alpaca train` accepts, end to end, on tiny random models that keep each family's quirks:
-head_dim different from hidden/heads (Gemma, Gemma-2, Gemma-3, Qwen3, Mistral-Nemo), attention biases (Qwen2), tied
-embeddings (Llama-3.2, Qwen2, Qwen3, Gemma, GPT-2), logit soft-capping and sliding windows (Gemma-2/3), MoE routing
-(Mixtral), learned positions and Conv1D weights (GPT-2), GQA, and Llama-3's rope scaling.
+head_dim different from hidden/heads (Llama, Gemma, Gemma-2, Gemma-3, Qwen3, Mistral-Nemo), attention biases (Qwen2),
+tied embeddings (Llama-3.2, Qwen2, Qwen3, Gemma, GPT-2), logit soft-capping and sliding windows (Gemma-2/3), MoE
+routing (Mixtral), learned positions and Conv1D weights (GPT-2), GQA, and Llama-3's rope scaling.
 
 For each: the first training step's loss equals transformers' on the same weights and Stanford's labels (so the
 forward, the packing, the mask and the [PAD] rows are right for the family), `export --verify` holds (transformers
@@ -33,7 +33,7 @@ def _config(family: str):
     llama3_rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 64}  # short: the frequency remapping matters at 256 tokens
     return {
-        "llama": lambda: t.LlamaConfig(**BASE, max_position_embeddings=1024, rope_theta=500000.0,
+        "llama": lambda: t.LlamaConfig(**BASE, head_dim=32, max_position_embeddings=1024, rope_theta=500000.0,
                                        rope_scaling=llama3_rope, tie_word_embeddings=True),
         "mistral": lambda: t.MistralConfig(**BASE, head_dim=32, max_position_embeddings=4096, rope_theta=1e6,
                                            sliding_window=4096, tie_word_embeddings=False),
@@ -168,6 +168,18 @@ def test_settings_levanter_would_compute_differently_are_refused(prepared_templa
     assert result.exit_code == 1
     assert "sliding window (128 tokens) is shorter than --seq-len 256" in result.exception.message
     assert "use --seq-len 128 or less" in result.exception.message
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_linear_rope_scaling_is_saved_with_its_rope_type(family):
+    """Levanter writes linear rope scaling as {"factor": f} with no rope_type, which transformers refuses (KeyError)
+    when the converter builds the Hugging Face config of an export."""
+    from alpaca_cli.core.families import config_class
+
+    hf = _config(family)
+    hf.rope_scaling = {"rope_type": "linear", "factor": 2.0}
+    saved = config_class(family).from_hf_config(hf).to_hf_config(hf.vocab_size)
+    assert saved.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 # Published sizes (the Hub's safetensors parameter counts), against which Levanter's shapes built from the real

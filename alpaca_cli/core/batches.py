@@ -127,7 +127,7 @@ def row_activations(model, row: PackedRow, *, key=None):
     """(activations, auxiliary loss) of a packed row: attention kept within each example, positions per example.
 
     Mixtral's forward logs router statistics with levanter.tracker.jit_log, an io_callback under which JAX cannot
-    differentiate ("IO callbacks do not support JVP", levanter/models/mixtral.py:563); inside
+    differentiate ("IO callbacks do not support JVP", levanter/models/mixtral.py:580); inside
     defer_tracker_for_jit the statistics go to a dict instead. Its auxiliary loss comes back as a 0-d NamedArray.
     """
     import levanter.tracker

@@ -1,34 +1,46 @@
-"""The model families alpaca trains, and where the pinned Levanter (1.2.dev1644) gets one wrong: each fix is a subclass
-of Levanter's own config (or model) class, used as the converter's config class, with the upstream symptom named.
-Every accepted family is tested end to end (tests/test_families.py: forward and first-step loss equal
-transformers', packed equals alone, export --verify, generate); a checkpoint whose settings the fixed classes would
-still compute differently is refused before anything is loaded (`unsupported`).
+"""The model families alpaca trains, and where the pinned Levanter (marin-levanter 0.2.20.dev202606180959) still gets
+one wrong: each fix is a subclass of Levanter's own config (or model) class, used as the converter's config class,
+with the upstream symptom named. Every accepted family is tested end to end (tests/test_families.py: forward and
+first-step loss equal transformers', packed equals alone, export --verify, generate); a checkpoint whose settings the
+fixed classes would still compute differently is refused before anything is loaded (`unsupported`). Fixed upstream
+since levanter 1.2.dev1644, ours removed: Qwen2's `no_bias` AttributeError (qwen.py:76 defaults it now), Gemma-3's
+from_hf_config without @classmethod (gemma.py:867; ours builds on it).
 
-| family (HF model_type) | upstream symptom (Levanter file:line)                                   | fix here                |
-| ---------------------- | ----------------------------------------------------------------------- | ----------------------- |
-| llama                  | head_dim dropped (llama.py:112): "Shape mismatch" when head_dim is set;  | AlpacaLlamaConfig       |
-|                        | linear rope_scaling saved without rope_type (rotary.py:90: KeyError)     |                         |
-| mistral                | head_dim dropped (mistral.py:95, :161)                                   | AlpacaMistralConfig     |
-| mixtral                | jit_log inside the forward (mixtral.py:563) uses io_callback: "IO        | loss under              |
-|                        | callbacks do not support JVP"; aux loss returned as a 0-d NamedArray;    | defer_tracker_for_jit   |
-|                        | always adds a router z-loss and the load-balancing loss, which           | (batches.py);           |
-|                        | transformers trains on only with output_router_logits                   | AlpacaMixtralConfig     |
-| gemma                  | attention_config passes no head_dim (gemma.py:231): "Shape mismatch"     | AlpacaGemmaConfig       |
-|                        | for every real Gemma (16 x 256 != 3072); hidden_act gelu run as tanh     |                         |
-| gemma2                 | no head_dim or query_pre_attn_scalar (gemma.py:578); soft-caps and       | AlpacaGemma2Config,     |
-|                        | sliding window never read (gemma.py:546); final soft-cap never applied   | ...LMHeadModel          |
-| gemma3_text            | from_hf_config lacks @classmethod (gemma.py:874): does not load; local   | AlpacaGemma3Config      |
-|                        | layers use the global RoPE base; windows never applied                   |                         |
-| qwen2                  | from_hf_config reads hf_config.no_bias (qwen.py:79), which               | AlpacaQwen2Config       |
-|                        | transformers' Qwen2Config lacks: AttributeError                         |                         |
-| gpt2                   | position table sized by the training seq_len (gpt2.py:295): "Shape       | AlpacaGpt2Config        |
-|                        | mismatch" unless --seq-len equals n_positions                            |                         |
-| olmo2, qwen3           | none found                                                               | Levanter's classes      |
+| family         | upstream symptom (marin-levanter 0.2.20; levanter/models/ file:line)       | fix here              |
+| -------------- | -------------------------------------------------------------------------- | --------------------- |
+| llama          | from_hf_config drops head_dim (llama.py:116): "Shape mismatch" when it is  | AlpacaLlamaConfig;    |
+|                | set; linear rope_scaling saved without rope_type                           | biases refused        |
+|                | (levanter/layers/rotary.py:87): transformers' KeyError; attention_bias and |                       |
+|                | mlp_bias never read, and use_bias would also put biases on the norms       |                       |
+|                | (llama.py:191)                                                             |                       |
+| mistral        | head_dim dropped (mistral.py:97, :165); sliding_window read but never      | AlpacaMistralConfig;  |
+|                | given to the attention (mistral.py:165); rope_scaling dropped              | window, rope refused  |
+|                | (mistral.py:99)                                                            |                       |
+| mixtral        | jit_log in the forward (mixtral.py:580) is an io_callback                  | loss under            |
+|                | (levanter/tracker/tracker_fns.py:110): "IO callbacks do not support JVP";  | defer_tracker_for_jit |
+|                | aux loss a 0-d NamedArray (mixtral.py:661); always adds a router z-loss    | (batches.py);         |
+|                | (rzl_coef 0.001, :84) and the load-balancing loss (:153), which            | AlpacaMixtralConfig   |
+|                | transformers trains on only with output_router_logits                      |                       |
+| gemma          | attention_config passes no head_dim (gemma.py:233): "Shape mismatch" for   | AlpacaGemmaConfig     |
+|                | every real Gemma (16 x 256 != 3072); hidden_act gelu run as tanh           |                       |
+|                | (gemma.py:145: both branches pick gelu_pytorch_tanh)                       |                       |
+| gemma2         | attention_config: no head_dim, no query_pre_attn_scalar (gemma.py:575);    | AlpacaGemma2Config,   |
+|                | from_hf_config reads neither soft-cap (keeps 30, 50) nor the window        | ...LMHeadModel        |
+|                | (gemma.py:543); the final soft-cap is never applied                        |                       |
+| gemma3_text    | from_hf_config (gemma.py:867) reads no soft-cap, window, layer types or    | AlpacaGemma3Config    |
+|                | attention bias; attention_config: no head_dim, query scaling or soft-cap   |                       |
+|                | (gemma.py:902); every layer global, on the global RoPE base                |                       |
+| qwen2          | linear rope_scaling saved without rope_type (as llama)                     | AlpacaQwen2Config     |
+| gpt2           | position table sized by the training seq_len (gpt2.py:308): "Shape         | AlpacaGpt2Config      |
+|                | mismatch" unless --seq-len equals n_positions                              |                       |
+| olmo2, qwen3   | none found                                                                 | Levanter's classes    |
+
+Gemma-2/3's sliding-window layers get their window through Levanter's AttentionConfig.sliding_window (applied by its
+Attention, levanter/layers/attention.py:1349), set per layer here.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -40,7 +52,6 @@ import jax.numpy as jnp
 import jax.random as jrandom
 from haliax.jax_utils import maybe_rng_split, shaped_rng_split
 from haliax.nn.scan import BlockSeq, ScanCheckpointPolicy, Stacked
-from levanter.layers.attention import AttentionMask
 from levanter.layers.rotary import DefaultRotaryEmbeddingsConfig, RotaryEmbeddingsConfig
 from levanter.models.gemma import (
     Gemma2Config,
@@ -116,16 +127,12 @@ class AlpacaLlamaConfig(LlamaConfig):
         return _rebuild(cls, base, head_dim=getattr(hf_config, "head_dim", None), rope=_fix_rope(base.rope))
 
 
-# ---------------------------------------------------------------- qwen2: Levanter reads hf_config.no_bias (qwen.py:77)
+# ---------------------------------------------------------------- qwen2: linear rope on save
 @dataclass(frozen=True)
 class AlpacaQwen2Config(QwenConfig):
     @classmethod
     def from_hf_config(cls, hf_config):
-        # transformers' Qwen2Config has no `no_bias`: Qwen2 always has q/k/v biases (QwenConfig.attention_config
-        # hard-codes them) and none in the MLP, norms or o_proj, i.e. Levanter's use_bias=False.
-        hf = copy.copy(hf_config)
-        hf.no_bias = True
-        base = QwenConfig.from_hf_config(hf)
+        base = QwenConfig.from_hf_config(hf_config)
         return _rebuild(cls, base, rope=_fix_rope(base.rope))
 
 
@@ -171,33 +178,18 @@ class _PerLayerMixin:
         return dataclasses.replace(self, layer_window=window, rope=self._local_rope())
 
 
-class AlpacaGemma2DecoderLayer(Gemma2DecoderLayer):
-    @staticmethod
-    def init(config, *, key):
-        base = Gemma2DecoderLayer.init(config, key=key)
-        return AlpacaGemma2DecoderLayer(*(getattr(base, f.name) for f in dataclasses.fields(base)))
-
-    def __call__(self, x, mask, *, key=None, pos_ids=None):
-        window = getattr(self.config, "layer_window", None)
-        if window is not None:
-            if not isinstance(mask, AttentionMask):
-                raise NotImplementedError("sliding-window layers need an AttentionMask")
-            mask = mask.with_sliding_window(min(window, mask.sliding_window or window))
-        return super().__call__(x, mask, key=key, pos_ids=pos_ids)
-
-
 class AlpacaGemma2Transformer(Gemma2Transformer):
     @staticmethod
     def init(config, *, key):
         n = config.num_layers
         configs = [config.layer_config(i) for i in range(n)]
         if all(c == configs[0] for c in configs):  # homogeneous: keep Levanter's scanned stack
-            layers = Stacked.init(config.Layers, AlpacaGemma2DecoderLayer,
+            layers = Stacked.init(config.Layers, Gemma2DecoderLayer,
                                   gradient_checkpointing=config.gradient_checkpointing)(
                 configs[0], key=shaped_rng_split(key, n))
         else:  # layers differ in static config (window, RoPE base): an unrolled sequence
             keys = jrandom.split(key, n)
-            layers = BlockSeq([AlpacaGemma2DecoderLayer.init(c, key=k) for c, k in zip(configs, keys)],
+            layers = BlockSeq([Gemma2DecoderLayer.init(c, key=k) for c, k in zip(configs, keys)],
                               config.Layers, ScanCheckpointPolicy.from_bool_or_str(config.gradient_checkpointing))
         return AlpacaGemma2Transformer(config, layers, config.mk_LayerNorm(config.Embed))
 
@@ -267,7 +259,7 @@ class AlpacaGemma2Config(_PerLayerMixin, Gemma2Config):
 
     def attention_config(self):
         return dataclasses.replace(super().attention_config(), head_dim=self.head_dim,
-                                   scaling_factor=self.query_pre_attn_scalar ** -0.5)
+                                   scaling_factor=self.query_pre_attn_scalar ** -0.5, sliding_window=self.layer_window)
 
     @property
     def model_type(self):
@@ -280,30 +272,18 @@ class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
     layer_window: Optional[int] = None
 
     @classmethod
-    def from_hf_config(cls, hf):  # Levanter's Gemma3Config.from_hf_config lacks @classmethod (gemma.py:836)
+    def from_hf_config(cls, hf):
         hf = getattr(hf, "text_config", hf)
-        return cls(
-            max_seq_len=hf.max_position_embeddings,
-            activation_function=_gelu(hf.hidden_activation or "gelu_pytorch_tanh"),
-            hidden_dim=hf.hidden_size, intermediate_dim=hf.intermediate_size, num_layers=hf.num_hidden_layers,
-            num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads, head_dim=hf.head_dim,
-            initializer_range=hf.initializer_range, layer_norm_epsilon=hf.rms_norm_eps,
-            tie_word_embeddings=hf.tie_word_embeddings,
-            rope=_fix_rope(RotaryEmbeddingsConfig.from_hf_config(hf.rope_theta, getattr(hf, "rope_scaling", None))),
-            rope_local_base_freq=hf.rope_local_base_freq,
-            query_pre_attn_scalar=hf.query_pre_attn_scalar,
-            final_logit_softcapping=hf.final_logit_softcapping,
-            attn_logit_softcapping=hf.attn_logit_softcapping,
+        base = Gemma3Config.from_hf_config(hf)
+        return _rebuild(
+            cls, base,
+            rope=_fix_rope(base.rope),
+            final_logit_softcapping=hf.final_logit_softcapping,  # Levanter reads neither cap, the window, the
+            attn_logit_softcapping=hf.attn_logit_softcapping,    # layer types nor the attention bias
             sliding_window=hf.sliding_window,
             layer_types=tuple(hf.layer_types),
             use_bias=bool(getattr(hf, "attention_bias", False)),
         )
-
-    def to_hf_config(self, vocab_size, config_overrides=None):
-        cfg = super().to_hf_config(vocab_size, config_overrides)
-        cfg.layer_types, cfg.sliding_window = list(self.layer_types), self.sliding_window  # Levanter: pattern 1
-        cfg.query_pre_attn_scalar = self.query_pre_attn_scalar
-        return cfg
 
     def _local_rope(self):
         # transformers: local layers use plain RoPE at rope_local_base_freq; rope_scaling is for global layers only
@@ -312,7 +292,7 @@ class AlpacaGemma3Config(_PerLayerMixin, Gemma3Config):
     def attention_config(self):
         return dataclasses.replace(super().attention_config(), head_dim=self.head_dim,
                                    scaling_factor=self.query_pre_attn_scalar ** -0.5,
-                                   logits_soft_cap=self.attn_logit_softcapping)
+                                   logits_soft_cap=self.attn_logit_softcapping, sliding_window=self.layer_window)
 
     @property
     def model_type(self):
@@ -338,11 +318,6 @@ class AlpacaGpt2Config(Gpt2Config):
     @classmethod
     def from_hf_config(cls, hf_config):
         return _rebuild(cls, Gpt2Config.from_hf_config(hf_config), n_positions=hf_config.n_positions)
-
-    def to_hf_config(self, vocab_size, config_overrides=None):
-        cfg = super().to_hf_config(vocab_size, config_overrides)
-        cfg.n_positions = self.n_positions or self.max_seq_len
-        return cfg
 
     @property
     def model_type(self):
