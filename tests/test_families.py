@@ -170,6 +170,20 @@ def test_settings_levanter_would_compute_differently_are_refused(prepared_templa
     assert "use --seq-len 128 or less" in result.exception.message
 
 
+@pytest.mark.parametrize("family,rope", [("qwen3", {"rope_type": "linear", "factor": 2.0}),
+                                         ("olmo2", {"type": "linear", "factor": 2.0})])
+def test_rope_scaling_levanter_would_save_unreadably_is_refused(family, rope):
+    """Qwen3 and OLMo-2 get no rope fix from us: with the scaling Levanter writes, transformers could not load the
+    export. Without the refusal, the round trip below is what the export would meet."""
+    from alpaca_cli.core.families import config_class, unsupported
+
+    hf = _config(family)
+    hf.rope_scaling = rope
+    assert any("rope_scaling" in p and "cannot read back" in p for p in unsupported(hf, 64))
+    with pytest.raises((KeyError, ValueError), match="rope_scaling"):
+        config_class(family).from_hf_config(hf).to_hf_config(hf.vocab_size)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_linear_rope_scaling_is_saved_with_its_rope_type(family):
     """Levanter writes linear rope scaling as {"factor": f} with no rope_type, which transformers refuses (KeyError)

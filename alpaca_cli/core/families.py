@@ -33,7 +33,8 @@ from_hf_config without @classmethod (gemma.py:867; ours builds on it).
 | qwen2          | linear rope_scaling saved without rope_type (as llama)                     | AlpacaQwen2Config     |
 | gpt2           | position table sized by the training seq_len (gpt2.py:308): "Shape         | AlpacaGpt2Config      |
 |                | mismatch" unless --seq-len equals n_positions                              |                       |
-| olmo2, qwen3   | none found                                                                 | Levanter's classes    |
+| olmo2, qwen3   | rope scaling saved in a form transformers refuses (layers/rotary.py:87)    | Levanter's classes;   |
+|                |                                                                            | that scaling refused  |
 
 Gemma-2/3's sliding-window layers get their window through Levanter's AttentionConfig.sliding_window (applied by its
 Attention, levanter/layers/attention.py:1349), set per layer here.
@@ -373,6 +374,12 @@ def unsupported(hf_config, seq_len: int) -> list[str]:
                         f"{mt} has no sliding window: use --seq-len {window} or less")
     if mt in ("mistral", "mixtral") and getattr(hf_config, "rope_scaling", None):
         problems.append(f"rope_scaling {hf_config.rope_scaling} (Levanter's {mt} drops it)")
+    rope = getattr(hf_config, "rope_scaling", None) or {}
+    if (mt == "olmo2" and rope) or (mt == "qwen3" and (rope.get("rope_type") or rope.get("type")) == "linear"):
+        # Levanter writes linear scaling as {"factor": f} (layers/rotary.py:87; transformers: KeyError), and OLMo-2's
+        # config accepts only the old `type` key (transformers: ValueError): the export would not load
+        problems.append(f"rope_scaling {hf_config.rope_scaling} (Levanter's {mt} saves it in a form transformers "
+                        "cannot read back, so the export would not load)")
     if mt == "mixtral":
         hd = getattr(hf_config, "head_dim", None)
         if hd and hd != hf_config.hidden_size // hf_config.num_attention_heads:
