@@ -19,9 +19,9 @@ for d in ("levanter", "marin-levanter"):
     try: print(d, v(d), "jax", v("jax")); break
     except Exception: pass'))"
     (cd "$dir" && "$py" benchmarks/bench_prepare.py --data "$data" --tokenizer "$tok" --records 20000 \
-        --skip-levanter --skip-stanford 2>&1 | grep -E '^\| (method|`alpaca prepare`|floor)' || true)
+        --skip-levanter --skip-stanford 2>&1 | grep -E '^[|│┃] +(method|alpaca prepare|of which|floor)' || true)
     (cd "$dir" && "$py" benchmarks/bench_train.py --data "$data" --tokenizer "$tok" --methods packed \
-        --examples 512 2>&1 | grep -E '^\| (method|`alpaca train`)' || true)
+        --examples 512 2>&1 | grep -E '^(method|alpaca train)' || true)
     (cd "$dir" && "$py" benchmarks/bench_generate.py 2>&1 | grep -E '^\|' || true)
   done
 done

@@ -472,7 +472,7 @@ def stream_order(prepared_dir: str, examples: int, batch_size: int, seed: int = 
 
     Recomputed with alpaca_cli.core.plan.make_plan and TrainConfig's defaults (seed 0, no held-out set); the
     Levanter runs' metrics.jsonl (`loss_tokens` per step) is compared with it afterwards, so a drift shows."""
-    from alpaca_cli.config import TrainConfig
+    from alpaca_cli.train_config import TrainConfig
     from alpaca_cli.core.cache import open_cache
     from alpaca_cli.core.plan import make_plan, split_validation
 
