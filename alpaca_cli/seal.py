@@ -4,7 +4,8 @@ Levanter calls a checkpoint complete once its metadata.json exists, and a token 
 does; neither says whether every array chunk is still there and whole. Upstream symptom (levanter 1.2.dev1644,
 TensorStore's zarr driver): a missing chunk file is read as the fill value, zeros, without an error, so a partial copy
 or a disk error gave an all-zero `lm_head`, training on nothing (every target masked) and resumes from damaged
-weights, all with exit 0. A seal records every file with its size and what the folder belongs to (a run and a step,
+weights, all with exit 0. (marin-levanter 0.2.20 writes a checkpoint as one OCDBT database, manifest.ocdbt and data
+files under d/; a seal lists those like any other files.) A seal records every file with its size and what the folder belongs to (a run and a step,
 a cache's fingerprint); `problem()` compares the folder with it in one listing.
 """
 

@@ -172,8 +172,8 @@ def resume_point(run: RunDir) -> str | None:
     on every process: the writer decides, the others get its answer (or its error).
 
     Before that, on the writer: a folder with neither a readable metadata.json nor a seal (a save cut short by a kill)
-    is deleted, as Levanter would trip over any folder without a readable metadata.json (upstream symptom, levanter 1.2.dev1644: discover_latest_checkpoint
-    json-loads every metadata.json and dies with `JSONDecodeError` on an empty one); a checkpoint that is not whole or
+    is deleted: nothing in it is whole, and Levanter's discovery trips over it (levanter 1.2.dev1644 died with
+    `JSONDecodeError` on an empty metadata.json; marin-levanter 0.2.20 logs a traceback and skips it); a checkpoint that is not whole or
     not this run's is moved aside to RUN/checkpoints-unusable/ with a warning, so neither Levanter nor retention ever
     takes it for the run's own, and nothing is lost. With no whole checkpoint but unusable ones, nothing is moved and
     the resume is refused: training from the base model again is the user's decision."""

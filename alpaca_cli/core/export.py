@@ -386,8 +386,8 @@ def _write_adapter_card(run: RunDir, folder: str, checkpoint, base_spec: str, ve
 
 @contextlib.contextmanager
 def _writer_alone_in_save_state_dict():
-    """Workaround for haliax 1.4.dev453: `haliax._src.state_dict.save_state_dict` (which Levanter's
-    `save_pretrained` calls for every safetensors shard) ends with `sync_global_devices`, a collective over every
+    """Workaround for haliax 1.4.dev453, still so in marin-haliax 0.2.20 (state_dict.py:420):
+    `haliax._src.state_dict.save_state_dict` (which Levanter's `save_pretrained` calls for every safetensors shard) ends with `sync_global_devices`, a collective over every
     process of the pod. Our export runs on the writer's own devices while the other hosts wait for its outcome
     (`distributed.on_writer`), so that barrier can never complete: a hang on a TPU or GPU pod, and on CPU processes
     "Gloo context initialization failed: DEADLINE_EXCEEDED" after 30 s. Inside this block the barrier is skipped.
