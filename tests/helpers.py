@@ -206,8 +206,7 @@ def without_gloo_lines(text: str) -> str:
     if "[Gloo]" not in text:
         return text
     text = _GLOO_PIECES.sub("", text)
-    return "".join(line for line in text.splitlines(keepends=True) if line.strip() and not line.strip().isdigit()
-                   and not re.fullmatch(r"[\d\s]+", line))
+    return "".join(line for line in text.splitlines(keepends=True) if not re.fullmatch(r"[\d\s]*", line))
 
 
 def wait_all(procs, timeout=600):
