@@ -284,16 +284,17 @@ class RunDir:
     def eval(self) -> Optional[EvalRecord]:
         return self.manifest.stages.get("eval")  # type: ignore[return-value]
 
-    def stage(self, name: str) -> Optional[StageRecord]:
+    def record(self, name: str) -> Optional[StageRecord]:
+        """The stage's record as the manifest has it (None before the stage first ran)."""
         return self.manifest.stages.get(name)
 
     def is_complete(self, name: str) -> bool:
-        st = self.stage(name)
+        st = self.record(name)
         return st is not None and st.complete
 
     def require(self, name: str) -> StageRecord:
         """The stage's record, or an error naming the command that makes it."""
-        st = self.stage(name)
+        st = self.record(name)
         if st is None or not st.complete:
             state = "no" if st is None else f"an incomplete ({st.status})"
             raise RunDirError(
@@ -351,8 +352,33 @@ class RunDir:
         self.manifest.updated = now()
         io.write_text_atomic(self.manifest_path, self.manifest.to_json())
 
-    def start_stage(self, name: str, record: R) -> R:
-        """Record a stage as running (by this process, now) and write the manifest."""
+    @contextlib.contextmanager
+    def stage(self, name: str, record: R) -> Iterator[R]:
+        """A stage's life, in one place for every stage: `record` is written as running (by this process, now) when
+        the block starts, complete when it ends, failed when it raises (interrupted on Ctrl-C) with the error's first
+        line, and the exception goes on. What the block puts in `record` meanwhile is written with it, and by
+        `touch` (the heartbeat) while it runs.
+
+            with run.stage("prepare", PrepareRecord(...)) as record:
+                ...
+                record.summary = PrepareSummary(...)
+        """
+        self._start(name, record)
+        try:
+            yield record
+        except BaseException as e:
+            self._fail(name, f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
+            raise
+        self._complete(name)
+
+    def touch(self, name: str) -> None:
+        """Refresh a running stage's heartbeat (and write whatever else changed in its record)."""
+        st = self.record(name)
+        if st is not None:
+            st.heartbeat = now()
+        self.save()
+
+    def _start(self, name: str, record: R) -> R:
         record.status = RUNNING
         record.started = record.started or now()
         record.heartbeat = now()
@@ -364,23 +390,16 @@ class RunDir:
         self.save()
         return record
 
-    def touch(self, name: str) -> None:
-        """Refresh a running stage's heartbeat (and write whatever else changed in its record)."""
-        st = self.stage(name)
-        if st is not None:
-            st.heartbeat = now()
-        self.save()
-
-    def complete_stage(self, name: str) -> None:
+    def _complete(self, name: str) -> None:
         st = self.manifest.stages[name]
         st.status = COMPLETE
         st.finished = now()
         st.heartbeat = None
         self.save()
 
-    def fail_stage(self, name: str, error: str, *, interrupted: bool = False) -> None:
+    def _fail(self, name: str, error: str, *, interrupted: bool = False) -> None:
         """Mark a running stage failed (or interrupted); a complete one stays complete."""
-        st = self.stage(name)
+        st = self.record(name)
         if st is None or st.complete:
             return
         st.status = INTERRUPTED if interrupted else FAILED

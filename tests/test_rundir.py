@@ -13,10 +13,10 @@ from alpaca_cli.rundir import SCHEMA_VERSION, liveness, open_run, read_manifest
 
 def test_a_stage_record_round_trips_typed(tmp_path):
     run = open_run(str(tmp_path / "r"), create=True)
-    record = run.start_stage("prepare", PrepareRecord(config=PrepareConfig(max_length=64), fingerprint="abc",
-                                                      inputs=PrepareInputs(tokenizer="tok")))
-    record.summary = PrepareSummary(examples=3, added_tokens={"pad_token": "[PAD]"})
-    run.complete_stage("prepare")
+    with run.stage("prepare", PrepareRecord(config=PrepareConfig(max_length=64), fingerprint="abc",
+                                            inputs=PrepareInputs(tokenizer="tok"))) as record:
+        assert open_run(run.url).prepare.status == "running"  # on disk as soon as the stage starts
+        record.summary = PrepareSummary(examples=3, added_tokens={"pad_token": "[PAD]"})
 
     on_disk = json.loads((tmp_path / "r" / "manifest.json").read_text())
     assert on_disk["schema_version"] == SCHEMA_VERSION
@@ -34,9 +34,9 @@ def test_missing_run_and_missing_stage_name_the_command(tmp_path):
     with pytest.raises(RunDirError, match="run `alpaca prepare --run-dir .*` first"):
         open_run(str(tmp_path / "none"))
     run = open_run(str(tmp_path / "r"), create=True)
-    run.start_stage("prepare", PrepareRecord())
-    with pytest.raises(RunDirError, match=r"incomplete \(running\) `prepare` stage; run `alpaca prepare"):
-        run.require("prepare")
+    with run.stage("prepare", PrepareRecord()):
+        with pytest.raises(RunDirError, match=r"incomplete \(running\) `prepare` stage; run `alpaca prepare"):
+            run.require("prepare")
     with pytest.raises(RunDirError, match="no `train` stage; run `alpaca train"):
         run.require("train")
 
@@ -65,22 +65,22 @@ def test_a_file_as_run_dir_is_one_clear_error(tmp_path):
 
 def test_manifest_writes_are_atomic(tmp_path, monkeypatch):
     run = open_run(str(tmp_path / "r"), create=True)
-    run.start_stage("prepare", PrepareRecord())
-    before = (tmp_path / "r" / "manifest.json").read_text()
 
     def fail(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError):
-        run.complete_stage("prepare")
+    with pytest.raises(OSError, match="disk full"):
+        with run.stage("prepare", PrepareRecord()):
+            before = (tmp_path / "r" / "manifest.json").read_text()
+            monkeypatch.setattr(os, "replace", fail)
     assert (tmp_path / "r" / "manifest.json").read_text() == before  # the old manifest, whole
     assert [p for p in os.listdir(tmp_path / "r") if p.startswith(".tmp")] == []
 
 
 def test_non_writer_processes_do_not_write(tmp_path):
     run = open_run(str(tmp_path / "r"), create=True, writer=False)
-    run.start_stage("prepare", PrepareRecord())
+    with run.stage("prepare", PrepareRecord()):
+        pass
     assert not (tmp_path / "r" / "manifest.json").exists()
 
 
@@ -89,16 +89,30 @@ def test_status_tells_a_dead_or_silent_stage_from_a_running_one(tmp_path):
     import sys
 
     run = open_run(str(tmp_path / "r"), create=True)
-    st = run.start_stage("prepare", PrepareRecord())
-    assert liveness(st) == "running"  # this process, heartbeat just now
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    st.writer.pid = int(gone.stdout)  # a process that has exited
-    assert liveness(st).startswith("dead (process")
-    st.writer.pid = os.getpid()
-    st.heartbeat = "2000-01-01T00:00:00+00:00"
-    assert liveness(st).startswith("stale (no sign of life")
-    run.fail_stage("prepare", "KeyboardInterrupt: ", interrupted=True)
+    with pytest.raises(KeyboardInterrupt):
+        with run.stage("prepare", PrepareRecord()) as st:
+            assert liveness(st) == "running"  # this process, heartbeat just now
+            gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                                  text=True)
+            st.writer.pid = int(gone.stdout)  # a process that has exited
+            assert liveness(st).startswith("dead (process")
+            st.writer.pid = os.getpid()
+            st.heartbeat = "2000-01-01T00:00:00+00:00"
+            assert liveness(st).startswith("stale (no sign of life")
+            raise KeyboardInterrupt
     assert liveness(open_run(run.url).prepare) == "interrupted"
+
+
+def test_a_stage_that_raises_is_failed_with_the_error_and_a_complete_one_stays_complete(tmp_path):
+    run = open_run(str(tmp_path / "r"), create=True)
+    with pytest.raises(ValueError):
+        with run.stage("prepare", PrepareRecord()):
+            raise ValueError("bad row 7")
+    failed = open_run(run.url).prepare
+    assert (failed.status, failed.error) == ("failed", "ValueError: bad row 7") and failed.finished
+    with run.stage("prepare", PrepareRecord()):
+        pass
+    assert open_run(run.url).prepare.complete
 
 
 def test_default_run_dir_from_environment(tmp_path, monkeypatch):

@@ -82,8 +82,8 @@ def eval_(
             from alpaca_cli.core.data import load_records
 
             source = load_records(cfgmod.replace(pcfg, data=path)).source
-            run.start_stage("eval", EvalRecord(data=data, source=source, scores=scores))
-            run.complete_stage("eval")
+            with run.stage("eval", EvalRecord(data=data, source=source, scores=scores)):
+                pass  # scored above, on every process; the record is what this stage leaves
             if run.export is not None and run.export.complete:
                 from alpaca_cli.core.export import refresh_model_card
 

@@ -32,7 +32,7 @@ def status(
     for col in ("stage", "state", "started", "finished", "key figures"):
         t.add_column(col)
     for name in rundir.STAGES:
-        st = run.stage(name)
+        st = run.record(name)
         if st is None:
             t.add_row(name, "-", "", "", "")
             continue

@@ -120,29 +120,24 @@ def export(cfg: ExportConfig, run: RunDir) -> ExportResult | None:
 
     def work() -> ExportResult:
         check_output(export_dir, run, cfg.overwrite)
-        record = run.start_stage(
-            "export", ExportRecord(config=cfg, checkpoint=run.relative(checkpoint.path), step=checkpoint.step)
-        )
-        try:
+        record = ExportRecord(config=cfg, checkpoint=run.relative(checkpoint.path), step=checkpoint.step)
+        with run.stage("export", record):
             result = _export_here(cfg, run, checkpoint, export_dir, dtype_name, max_shard, token)
-        except BaseException as e:
-            run.fail_stage("export", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
-            raise
-        result.seconds = time.time() - t0
-        record.outputs = ExportOutputs(
-            export_dir=run.relative(export_dir), dtype=dtype_name, step=checkpoint.step, files=result.files,
-            repo_id=result.repo_id, repo_url=result.repo_url, commit=result.commit,
-            revision=(cfg.revision or "main") if result.repo_url else None,
-        )
-        v = result.verify
-        record.summary = ExportSummary(
-            weight_bytes=result.weight_bytes, peak_rss_bytes=result.peak_rss_bytes,
-            verify_max_abs_diff=v.max_abs_diff if v else None, verify_tolerance=v.tolerance if v else None,
-            verify_examples=v.examples if v else None, verify_tokens=v.tokens if v else None,
-            verify_loss=v.torch_loss if v else None, verify_eos_stop_rate=v.eos_stop_rate if v else None,
-            verify_eos_stopped=v.eos_stopped if v else None, verify_eos_max_new_tokens=v.eos_max_new_tokens if v else None,
-        )
-        run.complete_stage("export")
+            result.seconds = time.time() - t0
+            record.outputs = ExportOutputs(
+                export_dir=run.relative(export_dir), dtype=dtype_name, step=checkpoint.step, files=result.files,
+                repo_id=result.repo_id, repo_url=result.repo_url, commit=result.commit,
+                revision=(cfg.revision or "main") if result.repo_url else None,
+            )
+            v = result.verify
+            record.summary = ExportSummary(
+                weight_bytes=result.weight_bytes, peak_rss_bytes=result.peak_rss_bytes,
+                verify_max_abs_diff=v.max_abs_diff if v else None, verify_tolerance=v.tolerance if v else None,
+                verify_examples=v.examples if v else None, verify_tokens=v.tokens if v else None,
+                verify_loss=v.torch_loss if v else None, verify_eos_stop_rate=v.eos_stop_rate if v else None,
+                verify_eos_stopped=v.eos_stopped if v else None,
+                verify_eos_max_new_tokens=v.eos_max_new_tokens if v else None,
+            )
         return result
 
     return distributed.on_writer(work, encode=lambda r: None, decode=lambda _: None)

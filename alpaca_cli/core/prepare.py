@@ -101,24 +101,20 @@ def prepare(
                 "checkpoints: use a new --run-dir"
             )
 
-        record = run.start_stage("prepare", PrepareRecord(
+        record = PrepareRecord(
             config=cfg,
             inputs=PrepareInputs(data=records.source, tokenizer=cfg.tokenizer, components=components),
             fingerprint=fingerprint,
-        ))
-        run.write_config("prepare", cfgmod.dump(cfg))
-        try:
+        )
+        with run.stage("prepare", record):
+            run.write_config("prepare", cfgmod.dump(cfg))
             stats = _build(cfg, run, records, loaded, progress)
             stats["seconds"] = round(time.time() - t0, 3)
             io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
-        except BaseException as e:
-            run.fail_stage("prepare", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
-            raise
-        record.summary = PrepareSummary(
-            **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens", "trained_tokens",
-                                    "vocab_size", "added_tokens")}
-        )
-        run.complete_stage("prepare")
+            record.summary = PrepareSummary(
+                **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens",
+                                        "trained_tokens", "vocab_size", "added_tokens")}
+            )
         return PrepareResult(False, stats, run.cache_dir, fingerprint, time.time() - t0)
     finally:
         shutil.rmtree(loaded.local_dir, ignore_errors=True)

@@ -336,19 +336,17 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
                 inputs=TrainInputs(prepared=prepared.fingerprint, model=cfg.model_name_or_path),
                 lora=lora_record,
             )
-        # a resumed stage is started again too: this process, now, is its writer
         record.plan, record.plan_fingerprint = summary, fingerprint
-        run.start_stage("train", record)
-        save_base_files(run, base)
-        run.write_config("train", cfgmod.dump(cfg))
-        if on_plan is not None:
-            on_plan(summary)
         try:
-            return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory,
-                                 resume)
-        except BaseException as e:
-            run.fail_stage("train", f"{type(e).__name__}: {e}", interrupted=isinstance(e, KeyboardInterrupt))
-            if distributed.process_count() > 1 and isinstance(e, Exception) and not isinstance(e, AlpacaError):
+            with run.stage("train", record):  # a resumed stage is started again too: this process, now, writes it
+                save_base_files(run, base)
+                run.write_config("train", cfgmod.dump(cfg))
+                if on_plan is not None:
+                    on_plan(summary)
+                return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp,
+                                     progress_factory, resume)
+        except Exception as e:
+            if distributed.process_count() > 1 and not isinstance(e, AlpacaError):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
                 raise StageError(
                     f"training stopped on process {distributed.process_index()} of {distributed.process_count()} "
@@ -613,4 +611,3 @@ def _finish(run: RunDir, plan: Plan, final: str | None, loss) -> None:
     record.final_checkpoint = rel
     record.summary = TrainSummary(steps=plan.steps, final_loss=loss)
     record.progress = TrainProgress(step=plan.steps, total_steps=plan.steps, loss=loss, last_checkpoint=rel)
-    run.complete_stage("train")
