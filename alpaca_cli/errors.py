@@ -39,9 +39,11 @@ class InternalError(AlpacaError):
     """Something alpaca did not expect: a bug, reported in one line (ALPACA_DEBUG=1 shows the traceback)."""
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
+def first_line(e: BaseException, limit: int | None = 300) -> str:
+    """The first line of an exception's message, at most `limit` characters ("" for an empty message): what a
+    one-line error quotes of the exception it reports."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else ""
 
 
 def explain(e: BaseException) -> AlpacaError:
@@ -68,5 +70,5 @@ def explain(e: BaseException) -> AlpacaError:
         return StageError("out of accelerator memory",
                           hint="lower --per-device-rows or --seq-len, keep --remat on, add devices (FSDP) or "
                                "--tensor-parallel; `alpaca train --dry-run` estimates the memory")
-    return InternalError(f"internal error: {type(e).__name__}: {_first_line(e)}",
+    return InternalError(f"internal error: {type(e).__name__}: {first_line(e)}",
                          hint="please report it with the traceback (ALPACA_DEBUG=1)")

@@ -50,7 +50,7 @@ def check_gcs(url: str) -> None:
     bucket = url[len("gs://"):].split("/", 1)[0]
     if bucket in _GCS_CHECKED:
         return
-    from alpaca_cli.errors import RunDirError
+    from alpaca_cli.errors import RunDirError, first_line
 
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
     hint = ("authenticate with `gcloud auth application-default login` (or set GOOGLE_APPLICATION_CREDENTIALS to a "
@@ -61,7 +61,7 @@ def check_gcs(url: str) -> None:
 
             google.auth.default()
         except Exception as e:  # noqa: BLE001 - DefaultCredentialsError and transport errors alike
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+            first = (first_line(e, None) or type(e).__name__).split(". ")[0]
             raise RunDirError(f"{url}: no Google Cloud credentials ({first[:160]})", hint=hint) from None
     endpoint = (emulator or "https://storage.googleapis.com").rstrip("/")
     if "://" not in endpoint:

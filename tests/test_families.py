@@ -170,29 +170,62 @@ def test_settings_levanter_would_compute_differently_are_refused(prepared_templa
     assert "use --seq-len 128 or less" in result.exception.message
 
 
+def test_family_of_finds_the_family_from_each_of_its_names():
+    """One record per family: its model_type, a Hugging Face config, the Levanter config alpaca builds from it and
+    Levanter's own class (Mixtral's and Qwen's configs are subclasses of Mistral's and Llama's) all lead to it."""
+    from levanter.models.lm_model import LmConfig
+
+    from alpaca_cli.core import families
+    from alpaca_cli.core.families import family_of
+
+    assert sorted(families.FAMILIES) == sorted(FAMILIES)  # every family is tested end to end below
+    for model_type, family in families.FAMILIES.items():
+        hf = _config(model_type)
+        assert family_of(model_type) is family and family_of(hf) is family
+        assert family_of(family.config_class.from_hf_config(hf)) is family, model_type
+        assert family_of(LmConfig.get_choice_class(family.levanter_choice)()) is family, model_type
+
+
+def test_each_refusal_names_the_setting():
+    from alpaca_cli.core.families import unsupported
+
+    cases = [("llama", dict(attention_bias=True), "attention_bias / mlp_bias"),
+             ("qwen3", dict(mlp_bias=True), "attention_bias / mlp_bias"),
+             ("mistral", dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "Levanter's mistral drops it"),
+             ("mixtral", dict(head_dim=32), "head_dim 32 differs"),
+             ("gpt2", dict(n_inner=100), "n_inner is not 4 x n_embd"),
+             ("qwen2", dict(use_sliding_window=True, sliding_window=32), "its sliding window (32 tokens)")]
+    for model_type, changes, message in cases:
+        hf = _config(model_type)
+        assert unsupported(hf, 64) == [], model_type
+        for key, value in changes.items():
+            setattr(hf, key, value)
+        assert [p for p in unsupported(hf, 64) if message in p], (model_type, unsupported(hf, 64))
+
+
 @pytest.mark.parametrize("family,rope", [("qwen3", {"rope_type": "linear", "factor": 2.0}),
                                          ("olmo2", {"type": "linear", "factor": 2.0})])
 def test_rope_scaling_levanter_would_save_unreadably_is_refused(family, rope):
     """Qwen3 and OLMo-2 get no rope fix from us: with the scaling Levanter writes, transformers could not load the
     export. Without the refusal, the round trip below is what the export would meet."""
-    from alpaca_cli.core.families import config_class, unsupported
+    from alpaca_cli.core.families import family_of, unsupported
 
     hf = _config(family)
     hf.rope_scaling = rope
     assert any("rope_scaling" in p and "cannot read back" in p for p in unsupported(hf, 64))
     with pytest.raises((KeyError, ValueError), match="rope_scaling"):
-        config_class(family).from_hf_config(hf).to_hf_config(hf.vocab_size)
+        family_of(family).config_class.from_hf_config(hf).to_hf_config(hf.vocab_size)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
 def test_linear_rope_scaling_is_saved_with_its_rope_type(family):
     """Levanter writes linear rope scaling as {"factor": f} with no rope_type, which transformers refuses (KeyError)
     when the converter builds the Hugging Face config of an export."""
-    from alpaca_cli.core.families import config_class
+    from alpaca_cli.core.families import family_of
 
     hf = _config(family)
     hf.rope_scaling = {"rope_type": "linear", "factor": 2.0}
-    saved = config_class(family).from_hf_config(hf).to_hf_config(hf.vocab_size)
+    saved = family_of(family).config_class.from_hf_config(hf).to_hf_config(hf.vocab_size)
     assert saved.rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 

@@ -18,7 +18,7 @@ from typing import Iterator
 
 from alpaca_cli import io, seal
 from alpaca_cli.core.models import BaseModel, open_model_folder
-from alpaca_cli.errors import StageError
+from alpaca_cli.errors import StageError, first_line
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -265,10 +265,9 @@ def load_model(run: RunDir, checkpoint: Checkpoint, *, tokenizer, axis_mapping=N
             shape = eqx.filter_eval_shape(lev_config.build, Vocab, key=jax.random.PRNGKey(0))
             model = load_checkpoint(shape, checkpoint.path, subpath="model", axis_mapping=axis_mapping, mesh=mesh)
     except (KeyError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise StageError(
             f"checkpoint {checkpoint.path} does not match the model in {run.base_dir}/config.json "
-            f"({type(e).__name__}: {first})",
+            f"({type(e).__name__}: {first_line(e, 200) or type(e).__name__})",
             hint="the run's base model description and its checkpoints must come from the same `alpaca train`",
         ) from e
     if vocab_trained != len(tokenizer):
@@ -291,10 +290,8 @@ def _load_lora(run: RunDir, train, lev_config, tokenizer, Vocab, checkpoint, axi
     from alpaca_cli.core import lora
     from alpaca_cli.core.models import load_base_weights, open_base_model
 
-    added = run.require_prepare().summary.added_tokens
     with open_base_model(train.inputs.model) as base:
         frozen = load_base_weights(base, lev_config, tokenizer, Vocab, axis_mapping, jmp.get_policy("p=f32,c=f32"))
-    del added
     model = lora.add_adapters(frozen, train.lora, jax.random.PRNGKey(0))
     base_part, adapters = partition_lora_params(model)
     adapters = load_checkpoint(eqx.filter_eval_shape(lambda: adapters), checkpoint.path, subpath="model",

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig
-from alpaca_cli.errors import AlpacaError, DataError
+from alpaca_cli.errors import AlpacaError, DataError, first_line
 from alpaca_cli.records import DataSource
 
 logger = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ def _load_hub(cfg: PrepareConfig) -> Records:
         sha = info.sha
     except Exception as e:  # noqa: BLE001 - offline, missing, gated: all end the same way for the user
         raise DataError(
-            f"--data {cfg.data}: cannot resolve this Hub dataset ({type(e).__name__}: {_first_line(e)})",
+            f"--data {cfg.data}: cannot resolve this Hub dataset ({type(e).__name__}: {first_line(e, None)})",
             hint="check the id and your network, or pass a local .json/.jsonl file with --data",
         ) from None
     try:
@@ -245,7 +245,7 @@ def _load_hub(cfg: PrepareConfig) -> Records:
 
         ds = datasets.load_dataset(cfg.data, split=cfg.split, revision=sha)
     except Exception as e:  # noqa: BLE001
-        raise DataError(f"--data {cfg.data} (split {cfg.split}): cannot load ({type(e).__name__}: {_first_line(e)})") from None
+        raise DataError(f"--data {cfg.data} (split {cfg.split}): cannot load ({type(e).__name__}: {first_line(e, None)})") from None
     missing = [f for f in (cfg.instruction_field, cfg.output_field) if f not in ds.column_names]
     if missing:
         raise DataError(
@@ -258,8 +258,3 @@ def _load_hub(cfg: PrepareConfig) -> Records:
         raise DataError(f"--data {cfg.data} (split {cfg.split}): holds no records")
     records.source = DataSource(kind="hub", id=cfg.data, revision=sha, split=cfg.split)
     return records
-
-
-def _first_line(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0] if s else ""

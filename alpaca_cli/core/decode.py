@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from haliax import NamedArray
 
-from alpaca_cli.core.families import final_logit_softcap
+from alpaca_cli.core.families import family_of, final_logit_softcap
 
 EOS, LENGTH = "eos", "length"
 """Why a sequence stopped: it produced an end-of-sequence token, or it reached max_new_tokens (or the context)."""
@@ -52,28 +52,15 @@ class Generation:
 
 
 def supports(model) -> bool:
-    """Whether the model's layers are of a family this decoder knows."""
-    from levanter.models.gemma import Gemma2DecoderLayer, GemmaDecoderLayer
-    from levanter.models.gpt2 import Gpt2Block
-    from levanter.models.llama import LlamaDecoderLayer
-    from levanter.models.mixtral import MixtralDecoderLayer
-    from levanter.models.olmo import Olmo2DecoderLayer
-    from levanter.models.qwen import QwenDecoderLayer
-
-    known = (LlamaDecoderLayer, QwenDecoderLayer, GemmaDecoderLayer, MixtralDecoderLayer, Gemma2DecoderLayer,
-             Olmo2DecoderLayer, Gpt2Block)
-    return any(isinstance(layer, known) for layer in _layer_modules(model))
-
-
-def _layer_modules(model):
-    layers = model.transformer.blocks if hasattr(model.transformer, "blocks") else model.transformer.layers
-    return list(layers.blocks) if hasattr(layers, "blocks") else [layers.stacked]
+    """Whether this decoder knows the model's family (families.Family.decoder)."""
+    try:
+        return family_of(model).decoder in _LAYERS
+    except KeyError:
+        return False
 
 
 def _kv_dims(model) -> tuple[int, int]:
-    from levanter.models.gpt2 import Gpt2Config
-
-    if isinstance(model.config, Gpt2Config):
+    if family_of(model).decoder == "gpt2":  # no attention_config: one K/V head per query head
         return model.config.Heads.size, model.config.HeadSize.size
     ac = model.config.attention_config()
     return ac.KVHeads.size, ac.HeadSize.size
@@ -240,68 +227,73 @@ def _gpt2_block(block, x, pos_ids, cache, i, span=Span()):
     return x + block.mlp(block.ln_2(x), key=None), cache
 
 
-def _layer(layer, x, pos_ids, cache, i, span=Span()):
-    """One decoder layer with the cache; the wiring mirrors each family's __call__ in levanter/models/*.py."""
-    from levanter.models.gemma import Gemma2DecoderLayer, GemmaDecoderLayer
-    from levanter.models.gpt2 import Gpt2Block
-    from levanter.models.llama import LlamaDecoderLayer
-    from levanter.models.mixtral import MixtralDecoderLayer
-    from levanter.models.olmo import Olmo2DecoderLayer
-    from levanter.models.qwen import QwenDecoderLayer
+def _gemma2_layer(layer, x, pos_ids, cache, i, span=Span()):
+    """Gemma-2/3: four norms; sliding layers carry their window."""
+    window = getattr(layer.config, "layer_window", None)
+    a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, window, span)
+    x = x + layer.post_attention_layernorm(a)
+    m = layer.mlp(layer.pre_feedforward_layernorm(x), key=None)
+    return x + layer.post_feedforward_layernorm(m), cache
 
-    if isinstance(layer, Gemma2DecoderLayer):  # Gemma-2/3: four norms; sliding layers carry their window
-        window = getattr(layer.config, "layer_window", None)
-        a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, window, span)
-        x = x + layer.post_attention_layernorm(a)
-        m = layer.mlp(layer.pre_feedforward_layernorm(x), key=None)
-        return x + layer.post_feedforward_layernorm(m), cache
-    if isinstance(layer, Olmo2DecoderLayer):  # OLMo-2: norms after attention and MLP only
-        a, cache = _cached_attention(layer.self_attn, x, pos_ids, cache, i, span=span)
-        x = x + layer.post_attention_layernorm(a)
-        return x + layer.post_feedforward_layernorm(layer.mlp(x, key=None)), cache
-    if isinstance(layer, Gpt2Block):
-        return _gpt2_block(layer, x, pos_ids, cache, i, span)
-    if isinstance(layer, (LlamaDecoderLayer, QwenDecoderLayer, GemmaDecoderLayer, MixtralDecoderLayer)):
-        a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, span=span)
-        if getattr(layer, "post_attn_layernorm", None) is not None:  # Llama's hybrid norm
-            a = layer.post_attn_layernorm(a)
-        x = x + a
-        h = layer.post_attention_layernorm(x)
-        if isinstance(layer, MixtralDecoderLayer):
-            m, _ = layer.block_sparse_moe(h, key=None)
-            if getattr(layer, "shared_mlp", None) is not None:
-                m = m + layer.shared_mlp(h, key=None)
-        else:
-            m = layer.mlp(h, key=None)
-        if getattr(layer, "post_mlp_layernorm", None) is not None:
-            m = layer.post_mlp_layernorm(m)
-        return x + m, cache
-    raise NotImplementedError(f"no cached decoding for {type(layer).__name__}")
+
+def _olmo2_layer(layer, x, pos_ids, cache, i, span=Span()):
+    """OLMo-2: norms after attention and MLP only."""
+    a, cache = _cached_attention(layer.self_attn, x, pos_ids, cache, i, span=span)
+    x = x + layer.post_attention_layernorm(a)
+    return x + layer.post_feedforward_layernorm(layer.mlp(x, key=None)), cache
+
+
+def _llama_layer(layer, x, pos_ids, cache, i, span=Span(), moe=False):
+    """Llama and the families built like it: norm, attention, norm, MLP (moe: Mixtral's experts)."""
+    a, cache = _cached_attention(layer.self_attn, layer.input_layernorm(x), pos_ids, cache, i, span=span)
+    if getattr(layer, "post_attn_layernorm", None) is not None:  # Llama's hybrid norm
+        a = layer.post_attn_layernorm(a)
+    x = x + a
+    h = layer.post_attention_layernorm(x)
+    if moe:
+        m, _ = layer.block_sparse_moe(h, key=None)
+        if getattr(layer, "shared_mlp", None) is not None:
+            m = m + layer.shared_mlp(h, key=None)
+    else:
+        m = layer.mlp(h, key=None)
+    if getattr(layer, "post_mlp_layernorm", None) is not None:
+        m = layer.post_mlp_layernorm(m)
+    return x + m, cache
+
+
+_LAYERS = {
+    "llama": _llama_layer,
+    "moe": functools.partial(_llama_layer, moe=True),
+    "gemma2": _gemma2_layer,
+    "olmo2": _olmo2_layer,
+    "gpt2": _gpt2_block,
+}
+"""One decoder layer with the cache, by families.Family.decoder; the wiring mirrors each family's __call__ in
+levanter/models/*.py."""
 
 
 def forward_cached(model, tokens: NamedArray, pos_ids: NamedArray, cache: KVCache, span: Span = Span()
                    ) -> tuple[NamedArray, KVCache]:
     """Final-norm activations of `tokens` {batch, position} at `pos_ids`; their K/V written to the cache (see
     Span)."""
-    from levanter.models.gemma import GemmaConfig
-    from levanter.models.gpt2 import Gpt2Config
-
-    if isinstance(model.config, Gpt2Config):
+    family = family_of(model)
+    run_layer = _LAYERS[family.decoder]
+    if family.decoder == "gpt2":
         x = model.embeddings.embed(tokens, key=None, pos_ids=pos_ids)  # learned absolute positions
         layers, final_norm = model.transformer.blocks, model.transformer.ln_f
     else:
         x = model.embeddings.embed(tokens)
-        if isinstance(model.config, GemmaConfig):  # Gemma scales its embeddings by sqrt(hidden)
+        if family.scaled_embeddings:
             x = x * jnp.sqrt(model.config.hidden_dim).astype(x.dtype)
         layers, final_norm = model.transformer.layers, model.transformer.norm
 
     def body(layer, carry, i):
         x, cache = carry
-        return _layer(layer, x, pos_ids, cache, i.scalar() if isinstance(i, NamedArray) else i, span)
+        return run_layer(layer, x, pos_ids, cache, i.scalar() if isinstance(i, NamedArray) else i, span)
 
     if hasattr(layers, "blocks"):  # unrolled layers (BlockSeq: Gemma-3's, whose layers differ): a Python loop
         for i, layer in enumerate(layers.blocks):
-            x, cache = _layer(layer, x, pos_ids, cache, i, span)
+            x, cache = run_layer(layer, x, pos_ids, cache, i, span)
     else:  # Levanter's scanned stack: the layer index comes with each layer's slice
         x, cache = layers.fold_via(body)((x, cache), hax.arange(model.config.Layers))
     return final_norm(x), cache

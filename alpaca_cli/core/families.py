@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional, Union
 
 import equinox as eqx
 import haliax as hax
@@ -70,23 +71,6 @@ from levanter.models.mistral import MistralConfig
 from levanter.models.mixtral import MixtralConfig
 from levanter.models.qwen import QwenConfig
 from levanter.utils.activation import ActivationFunctionEnum
-
-# Hugging Face `model_type` -> Levanter's LmConfig choice name (for the families without a fix here).
-LEVANTER_CHOICES = {
-    "llama": "llama",
-    "mistral": "mistral",
-    "mixtral": "mixtral",
-    "gemma": "gemma",
-    "gemma2": "gemma2",
-    "gemma3_text": "gemma3",
-    "olmo2": "olmo2",
-    "qwen2": "qwen",
-    "qwen3": "qwen3",
-    "gpt2": "gpt2",
-}
-IGNORE_PREFIX = {"gpt2": "transformer"}
-"""Checkpoint key prefixes Levanter's converter strips (GPT-2's weights live under `transformer.`)."""
-
 
 def _rebuild(cls, base, **changes):
     """An instance of `cls` (a subclass of type(base)) with base's field values, then `changes`."""
@@ -337,32 +321,120 @@ class AlpacaMixtralConfig(MixtralConfig):
         return _rebuild(cls, base, lbl_coef=lbl, rzl_coef=None)
 
 
-FIXED_CONFIGS = {
-    "llama": AlpacaLlamaConfig,
-    "qwen2": AlpacaQwen2Config,
-    "mistral": AlpacaMistralConfig,
-    "mixtral": AlpacaMixtralConfig,
-    "gemma": AlpacaGemmaConfig,
-    "gemma2": AlpacaGemma2Config,
-    "gemma3_text": AlpacaGemma3Config,
-    "gpt2": AlpacaGpt2Config,
-}
+# ---------------------------------------------------------------- the families
+def _window(hf_config) -> Optional[int]:
+    window = getattr(hf_config, "sliding_window", None)
+    return int(window) if window else None
 
 
-def config_class(model_type: str):
-    """The Levanter config class alpaca uses for a Hugging Face model_type (ours where Levanter needs a fix)."""
-    return FIXED_CONFIGS.get(model_type) or LmConfig.get_choice_class(LEVANTER_CHOICES[model_type])
+def _window_if_used(hf_config) -> Optional[int]:
+    return _window(hf_config) if getattr(hf_config, "use_sliding_window", False) else None
+
+
+def _rope_dropped(hf_config) -> Optional[str]:
+    if getattr(hf_config, "rope_scaling", None):
+        return f"rope_scaling {hf_config.rope_scaling} (Levanter's {hf_config.model_type} drops it)"
+    return None
+
+
+def _rope_unreadable(hf_config, only_linear: bool) -> Optional[str]:
+    # Levanter writes linear scaling as {"factor": f} (layers/rotary.py:87; transformers: KeyError), and OLMo-2's
+    # config accepts only the old `type` key (transformers: ValueError): the export would not load
+    rope = getattr(hf_config, "rope_scaling", None) or {}
+    if rope and (not only_linear or (rope.get("rope_type") or rope.get("type")) == "linear"):
+        return (f"rope_scaling {hf_config.rope_scaling} (Levanter's {hf_config.model_type} saves it in a form "
+                "transformers cannot read back, so the export would not load)")
+    return None
+
+
+def _head_dim_derived(hf_config) -> Optional[str]:
+    hd = getattr(hf_config, "head_dim", None)
+    if hd and hd != hf_config.hidden_size // hf_config.num_attention_heads:
+        return (f"head_dim {hd} differs from hidden_size / num_attention_heads (Levanter's {hf_config.model_type} "
+                "derives it)")
+    return None
+
+
+def _biases(hf_config) -> Optional[str]:
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        return "attention_bias / mlp_bias (Levanter drops these biases or puts them on the norms)"
+    return None
+
+
+def _n_inner(hf_config) -> Optional[str]:
+    if getattr(hf_config, "n_inner", None) not in (None, 4 * hf_config.n_embd):
+        return "n_inner is not 4 x n_embd (Levanter's gpt2 always uses 4x)"
+    return None
+
+
+@dataclass(frozen=True)
+class Family:
+    """What alpaca knows of one model family, keyed by Hugging Face's `model_type` (FAMILIES)."""
+
+    model_type: str
+    levanter_choice: str
+    """Levanter's LmConfig choice name for the family."""
+    fixed_config: Optional[type] = None
+    """Our subclass of Levanter's config, where Levanter gets the family wrong (the table above)."""
+    ignore_prefix: Optional[str] = None
+    """The checkpoint key prefix Levanter's converter strips (GPT-2's weights live under `transformer.`)."""
+    window: Optional[Callable] = None
+    """hf_config -> the sliding window the checkpoint uses and Levanter's model does not implement (or None)."""
+    refusals: tuple = ()
+    """hf_config -> a setting Levanter's (fixed) model would silently compute differently (or None), in order."""
+    lora: bool = True
+    """Whether LoRA is offered: the projections are plain linear layers named as transformers names them (PEFT finds
+    them by name). Not GPT-2 (fused Conv1D projections) or Mixtral (expert tensors)."""
+    decoder: str = "llama"
+    """How the KV-cached decoder (decode.py) runs a layer: "llama" (norm, attention, norm, MLP), "moe" (the MLP a
+    mixture of experts), "gemma2" (four norms, per-layer window), "olmo2" (norms after attention and MLP only),
+    "gpt2" (fused QKV projection, learned positions)."""
+    scaled_embeddings: bool = False
+    """The embeddings are multiplied by sqrt(hidden) before the first layer (Gemma)."""
+
+    @property
+    def config_class(self):
+        """The Levanter config class alpaca uses for the family (ours where Levanter needs a fix)."""
+        return self.fixed_config or LmConfig.get_choice_class(self.levanter_choice)
+
+
+FAMILIES = {f.model_type: f for f in (
+    Family("llama", "llama", AlpacaLlamaConfig, refusals=(_biases,)),
+    Family("mistral", "mistral", AlpacaMistralConfig, window=_window, refusals=(_rope_dropped,)),
+    Family("qwen2", "qwen", AlpacaQwen2Config, window=_window_if_used),
+    Family("qwen3", "qwen3", window=_window_if_used,
+           refusals=(partial(_rope_unreadable, only_linear=True), _biases)),
+    Family("gemma", "gemma", AlpacaGemmaConfig, scaled_embeddings=True),
+    Family("gemma2", "gemma2", AlpacaGemma2Config, decoder="gemma2", scaled_embeddings=True),
+    Family("gemma3_text", "gemma3", AlpacaGemma3Config, decoder="gemma2", scaled_embeddings=True),
+    Family("olmo2", "olmo2", refusals=(partial(_rope_unreadable, only_linear=False),), decoder="olmo2"),
+    Family("mixtral", "mixtral", AlpacaMixtralConfig, window=_window, refusals=(_rope_dropped, _head_dim_derived),
+           lora=False, decoder="moe"),
+    Family("gpt2", "gpt2", AlpacaGpt2Config, ignore_prefix="transformer", refusals=(_n_inner,), lora=False,
+           decoder="gpt2"),
+)}
+"""Every family alpaca trains, by Hugging Face `model_type`; any other checkpoint is refused."""
+
+
+def family_of(x: Union[str, object]) -> Family:
+    """The family of a Hugging Face model_type, a Hugging Face config, a Levanter config or a Levanter model
+    (KeyError if none)."""
+    model_type = getattr(x, "model_type", x)
+    if isinstance(model_type, str):  # Hugging Face's configs name it; Levanter's `model_type` is the model class
+        return FAMILIES[model_type]
+    config = x if isinstance(x, LmConfig) else x.config
+    for cls in type(config).__mro__:  # the most derived first: MixtralConfig is a MistralConfig
+        for family in FAMILIES.values():
+            if cls is family.config_class or cls is LmConfig.get_choice_class(family.levanter_choice):
+                return family
+    raise KeyError(type(config).__name__)
 
 
 def sliding_window_limit(hf_config) -> Optional[int]:
     """The longest row the fixed Levanter model computes exactly: families whose sliding window Levanter does not
     implement (Mistral, Mixtral, Qwen with use_sliding_window) match transformers only up to the window."""
-    mt, window = hf_config.model_type, getattr(hf_config, "sliding_window", None)
-    if mt in ("mistral", "mixtral") and window:
-        return int(window)
-    if mt in ("qwen2", "qwen3") and getattr(hf_config, "use_sliding_window", False) and window:
-        return int(window)
-    return None
+    window = family_of(hf_config).window
+    return window(hf_config) if window else None
 
 
 def unsupported(hf_config, seq_len: int) -> list[str]:
@@ -372,25 +444,8 @@ def unsupported(hf_config, seq_len: int) -> list[str]:
     if window is not None and seq_len > window:
         problems.append(f"its sliding window ({window} tokens) is shorter than --seq-len {seq_len}, and Levanter's "
                         f"{mt} has no sliding window: use --seq-len {window} or less")
-    if mt in ("mistral", "mixtral") and getattr(hf_config, "rope_scaling", None):
-        problems.append(f"rope_scaling {hf_config.rope_scaling} (Levanter's {mt} drops it)")
-    rope = getattr(hf_config, "rope_scaling", None) or {}
-    if (mt == "olmo2" and rope) or (mt == "qwen3" and (rope.get("rope_type") or rope.get("type")) == "linear"):
-        # Levanter writes linear scaling as {"factor": f} (layers/rotary.py:87; transformers: KeyError), and OLMo-2's
-        # config accepts only the old `type` key (transformers: ValueError): the export would not load
-        problems.append(f"rope_scaling {hf_config.rope_scaling} (Levanter's {mt} saves it in a form transformers "
-                        "cannot read back, so the export would not load)")
-    if mt == "mixtral":
-        hd = getattr(hf_config, "head_dim", None)
-        if hd and hd != hf_config.hidden_size // hf_config.num_attention_heads:
-            problems.append(f"head_dim {hd} differs from hidden_size / num_attention_heads (Levanter's mixtral "
-                            "derives it)")
-    if mt in ("llama", "qwen3") and (getattr(hf_config, "attention_bias", False)
-                                      or getattr(hf_config, "mlp_bias", False)):
-        problems.append("attention_bias / mlp_bias (Levanter drops these biases or puts them on the norms)")
-    if mt == "gpt2" and getattr(hf_config, "n_inner", None) not in (None, 4 * hf_config.n_embd):
-        problems.append("n_inner is not 4 x n_embd (Levanter's gpt2 always uses 4x)")
-    return problems
+    found = (refusal(hf_config) for refusal in family_of(hf_config).refusals)
+    return problems + [p for p in found if p]
 
 
 def final_logit_softcap(model, logits):

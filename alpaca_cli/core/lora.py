@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 import os
 
+from alpaca_cli.core.families import FAMILIES
 from alpaca_cli.errors import ConfigError
 from alpaca_cli.records import LoraRecord
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2")
-"""Families whose projections are plain linear layers named as transformers names them (PEFT finds them by name).
-GPT-2 (fused Conv1D projections) and Mixtral (expert tensors) are refused."""
 PEFT_PREFIX = "base_model.model"
 """Where PEFT keeps the wrapped model's modules in an adapter's state dict (keys base_model.model.model.layers...)."""
 
@@ -34,9 +32,10 @@ def record(cfg) -> LoraRecord | None:
 
 
 def check_family(model_type: str, spec: str) -> None:
-    if model_type not in FAMILIES:
+    if not FAMILIES[model_type].lora:
+        offered = [f.model_type for f in FAMILIES.values() if f.lora]
         raise ConfigError(f"--lora-r: LoRA is not available for {model_type} models (--model {spec}); "
-                          f"it is for {', '.join(FAMILIES)}", hint="train every weight instead (no --lora-r)")
+                          f"it is for {', '.join(offered)}", hint="train every weight instead (no --lora-r)")
 
 
 def levanter_config(lora: LoraRecord):

@@ -19,7 +19,7 @@ from typing import Iterator
 from alpaca_cli import io
 from alpaca_cli.core import families
 from alpaca_cli.core.attention import AttentionChoice
-from alpaca_cli.errors import ConfigError
+from alpaca_cli.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class BaseModel:
         return int(self.hf_config.vocab_size)
 
     def lev_config_class(self):
-        return families.config_class(self.model_type)
+        return families.family_of(self.model_type).config_class
 
     def check_supported(self, seq_len: int) -> None:
         """Refuse settings the Levanter model would compute differently from transformers at this row length."""
@@ -85,7 +85,7 @@ class BaseModel:
             HfConfigClass=type(self.hf_config),
             tokenizer=tokenizer,
             trust_remote_code=False,
-            ignore_prefix=families.IGNORE_PREFIX.get(self.model_type),
+            ignore_prefix=families.family_of(self.model_type).ignore_prefix,
         )
 
 
@@ -128,10 +128,10 @@ def open_model_folder(spec: str, ref: str, flag: str = "--model") -> Iterator[Ba
 
 
 def _check_model_type(named: str, model_type) -> None:
-    if model_type not in families.LEVANTER_CHOICES:
+    if model_type not in families.FAMILIES:
         raise ConfigError(
             f"{named}: model_type {model_type!r} is not supported; "
-            f"supported: {', '.join(sorted(families.LEVANTER_CHOICES))}"
+            f"supported: {', '.join(sorted(families.FAMILIES))}"
         )
 
 
@@ -148,9 +148,8 @@ def read_hf_config(spec: str, ref: str, flag: str = "--model"):
     try:
         return AutoConfig.from_pretrained(ref, trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(
-            f"{flag} {spec}: cannot read its config ({first[:300]})",
+            f"{flag} {spec}: cannot read its config ({first_line(e) or type(e).__name__})",
             hint="pass a local Hugging Face folder, or check the id, your network and HF_TOKEN for gated models",
         ) from None
 
@@ -251,10 +250,9 @@ def load_base_weights(base, lev_config, tok, Vocab, param_mapping, mp, dtype=Non
             dtype=dtype or mp.param_dtype, resize_vocab_to_match_tokenizer=True,
         )
     except (KeyError, ValueError, TypeError) as e:  # a weight missing or of the wrong shape for this config
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ConfigError(
             f"--model {base.spec}: its weights do not match its config.json (model_type {base.model_type}): "
-            f"{type(e).__name__}: {first}",
+            f"{type(e).__name__}: {first_line(e, 200) or type(e).__name__}",
             hint="check that config.json belongs to these weights",
         ) from e
     if model.Vocab.size != Vocab.size:

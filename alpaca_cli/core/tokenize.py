@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from alpaca_cli import io
-from alpaca_cli.errors import ConfigError, DataError
+from alpaca_cli.errors import ConfigError, DataError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +55,8 @@ def load_tokenizer(spec: str, *, add_missing_special_tokens: bool = True) -> Loa
             return AutoTokenizer.from_pretrained(path)
         except Exception as e:  # noqa: BLE001
             where = "folder" if os.path.isdir(path) else "Hub id"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
-                f"--tokenizer {spec}: cannot load a tokenizer from this {where} ({first[:300]})",
+                f"--tokenizer {spec}: cannot load a tokenizer from this {where} ({first_line(e) or type(e).__name__})",
                 hint="pass a local tokenizer folder, or check the id, your network and HF_TOKEN for gated models",
             ) from None
 
