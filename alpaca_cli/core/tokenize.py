@@ -225,57 +225,65 @@ def tokenize_examples(
         p_batch = prompts[start : start + batch_size]
         full = [p + o + eos for p, o in zip(p_batch, outputs[start : start + batch_size])]
         ids_batch, encodings = encoder(full, offsets=fast_path)
-        if fast_path:
-            # The prompt's token count is the index of the token holding the first character after the prompt,
-            # when that token starts exactly there; if it starts earlier it straddles the boundary, and the prompt
-            # is tokenized alone. (Asked of the Rust encoding: building Python offset lists costs more than this.)
-            prompt_len: list[int | None] = []
-            for p, enc in zip(p_batch, encodings):
-                boundary = len(p)
-                t = enc.char_to_token(boundary)
-                prompt_len.append(t if t is not None and enc.token_to_chars(t)[0] == boundary else None)
-        else:
-            prompt_len = [None] * len(p_batch)
-        alone = [i for i, n in enumerate(prompt_len) if n is None]
-        if alone:
-            enc_p, _ = encoder([p_batch[i] for i in alone])
-            for i, ids in zip(alone, enc_p):
-                prompt_len[i] = len(ids)
-            out.prompts_tokenized_alone += len(alone)
-
+        prompt_len = _prompt_lengths(encoder, p_batch, encodings if fast_path else None, out)
         for j, ids in enumerate(ids_batch):
-            src = source_offset + start + j
-            n_prompt = prompt_len[j]
-            assert n_prompt is not None
-            if len(ids) > max_length:
-                if on_overflow == "error":
-                    raise DataError(
-                        f"record {src} is {len(ids)} tokens long, over --max-length {max_length}",
-                        hint="raise --max-length, or use --on-overflow truncate or drop",
-                    )
-                if on_overflow == "drop":
-                    out.dropped["too_long"] += 1
-                    out.dropped_examples.append((src, "too_long"))
-                    continue
-                # Hugging Face truncation, as Stanford's tokenizer(..., truncation=True, max_length=512) does it.
-                original = len(ids)
-                ids = encoder.truncate(ids, full[j], max_length)
-                n_prompt = min(n_prompt, max_length)
-                out.truncated += 1
-                out.truncated_tokens += original - len(ids)
-            arr = np.asarray(ids, dtype=np.int32)
-            targets = np.ones(len(arr), dtype=np.uint8)
-            if mask_inputs:
-                targets[:n_prompt] = 0
-            # position 0 is never predicted, so only targets[1:] train anything
-            if len(arr) - (max(n_prompt, 1) if mask_inputs else 1) <= 0:
-                out.dropped["no_trained_tokens"] += 1
-                out.dropped_examples.append((src, "no_trained_tokens"))
-                continue
-            out.input_ids.append(arr)
-            out.targets.append(targets)
-            out.source_index.append(src)
-            out.prompt_lengths.append(n_prompt)
+            _add_example(out, encoder, ids, full[j], prompt_len[j], source_offset + start + j, max_length=max_length,
+                         on_overflow=on_overflow, mask_inputs=mask_inputs)
         if progress is not None:
             progress(len(p_batch))
     return out
+
+
+def _prompt_lengths(encoder: _Encoder, prompts: Sequence[str], encodings, out: Tokenized) -> list[int]:
+    """The token count of each prompt within its full text. From the Rust encodings (fast path): the index of the
+    token holding the first character after the prompt, when that token starts exactly there; if it starts earlier
+    it straddles the boundary, and the prompt is tokenized alone, as is every prompt without encodings. (Asked of the
+    Rust encoding: building Python offset lists costs more than this.)"""
+    prompt_len: list[int | None] = [None] * len(prompts)
+    if encodings is not None:
+        for i, (p, enc) in enumerate(zip(prompts, encodings)):
+            boundary = len(p)
+            t = enc.char_to_token(boundary)
+            prompt_len[i] = t if t is not None and enc.token_to_chars(t)[0] == boundary else None
+    alone = [i for i, n in enumerate(prompt_len) if n is None]
+    if alone:
+        enc_p, _ = encoder([prompts[i] for i in alone])
+        for i, ids in zip(alone, enc_p):
+            prompt_len[i] = len(ids)
+        out.prompts_tokenized_alone += len(alone)
+    return prompt_len  # type: ignore[return-value]
+
+
+def _add_example(out: Tokenized, encoder: _Encoder, ids: list[int], text: str, n_prompt: int, src: int, *,
+                 max_length: int, on_overflow: str, mask_inputs: bool) -> None:
+    """One record's ids (of `text`, the prompt its first n_prompt) into `out`: truncated, dropped or refused when too
+    long, dropped when no token is left to train."""
+    if len(ids) > max_length:
+        if on_overflow == "error":
+            raise DataError(
+                f"record {src} is {len(ids)} tokens long, over --max-length {max_length}",
+                hint="raise --max-length, or use --on-overflow truncate or drop",
+            )
+        if on_overflow == "drop":
+            out.dropped["too_long"] += 1
+            out.dropped_examples.append((src, "too_long"))
+            return
+        # Hugging Face truncation, as Stanford's tokenizer(..., truncation=True, max_length=512) does it.
+        original = len(ids)
+        ids = encoder.truncate(ids, text, max_length)
+        n_prompt = min(n_prompt, max_length)
+        out.truncated += 1
+        out.truncated_tokens += original - len(ids)
+    arr = np.asarray(ids, dtype=np.int32)
+    targets = np.ones(len(arr), dtype=np.uint8)
+    if mask_inputs:
+        targets[:n_prompt] = 0
+    # position 0 is never predicted, so only targets[1:] train anything
+    if len(arr) - (max(n_prompt, 1) if mask_inputs else 1) <= 0:
+        out.dropped["no_trained_tokens"] += 1
+        out.dropped_examples.append((src, "no_trained_tokens"))
+        return
+    out.input_ids.append(arr)
+    out.targets.append(targets)
+    out.source_index.append(src)
+    out.prompt_lengths.append(n_prompt)
