@@ -91,11 +91,8 @@ def layout_for(model, rows: int):
     The same values and names (haliax contracts by name), so every other use of the model is unchanged; holders
     convert once (one copy of each weight while it is converted) and keep the result.
 
-    Why (XLA's CPU backend, jax 0.7.2, on this project's 2-core machine): a [rows, 512] x [1536, 512]^T product
-    takes 0.06 ms for one row and 0.83 ms for 8 (Eigen's path for a transposed right-hand side), 0.19 ms for 8
-    against [512, 1536]; but for one row XLA turns the input-first product into a loop that reads the weight across
-    its rows, and a decoding step of bench_generate.py's hidden-512 model got 4x slower (5.4 -> 21 ms). GPUs and
-    TPUs pick their own layouts: unchanged there."""
+    XLA's CPU backend multiplies several rows by a transposed weight slowly, and one row by an input-first weight
+    slowly too (benchmarks/README.md, bench_generate.py). GPUs and TPUs pick their own layouts: unchanged there."""
     import haliax.nn as hnn
 
     if jax.default_backend() != "cpu":
@@ -131,9 +128,8 @@ def _write(buf, layer_idx, rows, start, new, keys_last: bool):
     key_position]) with new [b, t, kv_head, head_size] written at layer `layer_idx`, row rows[b] (b if rows is None;
     a row past the buffer writes nothing), positions start[b] + 0..t-1.
 
-    One dynamic_update_slice per row, which XLA does in place. (A scatter, `buf.at[layer, rows, :, pos, :].set`,
-    copied the whole cache at every layer of every step: 34 ms a step against 0.4 for a cache of 4 layers x 8 rows
-    x 2,048 positions on this CPU; the copy grows with the cache times the layers.)"""
+    One dynamic_update_slice per row, which XLA does in place; a scatter (`buf.at[layer, rows, :, pos, :].set`)
+    would copy the whole cache at every layer of every step."""
     n_rows = buf.shape[1]
     for b in range(new.shape[0]):
         block = jnp.transpose(new[b], (1, 2, 0) if keys_last else (1, 0, 2))[None, None]
@@ -184,9 +180,9 @@ def _attention(q, keys, values, query_pos, *, scaling_factor, soft_cap, upcast, 
     `window` of them where the layer has one).
 
     Levanter's simple_attention_with_dropout (its VANILLA backend, which the model's own call uses here), step for
-    step, on raw arrays with the keys stored key-position-last, so the scores are a plain batched matmul. (Through
-    haliax's dot over keys stored {key_position, head_size}, XLA's CPU backend copied and transposed each layer's
-    keys at every step: a decoding step of 8 rows at position ~1,000 took 45 ms, 33 without the copies.)"""
+    step, on raw arrays with the keys stored key-position-last, so the scores are a plain batched matmul without
+    the copy and transpose of each layer's keys that XLA's CPU backend makes for haliax's dot over keys stored
+    {key_position, head_size}."""
     keys, values = keys.astype(q.dtype), values.astype(q.dtype)
     adtype = jnp.float32 if upcast else q.dtype
     if scaling_factor is None:
