@@ -203,6 +203,18 @@ def test_each_refusal_names_the_setting():
         assert [p for p in unsupported(hf, 64) if message in p], (model_type, unsupported(hf, 64))
 
 
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])
+def test_lora_is_refused_for_fused_and_expert_projections(family):
+    from alpaca_cli.core import lora
+    from alpaca_cli.errors import ConfigError
+
+    lora.check_family("llama", "some/llama")
+    with pytest.raises(ConfigError) as refused:
+        lora.check_family(family, "some/model")
+    assert refused.value.message == (f"--lora-r: LoRA is not available for {family} models (--model some/model); it "
+                                     "is for llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, olmo2")
+
+
 @pytest.mark.parametrize("family,rope", [("qwen3", {"rope_type": "linear", "factor": 2.0}),
                                          ("olmo2", {"type": "linear", "factor": 2.0})])
 def test_rope_scaling_levanter_would_save_unreadably_is_refused(family, rope):
