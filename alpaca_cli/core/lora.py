@@ -3,7 +3,7 @@
 Levanter's own LoRA (levanter.adaptor.lora) does the tree surgery (`loraize`, with PEFT's initialisation: A random, B
 zero), the trainable-parameter filter the trainer takes (`lora_trainable_params_filter`: the optimizer state and the
 checkpoints hold the adapters only) and the merge.
-Here: which families and modules, the run record, and the two exports:
+Here: the family check (families.Family.lora), the run record, and the two exports:
 - merged (the default): the adapters folded into the base weights, a plain Hugging Face checkpoint like a full run's;
 - `--adapter`: a PEFT adapter (adapter_config.json, adapter_model.safetensors). With LoRA the embedding is frozen, so
   the [PAD] row prepare added is the mean of the others (Stanford's initialisation, never trained): load the base
