@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.config import EVAL_FLAGS, Settings
+from alpaca_cli.config import EVAL_FLAGS, EvalConfig, Settings
 from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, config_options
 
 EXAMPLES = """\b
@@ -46,7 +46,6 @@ def eval_(
 
     from alpaca_cli import config as cfgmod
     from alpaca_cli import distributed, rundir
-    from alpaca_cli.config import EvalConfig
     from alpaca_cli.errors import ConfigError
 
     cfg = settings.resolve(EvalConfig)
@@ -69,7 +68,7 @@ def eval_(
     _print_table(scores, data)
 
 
-def _score(run, data: str, cfg, *, step, from_export, base) -> tuple[list, str]:
+def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> tuple[list, str]:
     """The scores of the model (and of the base model), on every process; and the held-out file's path."""
     import dataclasses
 
@@ -87,12 +86,11 @@ def _score(run, data: str, cfg, *, step, from_export, base) -> tuple[list, str]:
         decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
     gen = load_generator(run, from_export=from_export, step=step)
     label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
-    scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=cfg.batch_size)]
+    scoring = dataclasses.asdict(cfg)  # EvalConfig's fields are score()'s settings
+    scores = [core.score(gen, held_out, pcfg, label=label, **scoring)]
     if base:
         del gen
-        scores.append(core.score(load_generator(run, base=True), held_out, pcfg, label="base",
-                                 max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size))
+        scores.append(core.score(load_generator(run, base=True), held_out, pcfg, label="base", **scoring))
     return scores, path
 
 
