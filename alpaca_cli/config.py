@@ -119,7 +119,7 @@ def comma_list(text: str) -> list[str]:
 
 
 def short_number(x: float) -> str:
-    """2e-4 rather than 0.0002: learning rates as papers write them."""
+    """3e-4 rather than 0.0003: learning rates as papers write them."""
     mantissa, exponent = f"{x:e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
