@@ -4,9 +4,11 @@ Precedence, lowest to highest: dataclass defaults < `--config FILE` (YAML) < `--
 Typed flags are None when not given and then do not count, so a flag default never beats the config file.
 Unknown keys are errors.
 
-Every default lives here once, in a module cheap to import: the commands' help text reads them (`default_text`), and
-`train_config.TrainConfig` (which nests Levanter's TrainerConfig and OptimizerConfig, and so imports JAX) builds its
-Levanter parts from `RECIPE_TRAINER` and `RECIPE_OPTIMIZER`.
+Every option is declared here once, in a module cheap to import: a config field (type, default, docstring) and, where
+a command offers it as a flag, one line of that command's `Flags` table (PREPARE_FLAGS, TRAIN_FLAGS, ...). The
+commands' options, their help (`help_text`), the flags given to load_config and the flag names in error messages
+(`Flags.named`) are derived from them. `train_config.TrainConfig` (which nests Levanter's TrainerConfig and
+OptimizerConfig, and so imports JAX) builds its Levanter parts from `RECIPE_TRAINER` and `RECIPE_OPTIMIZER`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
@@ -44,6 +48,95 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+# -- flags: the config keys each command offers as typed flags ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One config key offered as a command-line flag. Its type, default and help are the config field's (its
+    docstring); `help` and `type` are given only for keys without a field here (Levanter's `trainer.` and
+    `optimizer.` keys) or where the flag reads the value in its own way (a comma-separated list)."""
+
+    key: str
+    name: str = ""
+    """The flag's spelling. Default: `--` and the key's last part, dashed (`seq_len` -> `--seq-len`)."""
+    help: str = ""
+    type: Optional[type] = None
+    parse: Optional[Callable[[Any], Any]] = None
+    """Turns the flag's value into the config value."""
+    min: Optional[int] = None
+    show_default: bool = True
+
+    @property
+    def flag(self) -> str:
+        return self.name or "--" + self.key.rsplit(".", 1)[-1].replace("_", "-")
+
+    @property
+    def off(self) -> str:
+        """The flag that turns an on-by-default setting off."""
+        return f"--no-{self.flag[2:]}"
+
+
+class Flags:
+    """A command's flags in the order its --help lists them: the one table from which the command's options, their
+    help, the `flags` given to load_config and the flag names in error messages are derived."""
+
+    def __init__(self, cls: type, *flags: Flag | str, set_example: str):
+        self.cls = cls
+        self.flags = tuple(f if isinstance(f, Flag) else Flag(f) for f in flags)
+        self.set_example = set_example
+        """A `--set` item for the help, e.g. `optimizer.beta2=0.95`."""
+        self._by_key = {f.key: f for f in self.flags}
+
+    def __iter__(self):
+        return iter(self.flags)
+
+    def __getitem__(self, key: str) -> Flag:
+        return self._by_key[key]
+
+    def flag_for(self, key: str) -> str:
+        """The flag that sets `key`, or the key itself (for --set and the config file) where there is none."""
+        f = self._by_key.get(key)
+        return f.flag if f is not None else key
+
+    def named(self, key: str) -> str:
+        """`key (--flag)` for messages, or the key alone where no flag sets it."""
+        flag = self.flag_for(key)
+        return f"{key} ({flag})" if flag != key else key
+
+    def given(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """{config key: value} for the flags in `values` (by key) that were given (not None)."""
+        out = {}
+        for f in self.flags:
+            value = values.get(f.key)
+            if value is not None:
+                out[f.key] = f.parse(value) if f.parse is not None else value
+        return out
+
+
+def comma_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def short_number(x: float) -> str:
+    """3e-4 rather than 0.0003: learning rates as papers write them."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+@dataclass
+class Settings:
+    """What the user gave for a command's config: --config FILE, --set items and the typed flags (by config key)."""
+
+    config_path: Optional[str] = None
+    set_items: list[str] = field(default_factory=list)
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def resolve(self, cls: type[T], *, extra: Mapping[str, Any] | None = None, **kwargs: Any) -> T:
+        """load_config(cls) from these settings; `extra` adds flags the command read itself (a file's contents)."""
+        return load_config(cls, self.config_path, self.set_items, {**self.flags, **(extra or {})}, **kwargs)
+
+
 @dataclass
 class PromptTemplates:
     """The two Alpaca templates; `{instruction}` and `{input}` are replaced by the record's fields."""
@@ -59,38 +152,39 @@ class PrepareConfig:
     """`alpaca prepare`: records -> prompts -> tokens -> Levanter cache."""
 
     data: str = RECIPE_DATA
-    """A Hub dataset id, or a .json / .jsonl / .jsonl.gz file (local path, gs:// or any fsspec URL)."""
+    """Hub dataset id, or a .json/.jsonl/.jsonl.gz file (local, gs://, any fsspec URL), or `demo`."""
     split: str = "train"
     """Split of a Hub dataset."""
     revision: Optional[str] = None
     """Revision (branch, tag or commit) of a Hub dataset."""
     instruction_field: str = "instruction"
+    """Record field holding the instruction."""
     input_field: str = "input"
+    """Record field holding the optional input."""
     output_field: str = "output"
+    """Record field holding the response."""
     prompts: PromptTemplates = field(default_factory=PromptTemplates)
     """The templates; Stanford Alpaca's by default."""
     tokenizer: str = RECIPE_MODEL
-    """A Hub id or a tokenizer folder (local or remote). [PAD] is added when it has no pad token."""
+    """Hub id or tokenizer folder (local or remote), or `demo`. [PAD] is added when it has no pad token."""
     max_length: int = 512
-    """Longest example in tokens (prompt + response + EOS), Stanford's 512 by default."""
+    """Longest example in tokens (prompt + response + EOS; Stanford: 512)."""
     on_overflow: str = "truncate"
-    """What to do with longer examples: truncate (as Stanford), drop, or error."""
+    """Longer examples: truncate (as Stanford), drop or error."""
     mask_inputs: bool = True
-    """Mask the prompt tokens out of the loss (Stanford). False trains on every token."""
+    """Mask the prompt tokens out of the loss (Stanford), or train on every token."""
 
     def __post_init__(self):
-        problems = []
+        problems, named = [], PREPARE_FLAGS.named
         if not 2 <= self.max_length <= MAX_LENGTH_LIMIT:
             problems.append(
-                f"max_length (--max-length) must be between 2 and {MAX_LENGTH_LIMIT:,} tokens, got {self.max_length:,}"
+                f"{named('max_length')} must be between 2 and {MAX_LENGTH_LIMIT:,} tokens, got {self.max_length:,}"
             )
         if self.on_overflow not in ON_OVERFLOW:
-            problems.append(
-                f"on_overflow (--on-overflow) must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}"
-            )
+            problems.append(f"{named('on_overflow')} must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}")
         for name in ("instruction_field", "input_field", "output_field"):
             if not getattr(self, name):
-                problems.append(f"{name} (--{name.replace('_', '-')}) must not be empty")
+                problems.append(f"{named(name)} must not be empty")
         if problems:
             raise ConfigError(problems)
 
@@ -102,50 +196,65 @@ class ExportConfig:
     output: Optional[str] = None
     """Where to write the checkpoint (local or gs://). Default: RUN/hf."""
     step: Optional[int] = None
-    """Export this checkpoint step instead of the final one."""
+    """Export RUN/checkpoints/step-N instead of the final checkpoint."""
     dtype: Optional[str] = None
     """float32, bfloat16 or float16. Default: the base model's torch_dtype."""
     max_shard_size: str = "5GB"
-    """Largest safetensors file."""
+    """Largest safetensors file, e.g. 5GB."""
     push_to_hub: bool = False
+    """Upload the export to the Hugging Face Hub."""
     repo_id: Optional[str] = None
-    """Default: <your user>/<run name>."""
+    """Hub repo. Default: <your user>/<run name>."""
     private: bool = False
+    """Create the Hub repo private."""
     revision: Optional[str] = None
+    """Branch to upload to (created if missing). Default: main."""
     commit_message: Optional[str] = None
+    """Hub commit message."""
     adapter: bool = False
-    """For a LoRA run: write a PEFT adapter (adapter_config.json, adapter_model.safetensors) instead of the merged
-    model."""
+    """For a LoRA run: a PEFT adapter (adapter_config.json, adapter_model.safetensors) instead of the merged model."""
     verify: bool = False
     """Load the export with transformers (torch) and compare logits with Levanter's."""
     verify_examples: int = 4
+    """How many prepared examples --verify compares."""
     verify_tolerance: Optional[float] = None
     """Largest allowed |logit difference|. Default: 1e-4 for float32 exports, 5e-2 for 16-bit ones."""
     overwrite: bool = False
-    """Replace an earlier export of this run in the output folder (any other non-empty folder is refused)."""
+    """Replace an earlier export of this run in the output folder (never other files: any other non-empty folder is
+    refused)."""
 
     def __post_init__(self):
-        problems = []
+        problems, named = [], EXPORT_FLAGS.named
         if self.dtype is not None:
             self.dtype = EXPORT_DTYPE_ALIASES.get(self.dtype.lower(), self.dtype.lower())
         if self.dtype is not None and self.dtype not in EXPORT_DTYPES:
-            problems.append(f"dtype (--dtype) must be one of {', '.join(EXPORT_DTYPES)}, got {self.dtype!r}")
+            problems.append(f"{named('dtype')} must be one of {', '.join(EXPORT_DTYPES)}, got {self.dtype!r}")
         if self.step is not None and self.step < 0:
-            problems.append(f"step (--step) must be >= 0, got {self.step}")
+            problems.append(f"{named('step')} must be >= 0, got {self.step}")
         if self.verify_examples < 1:
-            problems.append(f"verify_examples must be >= 1, got {self.verify_examples}")
+            problems.append(f"{named('verify_examples')} must be >= 1, got {self.verify_examples}")
         if self.verify_tolerance is not None and not (self.verify_tolerance > 0 and math.isfinite(self.verify_tolerance)):
-            problems.append(f"verify_tolerance (--verify-tolerance) must be a positive number, got {self.verify_tolerance}")
+            problems.append(f"{named('verify_tolerance')} must be a positive number, got {self.verify_tolerance}")
         if problems:
             raise ConfigError(problems)
+
+
+PREPARE_FLAGS = Flags(
+    PrepareConfig, "data", "split", "revision", "instruction_field", "input_field", "output_field", "tokenizer",
+    "max_length", "on_overflow", "mask_inputs", set_example="max_length=1024",
+)
+EXPORT_FLAGS = Flags(
+    ExportConfig, "output", "step", "dtype", "max_shard_size", "push_to_hub", "repo_id", "private", "revision",
+    "commit_message", "adapter", "verify", "verify_tolerance", "overwrite", set_example="verify_examples=8",
+)
 
 
 # Stanford's recipe for Levanter's parts of the train config: batch 128, parameters in float32 with bfloat16 compute;
 # AdamW(0.9, 0.999, 1e-8) (the Hugging Face Trainer's defaults), lr 2e-5, weight decay 0, warmup 3% of the steps,
 # cosine decay to 0, gradient clipping at 1.0. `trainer.num_train_steps` 0 means "from `epochs`".
 RECIPE_TRAINER: dict[str, Any] = {"train_batch_size": 128, "num_train_steps": 0, "mp": "p=f32,c=bfloat16", "seed": 0}
-# With LoRA (lora_r > 0) the default learning rate is 2e-4 (QLoRA's for 7B/13B; alpaca-lora used 3e-4): adapters
-# that start at zero barely move at full fine-tuning's 2e-5.
+# The default learning rate with LoRA (lora_r > 0), QLoRA's for 7B/13B (alpaca-lora used 3e-4): adapters that start
+# at zero barely move at full fine-tuning's rate.
 LORA_LEARNING_RATE = 2e-4
 RECIPE_OPTIMIZER: dict[str, Any] = {
     "learning_rate": 2e-5,
@@ -171,9 +280,9 @@ class TrainOptions:
     seq_len: int = 2048
     """Row length in tokens (at most the model's context length)."""
     pack: bool = True
-    """Pack several examples per row, attention kept per example. False pads one example per row."""
+    """Pack several examples per row (attention kept per example), or pad one example per row."""
     epochs: float = 3.0
-    """Passes over the prepared data (Stanford: 3). Ignored when trainer.num_train_steps > 0."""
+    """Passes over the prepared data (Stanford: 3). Ignored when steps are given (trainer.num_train_steps > 0)."""
     tensor_parallel: int = 1
     """Devices per tensor-parallel group (MLP and attention heads, kv heads included, are split over them)."""
     attention: str = "auto"
@@ -194,7 +303,7 @@ class TrainOptions:
     """Most examples packed into one row."""
     lora_r: int = 0
     """LoRA rank. 0 (the default) trains every weight; r > 0 trains rank-r adapters on lora_targets and freezes the
-    base model (held in the compute dtype): a 7B model on one GPU. The default learning rate is then 2e-4."""
+    base model (held in the compute dtype): a 7B model on one GPU, at LoRA's default learning rate."""
     lora_alpha: Optional[float] = None
     """LoRA scale numerator (the adapter's output is multiplied by alpha / r). Default: 2 x lora_r."""
     lora_dropout: float = 0.05
@@ -216,39 +325,39 @@ class TrainOptions:
 
     def problems(self) -> list[str]:
         """What is wrong with these settings (the subclass adds the Levanter parts' problems and raises)."""
-        p = []
+        p, named = [], TRAIN_FLAGS.named
         if self.seq_len < 8:
-            p.append(f"seq_len (--seq-len) must be at least 8, got {self.seq_len}")
+            p.append(f"{named('seq_len')} must be at least 8, got {self.seq_len}")
         if not math.isfinite(self.epochs) or self.epochs < 0:
-            p.append(f"epochs (--epochs) must be a positive number, got {self.epochs}")
+            p.append(f"{named('epochs')} must be a positive number, got {self.epochs}")
         if self.tensor_parallel < 1:
-            p.append(f"tensor_parallel (--tensor-parallel) must be >= 1, got {self.tensor_parallel}")
+            p.append(f"{named('tensor_parallel')} must be >= 1, got {self.tensor_parallel}")
         if self.attention not in ATTENTION_BACKENDS:
-            p.append(f"attention (--attention) must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
+            p.append(f"{named('attention')} must be one of {', '.join(ATTENTION_BACKENDS)}, got {self.attention!r}")
         if self.attention_block is not None and self.attention_block < 1:
-            p.append(f"attention_block (--attention-block) must be >= 1, got {self.attention_block}")
+            p.append(f"{named('attention_block')} must be >= 1, got {self.attention_block}")
         if not 0.0 <= self.val_fraction < 1.0:
-            p.append(f"val_fraction (--val-fraction) must be in [0, 1), got {self.val_fraction}")
+            p.append(f"{named('val_fraction')} must be in [0, 1), got {self.val_fraction}")
         if self.val_fraction and self.val_data:
             p.append("give val_fraction or val_data, not both")
         if self.checkpoint_every < 1:
-            p.append(f"checkpoint_every (--checkpoint-every) must be >= 1, got {self.checkpoint_every}")
+            p.append(f"{named('checkpoint_every')} must be >= 1, got {self.checkpoint_every}")
         if not math.isfinite(self.checkpoint_minutes) or self.checkpoint_minutes <= 0:
-            p.append(f"checkpoint_minutes (--checkpoint-minutes) must be > 0, got {self.checkpoint_minutes}")
+            p.append(f"{named('checkpoint_minutes')} must be > 0, got {self.checkpoint_minutes}")
         if self.keep_checkpoints < 0:
-            p.append(f"keep_checkpoints (--keep-checkpoints) must be >= 0, got {self.keep_checkpoints}")
+            p.append(f"{named('keep_checkpoints')} must be >= 0, got {self.keep_checkpoints}")
         if self.max_segments_per_row < 1:
-            p.append(f"max_segments_per_row must be >= 1, got {self.max_segments_per_row}")
+            p.append(f"{named('max_segments_per_row')} must be >= 1, got {self.max_segments_per_row}")
         if self.eval_every < 1:
-            p.append(f"eval_every (--eval-every) must be >= 1, got {self.eval_every}")
+            p.append(f"{named('eval_every')} must be >= 1, got {self.eval_every}")
         if self.lora_r < 0:
-            p.append(f"lora_r (--lora-r) must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+            p.append(f"{named('lora_r')} must be >= 0 (0: full fine-tuning), got {self.lora_r}")
         if self.lora_alpha is not None and not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
-            p.append(f"lora_alpha (--lora-alpha) must be a positive number, got {self.lora_alpha}")
+            p.append(f"{named('lora_alpha')} must be a positive number, got {self.lora_alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:
-            p.append(f"lora_dropout (--lora-dropout) must be in [0, 1), got {self.lora_dropout}")
+            p.append(f"{named('lora_dropout')} must be in [0, 1), got {self.lora_dropout}")
         if self.lora_r and not self.lora_targets:
-            p.append("lora_targets (--lora-targets) names no module")
+            p.append(f"{named('lora_targets')} names no module")
         return p
 
     @property
@@ -260,6 +369,117 @@ class TrainOptions:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_r
 
 
+TRAIN_FLAGS = Flags(
+    TrainOptions,
+    Flag("model_name_or_path", "--model"),
+    "epochs",
+    Flag("trainer.num_train_steps", "--steps", "Optimizer steps; overrides --epochs.", int, min=1, show_default=False),
+    Flag("trainer.train_batch_size", "--batch-size", "Examples per optimizer step (packed rows are derived from it).",
+         int, min=1),
+    Flag("optimizer.learning_rate", help=f"Peak learning rate (with --lora-r: {short_number(LORA_LEARNING_RATE)}).",
+         type=float),
+    Flag("optimizer.weight_decay", help="AdamW weight decay.", type=float),
+    Flag("optimizer.warmup", help="Warmup as a fraction of the steps.", type=float),
+    Flag("optimizer.lr_schedule", help="cosine, linear or constant.", type=str),
+    Flag("trainer.mp", "--precision", "Mixed precision policy, e.g. p=f32,c=bfloat16 or p=f32,c=f32.", str),
+    "seq_len",
+    "pack",
+    "tensor_parallel",
+    Flag("trainer.per_device_parallelism", "--per-device-rows",
+         "Rows per device per forward pass; fewer than the step's share means gradient accumulation.", int),
+    "attention",
+    "attention_block",
+    "remat",
+    Flag("lora_r", min=0),
+    "lora_alpha",
+    "lora_dropout",
+    Flag("lora_targets", help="Comma-separated module names that get adapters, e.g. q_proj,v_proj.", type=str,
+         parse=comma_list),
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "keep_checkpoints",
+    "val_fraction",
+    "val_data",
+    "eval_every",
+    Flag("trainer.seed", help="Seed for shuffling.", type=int),
+    "wandb_project",
+    "tensorboard_dir",
+    set_example="optimizer.beta2=0.95",
+)
+
+
+@dataclass
+class Decoding:
+    """How `alpaca generate` decodes (`alpaca eval` decodes greedily with its own max_new_tokens and batch_size)."""
+
+    max_new_tokens: int = 256
+    """Most tokens per answer."""
+    temperature: float = 0.0
+    """0 is greedy; higher samples more freely."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability."""
+    seed: int = 0
+    """Sampling seed (each request's answer depends only on it and the request)."""
+    batch_size: int = 8
+    """Requests decoded together."""
+
+    def __post_init__(self):
+        problems, flag = [], GENERATE_FLAGS.flag_for
+        if self.max_new_tokens < 1:
+            problems.append(f"{flag('max_new_tokens')} must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            problems.append(f"{flag('temperature')} must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"{flag('top_p')} must be in (0, 1], got {self.top_p}")
+        if self.batch_size < 1:
+            problems.append(f"{flag('batch_size')} must be >= 1, got {self.batch_size}")
+        if problems:
+            raise ConfigError(problems)
+
+
+ALPACA_EVAL = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 2048}
+"""The decoding AlpacaEval's alpaca-7b entry used (its configs: temperature 0.7, top_p 1.0, max_new_tokens 2048)."""
+
+
+@dataclass
+class GenerateConfig(Decoding):
+    """`alpaca generate`: the decoding of its answers."""
+
+    alpaca_eval: bool = False
+    """AlpacaEval's alpaca-7b decoding (ALPACA_EVAL) as the defaults; what is given beside it wins."""
+
+
+def generate_derived_defaults(given: dict) -> dict:
+    """Defaults that depend on what the user gave (load_config's derived_defaults): AlpacaEval's decoding."""
+    return dict(ALPACA_EVAL) if given.get("alpaca_eval") is True else {}
+
+
+GENERATE_FLAGS = Flags(
+    GenerateConfig, "max_new_tokens", "temperature", "top_p", "seed", "batch_size",
+    Flag("alpaca_eval", help="AlpacaEval's alpaca-7b decoding: " + ", ".join(f"{k} {v:,}" for k, v in ALPACA_EVAL.items())
+         + " (flags, --set and --config given beside it win)."),
+    set_example="temperature=0.7",
+)
+
+
+@dataclass
+class EvalConfig:
+    """`alpaca eval`: how the held-out records are scored (greedy answers, as generate's defaults)."""
+
+    max_new_tokens: int = Decoding.max_new_tokens
+    """Tokens an answer may take before it counts as not stopping."""
+    batch_size: int = Decoding.batch_size
+    """Examples scored together."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            flag = EVAL_FLAGS.flag_for
+            raise ConfigError(f"{flag('max_new_tokens')} and {flag('batch_size')} must be at least 1")
+
+
+EVAL_FLAGS = Flags(EvalConfig, "max_new_tokens", "batch_size", set_example="max_new_tokens=512")
+
+
 def default_text(cls: type, key: str) -> str:
     """`Default: X.` for a config key, read from the one place the default lives (for help texts)."""
     value = default_value(cls, key)
@@ -267,7 +487,39 @@ def default_text(cls: type, key: str) -> str:
         return ""
     if isinstance(value, bool):
         value = "on" if value else "off"
+    elif isinstance(value, list):
+        value = ",".join(map(str, value))
     return f"Default: {value}."
+
+
+def help_text(flags: Flags, f: Flag) -> str:
+    """A flag's help: what it does (the field's docstring, or the table's words), its default and its config key."""
+    text = f.help or field_doc(flags.cls, f.key)
+    default = default_text(flags.cls, f.key) if f.show_default else ""
+    if default == "Default: off.":  # a flag that is off unless given
+        default = ""
+    return " ".join(p for p in (text, default, f"Config key: {f.key}.") if p)
+
+
+def field_doc(cls: type, name: str) -> str:
+    """A dataclass field's docstring, on one line (draccus reads it from the source, as for its own --help)."""
+    from draccus.wrappers.docstring import get_attribute_docstring
+
+    doc = get_attribute_docstring(cls, name).docstring_below
+    if not doc:
+        raise AssertionError(f"{cls.__name__}.{name} has no docstring: it is the flag's help")
+    return " ".join(doc.split())
+
+
+def field_type(cls: type, key: str) -> type:
+    """The type of a config key's value, Optional[...] unwrapped (the recipe's type for Levanter's keys)."""
+    head, _, rest = key.partition(".")
+    if rest:
+        return type(default_value(cls, key))
+    hint = typing.get_type_hints(cls)[head]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def default_value(cls: type, key: str) -> Any:

@@ -1,26 +1,19 @@
-"""Option aliases shared by the commands (one help text per concept)."""
+"""Option aliases shared by the commands (one help text per concept), and the options made from a config's flag
+table (`config_options`)."""
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from typing import Annotated, Any, Callable, Optional
 
 import typer
+
+from alpaca_cli.config import Flag, Flags, Settings, default_value, field_type, help_text
 
 RunDirOpt = Annotated[
     Optional[str],
     typer.Option(
         "--run-dir",
         help="Run directory, a local path or gs://bucket/path. Default: $ALPACA_RUN_DIR, else ./alpaca-run.",
-        show_default=False,
-    ),
-]
-ConfigOpt = Annotated[
-    Optional[str],
-    typer.Option("--config", "-c", help="YAML config file (local or remote). Flags override it.", show_default=False),
-]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option(
-        "--set",
-        help="Override one config key, e.g. --set optimizer.beta2=0.95 (repeatable). Beats --config, loses to flags.",
         show_default=False,
     ),
 ]
@@ -46,9 +39,47 @@ ProcessIdOpt = Annotated[
 ]
 
 
-def describe(text: str, cls: type, key: str, *, default: bool = True) -> str:
-    """A flag's help: what it does, its default (read from the config dataclass, never written twice), its key."""
-    from alpaca_cli.config import default_text
+def config_options(table: Flags) -> Callable:
+    """Decorator: the command's `settings` parameter becomes the table's flags (typed, help and defaults from the
+    config fields), --config and --set; the command receives what was given as one `config.Settings`."""
 
-    parts = [text, default_text(cls, key) if default else "", f"Config key: {key}."]
-    return " ".join(p for p in parts if p)
+    def decorate(command: Callable) -> Callable:
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY)  # Typer passes every parameter by name
+               for p in inspect.signature(command, eval_str=True).parameters.values()]
+        at = [p.name for p in own].index("settings")
+        generated = [_parameter(table, f) for f in table] + _config_and_set(table)
+        names = [p.name for p in generated]
+        assert not set(names) & {p.name for p in own}, f"{command.__name__}: a flag's name is taken"
+
+        @functools.wraps(command)
+        def with_settings(**given: Any) -> Any:
+            values = {f.key: given.pop(p) for f, p in zip(table, names)}
+            settings = Settings(given.pop("config"), list(given.pop("set_") or []), table.given(values))
+            return command(**given, settings=settings)
+
+        parameters = own[:at] + generated + own[at + 1:]
+        with_settings.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+        with_settings.__annotations__ = {p.name: p.annotation for p in parameters}
+        return with_settings
+
+    return decorate
+
+
+def _parameter(table: Flags, f: Flag) -> inspect.Parameter:
+    kind = f.type or field_type(table.cls, f.key)
+    # a setting on by default is turned off with --no-X; one off by default is a plain --X (absent: not given)
+    decl = f"{f.flag}/{f.off}" if kind is bool and default_value(table.cls, f.key) else f.flag
+    option = typer.Option(decl, help=help_text(table, f), show_default=False, min=f.min)
+    return inspect.Parameter(f.flag[2:].replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], option])
+
+
+def _config_and_set(table: Flags) -> list[inspect.Parameter]:
+    config = typer.Option("--config", "-c", help="YAML config file (local or remote). --set and flags override it.",
+                          show_default=False)
+    set_ = typer.Option("--set", help=f"Override one config key, e.g. --set {table.set_example} (repeatable). Beats "
+                        "--config, loses to flags.", show_default=False)
+    return [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Annotated[Optional[str], config]),
+            inspect.Parameter("set_", inspect.Parameter.KEYWORD_ONLY, default=None,
+                              annotation=Annotated[Optional[list[str]], set_])]

@@ -19,7 +19,14 @@ import jmp
 from levanter.optim import AdamConfig, OptimizerConfig
 from levanter.trainer import TrainerConfig
 
-from alpaca_cli.config import LORA_LEARNING_RATE, RECIPE_OPTIMIZER, RECIPE_TRAINER, TrainOptions
+from alpaca_cli.config import (
+    LORA_LEARNING_RATE,
+    PREPARE_FLAGS,
+    RECIPE_OPTIMIZER,
+    RECIPE_TRAINER,
+    TRAIN_FLAGS,
+    TrainOptions,
+)
 from alpaca_cli.errors import ConfigError
 
 
@@ -47,39 +54,39 @@ class TrainConfig(TrainOptions):
     optimizer: OptimizerConfig = field(default_factory=_recipe_optimizer)
 
     def __post_init__(self):
-        problems = self.problems()
+        problems, named = self.problems(), TRAIN_FLAGS.named
         tc, opt = self.trainer, self.optimizer
         if self.epochs <= 0 and tc.num_train_steps <= 0:
             problems.append("give epochs > 0 or trainer.num_train_steps > 0")
         if tc.num_train_steps < 0:
-            problems.append(f"trainer.num_train_steps (--steps) must be >= 0, got {tc.num_train_steps}")
+            problems.append(f"{named('trainer.num_train_steps')} must be >= 0, got {tc.num_train_steps}")
         if not isinstance(tc.train_batch_size, int) or tc.train_batch_size < 1:
             problems.append(
-                f"batch size (--batch-size, trainer.train_batch_size) must be a positive integer, "
+                f"batch size ({TRAIN_FLAGS.flag_for('trainer.train_batch_size')}, trainer.train_batch_size) must be a "
+                f"positive integer, "
                 f"got {tc.train_batch_size}"
             )
         pdp = tc.per_device_parallelism
         if pdp is not None and pdp != -1 and pdp < 1:
-            problems.append(f"trainer.per_device_parallelism (--per-device-rows) must be >= 1, got {pdp}")
-        for key, flag, value, low, high in (
-            ("optimizer.learning_rate", "--learning-rate", opt.learning_rate, 0.0, None),
-            ("optimizer.weight_decay", "--weight-decay", opt.weight_decay, 0.0, None),
-            ("optimizer.min_lr_ratio", None, opt.min_lr_ratio, 0.0, 1.0),
-            ("optimizer.max_grad_norm", None, opt.max_grad_norm, 0.0, None),
+            problems.append(f"{named('trainer.per_device_parallelism')} must be >= 1, got {pdp}")
+        for key, value, low, high in (
+            ("optimizer.learning_rate", opt.learning_rate, 0.0, None),
+            ("optimizer.weight_decay", opt.weight_decay, 0.0, None),
+            ("optimizer.min_lr_ratio", opt.min_lr_ratio, 0.0, 1.0),
+            ("optimizer.max_grad_norm", opt.max_grad_norm, 0.0, None),
         ):
             if value is None:
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low or (
                 high is not None and value > high
             ):
-                where = f"{key} ({flag})" if flag else key
                 bound = f"between {low} and {high}" if high is not None else f"a finite number >= {low}"
-                problems.append(f"{where} must be {bound}, got {value}")
+                problems.append(f"{named(key)} must be {bound}, got {value}")
         if isinstance(opt.learning_rate, (int, float)) and opt.learning_rate == 0:
-            problems.append("optimizer.learning_rate (--learning-rate) is 0: nothing would be learned")
+            problems.append(f"{named('optimizer.learning_rate')} is 0: nothing would be learned")
         warmup = opt.warmup
         if isinstance(warmup, float) and not 0.0 <= warmup < 1.0:
-            problems.append(f"optimizer.warmup (--warmup) as a fraction must be in [0, 1), got {warmup}")
+            problems.append(f"{named('optimizer.warmup')} as a fraction must be in [0, 1), got {warmup}")
         owned = {
             "trainer.id": tc.id is not None,
             "trainer.load_checkpoint_path": tc.load_checkpoint_path is not None,
@@ -126,8 +133,9 @@ def adapt_tutorial_yaml(tree: dict) -> dict:
         tree["trainer"] = trainer
     owned_by_prepare = [k for k in ("data", "data_cache_dir", "max_tune_length", "mask_inputs") if k in tree]
     if owned_by_prepare:
+        flags = f"{PREPARE_FLAGS['data'].flag}, {PREPARE_FLAGS['max_length'].flag}, {PREPARE_FLAGS['mask_inputs'].off}"
         raise ConfigError(
             f"config key(s) {', '.join(owned_by_prepare)} belong to `alpaca prepare` "
-            f"(flags --data, --max-length, --no-mask-inputs); remove them from the train config"
+            f"(flags {flags}); remove them from the train config"
         )
     return tree

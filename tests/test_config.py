@@ -1,5 +1,7 @@
 """One precedence rule: defaults < --config < --set < typed flags; unknown keys are errors."""
 
+import dataclasses
+
 import pytest
 
 from alpaca_cli import config as cfgmod
@@ -189,3 +191,116 @@ def test_help_shows_the_defaults():
     assert "Default: 3.0. Config key: epochs." in out
     prep = CliRunner().invoke(app, ["prepare", "--help"], env={"COLUMNS": "300"}).stdout
     assert "Default: 512. Config key: max_length." in prep
+
+
+class _Stopped(Exception):
+    pass
+
+
+def resolved(monkeypatch, args: list[str]):
+    """The config an `alpaca` command resolves from its arguments, stopped before any work (no model, no JAX)."""
+    from typer.testing import CliRunner
+
+    from alpaca_cli import distributed
+    from alpaca_cli.main import app
+
+    seen, load = [], cfgmod.load_config
+    monkeypatch.setattr(cfgmod, "load_config", lambda *a, **k: seen.append(load(*a, **k)) or seen[-1])
+
+    def stop(*a, **k):
+        raise _Stopped
+
+    monkeypatch.setattr(distributed, "initialize", stop)
+    result = CliRunner().invoke(app, args)
+    assert isinstance(result.exception, _Stopped), result.output
+    return seen[-1]
+
+
+def test_generate_and_eval_resolve_defaults_then_config_then_set_then_flags(tmp_path, monkeypatch):
+    file = tmp_path / "decoding.yaml"
+    file.write_text("temperature: 0.5\ntop_p: 0.8\nseed: 4\nmax_new_tokens: 100\nbatch_size: 3\n")
+    gen = resolved(monkeypatch, ["generate", "Hi.", "--from-export", "x", "--config", str(file),
+                                 "--set", "top_p=0.9", "--set", "seed=5", "--seed", "6"])
+    assert (gen.temperature, gen.top_p, gen.seed, gen.max_new_tokens) == (0.5, 0.9, 6, 100)  # file, set, flag, file
+    assert gen.batch_size == 3
+    plain = resolved(monkeypatch, ["generate", "Hi.", "--from-export", "x"])
+    assert cfgmod.encode(plain) == cfgmod.encode(cfgmod.GenerateConfig())
+    # AlpacaEval's decoding replaces the defaults and loses, like them, to what is given beside it
+    preset = resolved(monkeypatch, ["generate", "Hi.", "--from-export", "x", "--alpaca-eval", "--set", "top_p=0.5"])
+    assert (preset.temperature, preset.top_p, preset.max_new_tokens) == (0.7, 0.5, 2048)
+
+    scoring = tmp_path / "scoring.yaml"
+    scoring.write_text("max_new_tokens: 100\nbatch_size: 3\n")
+    evaluate = ["eval", "--data", "d.jsonl", "--from-export", "x", "-c", str(scoring)]
+    scored = resolved(monkeypatch, evaluate)
+    assert (scored.max_new_tokens, scored.batch_size) == (100, 3)
+    scored = resolved(monkeypatch, [*evaluate, "--set", "batch_size=4", "--set", "max_new_tokens=60",
+                                    "--max-new-tokens", "50"])
+    assert (scored.max_new_tokens, scored.batch_size) == (50, 4)
+    assert cfgmod.encode(resolved(monkeypatch, ["eval", "--data", "d.jsonl", "--from-export", "x"])) == {
+        "max_new_tokens": 256, "batch_size": 8}
+
+
+def test_generate_and_eval_refuse_bad_settings_naming_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"^--max-new-tokens and --batch-size must be at least 1$"):
+        cfgmod.load_config(cfgmod.EvalConfig, None, ["batch_size=0"])
+    with pytest.raises(ConfigError, match=r"--top-p must be in \(0, 1\], got 1.5"):
+        cfgmod.load_config(cfgmod.GenerateConfig, None, ["top_p=1.5"])
+    with pytest.raises(ConfigError, match="unknown config key"):
+        cfgmod.load_config(cfgmod.EvalConfig, None, ["temperature=1"])
+
+
+@dataclasses.dataclass
+class Toy:
+    width: int = 7
+    """How wide the toy is."""
+    fancy: bool = True
+    """Whether the toy is fancy."""
+    extra_depth: float = 0.0
+    """Not a flag."""
+
+
+def test_a_flags_help_type_and_name_come_from_the_config_field():
+    """The table names keys only: the option's type, its help (the field's docstring), its default and the flag
+    spelling in messages are derived; a key without a flag is named by itself."""
+    import typer
+    from typer.testing import CliRunner
+
+    from alpaca_cli.options import config_options
+
+    table = cfgmod.Flags(Toy, "width", cfgmod.Flag("fancy", "--shiny"), set_example="width=3")
+    got = {}
+
+    @config_options(table)
+    def toy(settings: cfgmod.Settings = None):
+        got["config"] = settings.resolve(Toy)
+
+    app = typer.Typer()
+    app.command()(toy)
+    help_out = " ".join(CliRunner().invoke(app, ["--help"], env={"COLUMNS": "300"}).stdout.split())
+    assert "How wide the toy is. Default: 7. Config key: width." in help_out
+    assert "--shiny --no-shiny" in help_out and "Whether the toy is fancy. Default: on. Config key: fancy." in help_out
+    assert "e.g. --set width=3" in help_out and "--extra-depth" not in help_out
+    assert CliRunner().invoke(app, ["--width", "wide"]).exit_code == 2  # typed as the field is
+    assert CliRunner().invoke(app, ["--width", "9", "--no-shiny", "--set", "extra_depth=2"]).exit_code == 0
+    assert got["config"] == Toy(width=9, fancy=False, extra_depth=2.0)
+    assert (table.named("width"), table.named("fancy"), table.named("extra_depth")) == (
+        "width (--width)", "fancy (--shiny)", "extra_depth")
+
+
+@pytest.mark.parametrize("command", ["prepare", "train", "export", "generate", "eval"])
+def test_every_flags_help_shows_its_config_default(command):
+    """Each table's flags, in every command's --help, with the default of the config field (or recipe) it sets."""
+    from typer.testing import CliRunner
+
+    from alpaca_cli.main import app
+
+    table = {"prepare": cfgmod.PREPARE_FLAGS, "train": cfgmod.TRAIN_FLAGS, "export": cfgmod.EXPORT_FLAGS,
+             "generate": cfgmod.GENERATE_FLAGS, "eval": cfgmod.EVAL_FLAGS}[command]
+    out = " ".join(CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"}).stdout.split())
+    for f in table:
+        assert f.flag in out, f.flag
+        default = cfgmod.default_value(table.cls, f.key)
+        if f.show_default and default not in (None, False):
+            shown = "on" if default is True else ",".join(default) if isinstance(default, list) else default
+            assert f"Default: {shown}. Config key: {f.key}." in out, f.key

@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt
+from alpaca_cli.config import EVAL_FLAGS, EvalConfig, Settings
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, config_options
 
 EXAMPLES = """\b
 Examples:
@@ -14,11 +15,13 @@ Examples:
   alpaca eval --data held_out.jsonl --run-dir runs/x --step 499 --json
   alpaca eval --data held_out.jsonl --from-export runs/x/hf
   alpaca eval --data demo --run-dir runs/demo                               the built-in records (the quickstart's)
+  alpaca eval --data held_out.jsonl --run-dir runs/x --set max_new_tokens=512
 Scores go to the run's manifest and, when the run has an export, to its model card.
 On a pod, run the same command on every host: they score together (the model sharded over all of them); host 0 writes.
 """
 
 
+@config_options(EVAL_FLAGS)
 def eval_(
     data: Annotated[
         str, typer.Option(help="Held-out Alpaca records (.json/.jsonl, local or gs://, or `demo`: the built-in 48), "
@@ -31,8 +34,7 @@ def eval_(
         Optional[str], typer.Option(help="Score an exported Hugging Face folder instead.", show_default=False)
     ] = None,
     base: Annotated[bool, typer.Option("--base", help="Also score the base model (as training started from it).")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens an answer may take before it counts as not stopping.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Examples scored together.")] = 8,
+    settings: Settings = None,  # the flags of EVAL_FLAGS, --config and --set (config_options)
     json_: Annotated[bool, typer.Option("--json", help="Print the scores as JSON.")] = False,
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
@@ -40,20 +42,13 @@ def eval_(
 ) -> None:
     """Score a model on held-out records: loss, perplexity and how often it stops on its own."""
     import contextlib
-    import dataclasses
     import json
 
     from alpaca_cli import config as cfgmod
     from alpaca_cli import distributed, rundir
-    from alpaca_cli.config import PrepareConfig
-    from alpaca_cli.core import evaluate as core
-    from alpaca_cli.core.defaults import resolve_builtin_data
-    from alpaca_cli.core.generate import Request, load_generator
     from alpaca_cli.errors import ConfigError
-    from alpaca_cli.records import EvalRecord
 
-    if max_new_tokens < 1 or batch_size < 1:
-        raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
+    cfg = settings.resolve(EvalConfig)
     if base and from_export is not None and run_dir is None:
         raise ConfigError("--base needs the run (--run-dir): its base model is the one training started from")
     distributed.initialize(coordinator_address, num_processes, process_id)
@@ -62,36 +57,56 @@ def eval_(
     # eval records its scores in the manifest (and the export's model card): a writer like export, so it holds the
     # run's lease; a train running meanwhile would overwrite the record with its own copy of the manifest
     with run.lease("eval") if run is not None else contextlib.nullcontext():
-        pcfg = run.require_prepare().config if run is not None else PrepareConfig()
-        path = resolve_builtin_data(data)  # `demo`, as prepare reads it
-        held_out = distributed.on_writer(
-            lambda: core.held_out(pcfg, path),
-            encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
-            decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
-        gen = load_generator(run, from_export=from_export, step=step)
-        label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
-        scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
-        if base:
-            del gen
-            base_gen = load_generator(run, base=True)
-            scores.append(core.score(base_gen, held_out, pcfg, label="base", max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size))
+        scores, path = _score(run, data, cfg, step=step, from_export=from_export, base=base)
         if not writer:
             return
         if run is not None:
-            from alpaca_cli.core.data import load_records
-
-            source = load_records(cfgmod.replace(pcfg, data=path)).source
-            with run.stage("eval", EvalRecord(data=data, source=source, scores=scores)):
-                pass  # scored above, on every process; the record is what this stage leaves
-            if run.export is not None and run.export.complete:
-                from alpaca_cli.core.export import refresh_model_card
-
-                refresh_model_card(run)
+            _record(run, data, path, scores)
     if json_:
         typer.echo(json.dumps([cfgmod.encode(s) for s in scores], indent=2))
         return
     _print_table(scores, data)
+
+
+def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> tuple[list, str]:
+    """The scores of the model (and of the base model), on every process; and the held-out file's path."""
+    import dataclasses
+
+    from alpaca_cli import distributed
+    from alpaca_cli.config import PrepareConfig
+    from alpaca_cli.core import evaluate as core
+    from alpaca_cli.core.defaults import resolve_builtin_data
+    from alpaca_cli.core.generate import Request, load_generator
+
+    pcfg = run.require_prepare().config if run is not None else PrepareConfig()
+    path = resolve_builtin_data(data)  # `demo`, as prepare reads it
+    held_out = distributed.on_writer(
+        lambda: core.held_out(pcfg, path),
+        encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
+        decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
+    gen = load_generator(run, from_export=from_export, step=step)
+    label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
+    scoring = dataclasses.asdict(cfg)  # EvalConfig's fields are score()'s settings
+    scores = [core.score(gen, held_out, pcfg, label=label, **scoring)]
+    if base:
+        del gen
+        scores.append(core.score(load_generator(run, base=True), held_out, pcfg, label="base", **scoring))
+    return scores, path
+
+
+def _record(run, data: str, path: str, scores: list) -> None:
+    """The eval stage's record in the manifest, and the scores in the export's model card."""
+    from alpaca_cli import config as cfgmod
+    from alpaca_cli.core.data import load_records
+    from alpaca_cli.records import EvalRecord
+
+    source = load_records(cfgmod.replace(run.require_prepare().config, data=path)).source
+    with run.stage("eval", EvalRecord(data=data, source=source, scores=scores)):
+        pass  # scored above, on every process; the record is what this stage leaves
+    if run.export is not None and run.export.complete:
+        from alpaca_cli.core.export import refresh_model_card
+
+        refresh_model_card(run)
 
 
 def _checkpoint_label(run, step) -> str:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
-
 import typer
 
-from alpaca_cli.config import ExportConfig
-from alpaca_cli.options import ConfigOpt, CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, SetOpt, describe
+from alpaca_cli.config import EXPORT_FLAGS, Settings
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, RunDirOpt, config_options
 
 EXAMPLES = """\b
 Examples:
@@ -20,75 +18,19 @@ The Hub token comes from HF_TOKEN or `huggingface-cli login`; it is never printe
 """
 
 
+@config_options(EXPORT_FLAGS)
 def export(
     run_dir: RunDirOpt = None,
-    output: Annotated[
-        Optional[str], typer.Option(help="Where to write the checkpoint (local or gs://). Default: RUN/hf.", show_default=False)
-    ] = None,
-    step: Annotated[
-        Optional[int],
-        typer.Option(help="Export RUN/checkpoints/step-N instead of the final checkpoint.", show_default=False),
-    ] = None,
-    dtype: Annotated[
-        Optional[str], typer.Option(help="float32, bfloat16 or float16. Default: the base model's.", show_default=False)
-    ] = None,
-    max_shard_size: Annotated[
-        Optional[str],
-        typer.Option(help=describe("Largest safetensors file, e.g. 5GB.", ExportConfig, "max_shard_size"),
-                     show_default=False),
-    ] = None,
-    push_to_hub: Annotated[bool, typer.Option("--push-to-hub", help="Upload the export to the Hugging Face Hub.")] = False,
-    repo_id: Annotated[
-        Optional[str], typer.Option(help="Hub repo. Default: <your user>/<run name>.", show_default=False)
-    ] = None,
-    private: Annotated[bool, typer.Option("--private", help="Create the Hub repo private.")] = False,
-    revision: Annotated[
-        Optional[str], typer.Option(help="Branch to upload to (created if missing). Default: main.", show_default=False)
-    ] = None,
-    commit_message: Annotated[Optional[str], typer.Option(help="Hub commit message.", show_default=False)] = None,
-    adapter: Annotated[
-        bool, typer.Option("--adapter", help="For a LoRA run: a PEFT adapter instead of the merged model.")
-    ] = False,
-    verify: Annotated[
-        bool, typer.Option("--verify", help="Load the export with transformers (torch) and compare logits with Levanter's.")
-    ] = False,
-    verify_tolerance: Annotated[
-        Optional[float],
-        typer.Option(help="Largest allowed |logit difference|. Default: 1e-4 (float32), 5e-2 (16-bit).", show_default=False),
-    ] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier export of this run (never other files).")
-    ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    settings: Settings = None,  # the flags of EXPORT_FLAGS, --config and --set (config_options)
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
 ) -> None:
     """Write the trained model as a Hugging Face checkpoint (and push it to the Hub)."""
-    from alpaca_cli import config as cfgmod
     from alpaca_cli import console, distributed, rundir
+    from alpaca_cli.config import ExportConfig
 
-    cfg = cfgmod.load_config(
-        ExportConfig,
-        config,
-        set_,
-        {
-            "output": output,
-            "step": step,
-            "dtype": dtype,
-            "max_shard_size": max_shard_size,
-            "push_to_hub": push_to_hub or None,
-            "repo_id": repo_id,
-            "private": private or None,
-            "revision": revision,
-            "commit_message": commit_message,
-            "adapter": adapter or None,
-            "verify": verify or None,
-            "verify_tolerance": verify_tolerance,
-            "overwrite": overwrite or None,
-        },
-    )
+    cfg = settings.resolve(ExportConfig)
     distributed.initialize(coordinator_address, num_processes, process_id)
     from alpaca_cli.core import export as core
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import sys
 from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt
+from alpaca_cli.config import GENERATE_FLAGS, Settings
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt, config_options
 
 EXAMPLES = """\b
 Examples:
@@ -16,10 +20,12 @@ Examples:
       (AlpacaEval's 805 prompts, its alpaca-7b decoding; rerun after a kill to continue)
   alpaca generate "Name a primary color." --from-export runs/x/hf
   alpaca generate --file prompts.jsonl --output base.jsonl --base --run-dir runs/x     (the base model's answers)
+  alpaca generate --file prompts.jsonl --config decoding.yaml --set top_p=0.9           (decoding from a file)
 On a pod, run the same command on every host: they decode together (the model sharded over all of them); host 0 writes.
 """
 
 
+@config_options(GENERATE_FLAGS)
 def generate(
     instruction: Annotated[Optional[str], typer.Argument(help="The instruction.", show_default=False)] = None,
     run_dir: RunDirOpt = None,
@@ -44,45 +50,20 @@ def generate(
     ] = None,
     step: Annotated[Optional[int], typer.Option(help="Use RUN/checkpoints/step-N.", show_default=False)] = None,
     base: Annotated[bool, typer.Option("--base", help="Answer with the run's base model (as training started).")] = False,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Most tokens per answer. Default: 256.", show_default=False)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 (default) is greedy; higher samples more freely.", show_default=False)] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling: keep the most likely tokens up to this probability. Default: 1.", show_default=False)] = None,
-    seed: Annotated[int, typer.Option(help="Sampling seed (each request's answer depends only on it and the request).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Requests decoded together.")] = 8,
-    alpaca_eval: Annotated[
-        bool, typer.Option("--alpaca-eval", help="AlpacaEval's alpaca-7b decoding: temperature 0.7, top-p 1.0, up to "
-                           "2,048 new tokens (flags given beside it win).")
-    ] = False,
+    settings: Settings = None,  # the flags of GENERATE_FLAGS, --config and --set (config_options)
     quiet: QuietOpt = False,
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
 ) -> None:
     """Answer an instruction (or a file of them) with the run's template."""
-    import dataclasses
-    import json
-    import sys
-
     from alpaca_cli import console, distributed, io, rundir
+    from alpaca_cli.config import GenerateConfig, generate_derived_defaults
     from alpaca_cli.core import generate as core
     from alpaca_cli.errors import ConfigError
 
-    if (instruction is None) == (file is None):
-        raise ConfigError("give an INSTRUCTION or --file, not both and not neither")
-    if instruction is not None and not instruction.strip():
-        raise ConfigError("the instruction is empty", hint='give the text to answer, e.g. alpaca generate "Name a color."')
-    if output and not file:
-        raise ConfigError("--output goes with --file")
-    if base and from_export:
-        raise ConfigError("--base and --from-export name different models; give one")
-    preset = core.ALPACA_EVAL if alpaca_eval else {}
-    decoding = core.Decoding(
-        max_new_tokens=max_new_tokens if max_new_tokens is not None else preset.get("max_new_tokens", 256),
-        temperature=temperature if temperature is not None else preset.get("temperature", 0.0),
-        top_p=top_p if top_p is not None else preset.get("top_p", 1.0),
-        seed=seed,
-        batch_size=batch_size,
-    )
+    _check_inputs(instruction, file, output, base, from_export)
+    decoding = settings.resolve(GenerateConfig, derived_defaults=generate_derived_defaults)
     if output:
         output = io.normalize(output)
         if not output.endswith(core.OUTPUT_FORMATS):
@@ -96,30 +77,49 @@ def generate(
         run = rundir.open_run(run_dir, writer=writer)
     name = generator or ((run.name + ("-base" if base else "")) if run is not None
                          else from_export.rstrip("/").rsplit("/", 1)[-1])
+    requests = _requests(instruction, input, file, output, name)
+    gen = core.load_generator(run, from_export=from_export, step=step, base=base)
+    if file is None:
+        text = gen.generate(requests, decoding)[0].text
+        if writer:
+            typer.echo(text)
+    elif output:
+        answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
+        if writer:
+            console.stderr.print(f"{answered + resumed} answers in {output}"
+                                 + (f" ({resumed} from an earlier, interrupted run)" if resumed else ""))
+    else:
+        answers = gen.generate(requests, decoding)
+        if writer:
+            for r, a in zip(requests, answers):
+                sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")
+
+
+def _check_inputs(instruction, file, output, base, from_export) -> None:
+    from alpaca_cli.errors import ConfigError
+
+    if (instruction is None) == (file is None):
+        raise ConfigError("give an INSTRUCTION or --file, not both and not neither")
+    if instruction is not None and not instruction.strip():
+        raise ConfigError("the instruction is empty", hint='give the text to answer, e.g. alpaca generate "Name a color."')
+    if output and not file:
+        raise ConfigError("--output goes with --file")
+    if base and from_export:
+        raise ConfigError("--base and --from-export name different models; give one")
+
+
+def _requests(instruction, input, file, output, name) -> list:
+    """The instruction as one request, or the --file's requests (read by process 0, sent to the others)."""
+    from alpaca_cli import distributed
+    from alpaca_cli.core import generate as core
+
+    if not file:
+        return [core.Request(instruction or "", input or "")]
 
     def read_requests():
         if output:  # before any work: never over a file generate did not write
             core.check_output(output, file, name)
         return core.read_requests(file)
 
-    if file:
-        requests = distributed.on_writer(read_requests, encode=lambda rs: [dataclasses.asdict(r) for r in rs],
-                                         decode=lambda rs: [core.Request(**r) for r in rs])
-    else:
-        requests = [core.Request(instruction or "", input or "")]
-    gen = core.load_generator(run, from_export=from_export, step=step, base=base)
-    if file is None:
-        text = gen.generate(requests, decoding)[0].text
-        if writer:
-            typer.echo(text)
-        return
-    if output:
-        answered, resumed = core.answer_file(gen, requests, decoding, output, name, console.BarProgress(quiet))
-        if writer:
-            console.stderr.print(f"{answered + resumed} answers in {output}"
-                                 + (f" ({resumed} from an earlier, interrupted run)" if resumed else ""))
-        return
-    answers = gen.generate(requests, decoding)
-    if writer:
-        for r, a in zip(requests, answers):
-            sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")
+    return distributed.on_writer(read_requests, encode=lambda rs: [dataclasses.asdict(r) for r in rs],
+                                 decode=lambda rs: [core.Request(**r) for r in rs])

@@ -6,17 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.config import PrepareConfig
-from alpaca_cli.options import (
-    ConfigOpt,
-    CoordinatorOpt,
-    NumProcessesOpt,
-    ProcessIdOpt,
-    QuietOpt,
-    RunDirOpt,
-    SetOpt,
-    describe,
-)
+from alpaca_cli.config import PREPARE_FLAGS, Settings
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt, config_options
 
 EXAMPLES = """\b
 Examples:
@@ -27,24 +18,10 @@ Examples:
 """
 
 
-P = PrepareConfig
-
-
-def _opt(text: str, key: str, *, default: bool = True, **kw):
-    return typer.Option(help=describe(text, P, key, default=default), show_default=False, **kw)
-
-
+@config_options(PREPARE_FLAGS)
 def prepare(
     run_dir: RunDirOpt = None,
-    data: Annotated[
-        Optional[str],
-        _opt("Hub dataset id, or a .json/.jsonl/.jsonl.gz file (local, gs://, any fsspec URL), or `demo`.", "data"),
-    ] = None,
-    split: Annotated[Optional[str], _opt("Split of a Hub dataset.", "split")] = None,
-    revision: Annotated[Optional[str], _opt("Revision of a Hub dataset.", "revision")] = None,
-    instruction_field: Annotated[Optional[str], _opt("Record field holding the instruction.", "instruction_field")] = None,
-    input_field: Annotated[Optional[str], _opt("Record field holding the optional input.", "input_field")] = None,
-    output_field: Annotated[Optional[str], _opt("Record field holding the response.", "output_field")] = None,
+    settings: Settings = None,  # the flags of PREPARE_FLAGS, --config and --set (config_options)
     prompts: Annotated[
         Optional[str],
         typer.Option(
@@ -53,22 +30,9 @@ def prepare(
             show_default=False,
         ),
     ] = None,
-    tokenizer: Annotated[Optional[str], _opt("Hub id or tokenizer folder (local or remote), or `demo`.", "tokenizer")] = None,
-    max_length: Annotated[Optional[int], _opt("Longest example in tokens (Stanford: 512).", "max_length")] = None,
-    on_overflow: Annotated[Optional[str], _opt("Longer examples: truncate (as Stanford), drop or error.", "on_overflow")] = None,
-    mask_inputs: Annotated[
-        Optional[bool],
-        typer.Option(
-            "--mask-inputs/--no-mask-inputs",
-            help=describe("Mask prompt tokens out of the loss, or train on every token.", P, "mask_inputs"),
-            show_default=False,
-        ),
-    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace a cache prepared from different inputs.")
     ] = False,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
     quiet: QuietOpt = False,
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
@@ -77,29 +41,13 @@ def prepare(
     """Tokenize Alpaca-style data into a Levanter cache with Stanford's loss mask."""
     from alpaca_cli import config as cfgmod
     from alpaca_cli import console, rundir
+    from alpaca_cli.config import PrepareConfig
     from alpaca_cli.core import prepare as core
     from alpaca_cli.core.defaults import resolve_builtin_data, resolve_builtin_tokenizer
     from alpaca_cli.core.prompts import load_prompts_file
 
     prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None
-    cfg = cfgmod.load_config(
-        PrepareConfig,
-        config,
-        set_,
-        {
-            "data": data,
-            "split": split,
-            "revision": revision,
-            "instruction_field": instruction_field,
-            "input_field": input_field,
-            "output_field": output_field,
-            "prompts": prompt_templates,
-            "tokenizer": tokenizer,
-            "max_length": max_length,
-            "on_overflow": on_overflow,
-            "mask_inputs": mask_inputs,
-        },
-    )
+    cfg = settings.resolve(PrepareConfig, extra={"prompts": prompt_templates})
     cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
     from alpaca_cli import distributed
 

@@ -6,17 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from alpaca_cli.config import TrainOptions
-from alpaca_cli.options import (
-    ConfigOpt,
-    CoordinatorOpt,
-    NumProcessesOpt,
-    ProcessIdOpt,
-    QuietOpt,
-    RunDirOpt,
-    SetOpt,
-    describe,
-)
+from alpaca_cli.config import TRAIN_FLAGS, Settings
+from alpaca_cli.options import CoordinatorOpt, NumProcessesOpt, ProcessIdOpt, QuietOpt, RunDirOpt, config_options
 
 EXAMPLES = """\b
 Examples:
@@ -27,92 +18,11 @@ Examples:
 Run the same command again after a crash or preemption: it resumes from the last complete checkpoint.
 """
 
-T = TrainOptions
 
-
-def _opt(text: str, key: str, *, default: bool = True, **kw):
-    return typer.Option(help=describe(text, T, key, default=default), show_default=False, **kw)
-
-
+@config_options(TRAIN_FLAGS)
 def train(
     run_dir: RunDirOpt = None,
-    model: Annotated[
-        Optional[str],
-        _opt("Base model: Hub id, local Hugging Face folder, gs:// folder, or `demo`.", "model_name_or_path"),
-    ] = None,
-    epochs: Annotated[Optional[float], _opt("Passes over the data.", "epochs")] = None,
-    steps: Annotated[
-        Optional[int], _opt("Optimizer steps; overrides --epochs.", "trainer.num_train_steps", default=False, min=1)
-    ] = None,
-    batch_size: Annotated[
-        Optional[int],
-        _opt("Examples per optimizer step (packed rows are derived from it).", "trainer.train_batch_size", min=1),
-    ] = None,
-    learning_rate: Annotated[Optional[float], _opt("Peak learning rate (with --lora-r: 2e-4).", "optimizer.learning_rate")] = None,
-    weight_decay: Annotated[Optional[float], _opt("AdamW weight decay.", "optimizer.weight_decay")] = None,
-    warmup: Annotated[Optional[float], _opt("Warmup as a fraction of the steps.", "optimizer.warmup")] = None,
-    lr_schedule: Annotated[Optional[str], _opt("cosine, linear or constant.", "optimizer.lr_schedule")] = None,
-    precision: Annotated[
-        Optional[str], _opt("Mixed precision policy, e.g. p=f32,c=bfloat16 or p=f32,c=f32.", "trainer.mp")
-    ] = None,
-    seq_len: Annotated[Optional[int], _opt("Row length in tokens.", "seq_len")] = None,
-    pack: Annotated[
-        Optional[bool],
-        typer.Option("--pack/--no-pack", help=describe("Pack examples into rows, or pad one per row.", T, "pack"),
-                     show_default=False),
-    ] = None,
-    tensor_parallel: Annotated[Optional[int], _opt("Devices per tensor-parallel group.", "tensor_parallel")] = None,
-    per_device_rows: Annotated[
-        Optional[int],
-        _opt("Rows per device per forward pass; fewer than the step's share means gradient accumulation.",
-             "trainer.per_device_parallelism", default=False),
-    ] = None,
-    attention: Annotated[
-        Optional[str],
-        _opt("Attention kernel: auto, flash, splash (TPU) or vanilla. auto picks what works with packed rows on "
-             "the platform.", "attention"),
-    ] = None,
-    attention_block: Annotated[
-        Optional[int], _opt("Block size of flash/splash attention; rows must be a multiple of it.", "attention_block")
-    ] = None,
-    remat: Annotated[
-        Optional[bool],
-        typer.Option("--remat/--no-remat",
-                     help=describe("Gradient checkpointing (less memory); --no-remat is faster where memory allows.",
-                                   T, "remat"), show_default=False),
-    ] = None,
-    lora_r: Annotated[
-        Optional[int],
-        _opt("LoRA: train rank-R adapters on the attention and MLP projections, the base frozen (0: every weight).",
-             "lora_r", min=0),
-    ] = None,
-    lora_alpha: Annotated[
-        Optional[float], _opt("LoRA scale numerator (adapters scaled by alpha / r). Default: 2 x r.", "lora_alpha",
-                              default=False)
-    ] = None,
-    lora_dropout: Annotated[Optional[float], _opt("Dropout on the adapters' input.", "lora_dropout")] = None,
-    lora_targets: Annotated[
-        Optional[str],
-        _opt("Comma-separated module names that get adapters, e.g. q_proj,v_proj. Default: attention and MLP "
-             "projections.", "lora_targets", default=False),
-    ] = None,
-    checkpoint_every: Annotated[Optional[int], _opt("Save a checkpoint every N steps.", "checkpoint_every")] = None,
-    checkpoint_minutes: Annotated[
-        Optional[float], _opt("Also save one at least this often (minutes).", "checkpoint_minutes")
-    ] = None,
-    keep_checkpoints: Annotated[
-        Optional[int], _opt("Keep the newest N checkpoints (0: all); the final one is the newest.", "keep_checkpoints")
-    ] = None,
-    val_fraction: Annotated[
-        Optional[float], _opt("Hold out this fraction for a validation loss.", "val_fraction", default=False)
-    ] = None,
-    val_data: Annotated[Optional[str], _opt("Held-out records file for the validation loss.", "val_data")] = None,
-    eval_every: Annotated[Optional[int], _opt("Steps between validation losses.", "eval_every")] = None,
-    seed: Annotated[Optional[int], _opt("Seed for shuffling.", "trainer.seed")] = None,
-    wandb_project: Annotated[
-        Optional[str], _opt("Log to Weights & Biases (WANDB_MODE=offline honoured).", "wandb_project")
-    ] = None,
-    tensorboard_dir: Annotated[Optional[str], _opt("Also write TensorBoard logs here.", "tensorboard_dir")] = None,
+    settings: Settings = None,  # the flags of TRAIN_FLAGS, --config and --set (config_options)
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit (no weights are loaded).")] = False,
     target: Annotated[
         Optional[str],
@@ -125,8 +35,6 @@ def train(
     coordinator_address: CoordinatorOpt = None,
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Fine-tune the base model on the prepared data (packed, sharded, resumable)."""
@@ -138,37 +46,6 @@ def train(
     from alpaca_cli import console, distributed, rundir
     from alpaca_cli.train_config import TrainConfig, adapt_tutorial_yaml, derived_defaults
 
-    flags = {
-        "model_name_or_path": model,
-        "epochs": epochs,
-        "trainer.num_train_steps": steps,
-        "trainer.train_batch_size": batch_size,
-        "optimizer.learning_rate": learning_rate,
-        "optimizer.weight_decay": weight_decay,
-        "optimizer.warmup": warmup,
-        "optimizer.lr_schedule": lr_schedule,
-        "trainer.mp": precision,
-        "seq_len": seq_len,
-        "pack": pack,
-        "tensor_parallel": tensor_parallel,
-        "trainer.per_device_parallelism": per_device_rows,
-        "attention": attention,
-        "attention_block": attention_block,
-        "remat": remat,
-        "lora_r": lora_r,
-        "lora_alpha": lora_alpha,
-        "lora_dropout": lora_dropout,
-        "lora_targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None,
-        "checkpoint_every": checkpoint_every,
-        "checkpoint_minutes": checkpoint_minutes,
-        "keep_checkpoints": keep_checkpoints,
-        "val_fraction": val_fraction,
-        "val_data": val_data,
-        "eval_every": eval_every,
-        "trainer.seed": seed,
-        "wandb_project": wandb_project,
-        "tensorboard_dir": tensorboard_dir,
-    }
     if target is not None:
         from alpaca_cli.core import topology
         from alpaca_cli.core.compiled_plan import simulate_devices
@@ -177,8 +54,7 @@ def train(
         if not dry_run:
             raise ConfigError("--target plans a run for another machine: use it with --dry-run")
         simulate_devices(topology.get(target).devices)  # before anything starts JAX
-    cfg = cfgmod.load_config(TrainConfig, config, set_, flags, file_adapter=adapt_tutorial_yaml,
-                              derived_defaults=derived_defaults)
+    cfg = settings.resolve(TrainConfig, file_adapter=adapt_tutorial_yaml, derived_defaults=derived_defaults)
     distributed.initialize(coordinator_address, num_processes, process_id)
     from alpaca_cli.core import train as core
 

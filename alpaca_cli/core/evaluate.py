@@ -37,7 +37,7 @@ def held_out(pcfg: PrepareConfig, data: str) -> HeldOut:
 
 
 def score(gen: Generator, data: HeldOut, pcfg: PrepareConfig, *, label: str, max_new_tokens: int,
-          batch_size: int = 8) -> EvalScore:
+          batch_size: int) -> EvalScore:
     """Loss, perplexity and EOS-stop rate of the generator's model on the held-out records."""
     tok = gen.tokenizer
     prompts = [promptsmod.render(gen.templates, r.instruction, r.input) for r in data.requests]

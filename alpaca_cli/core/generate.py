@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from alpaca_cli import interrupts, io
-from alpaca_cli.config import PromptTemplates
+from alpaca_cli.config import Decoding, PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core.logits import for_inference
@@ -27,8 +27,6 @@ from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
-ALPACA_EVAL = dict(temperature=0.7, top_p=1.0, max_new_tokens=2048)
-"""The decoding AlpacaEval's alpaca-7b entry used (its configs: temperature 0.7, top_p 1.0, max_new_tokens 2048)."""
 OUTPUT_FORMATS = (".json", ".jsonl")
 EXPORT_AGAIN = "export it again (`alpaca export --run-dir RUN --output DIR`), or copy the whole export again"
 
@@ -47,28 +45,6 @@ class Answer:
     finish: str
     """decode.EOS (the model ended its answer) or decode.LENGTH (cut at max_new_tokens or the context)."""
     new_tokens: int
-
-
-@dataclass
-class Decoding:
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
-
-    def __post_init__(self):
-        problems = []
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            problems.append(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.batch_size < 1:
-            problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if problems:
-            raise ConfigError(problems)
 
 
 @dataclass
