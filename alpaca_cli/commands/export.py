@@ -68,7 +68,7 @@ def export(
 ) -> None:
     """Write the trained model as a Hugging Face checkpoint (and push it to the Hub)."""
     from alpaca_cli import config as cfgmod
-    from alpaca_cli import console, distributed, rundir
+    from alpaca_cli import distributed, rundir
 
     cfg = cfgmod.load_config(
         ExportConfig,
@@ -97,13 +97,19 @@ def export(
     t0 = time.time()
     with run.lease("export"):
         record = core.export(cfg, run)
-    if record is None:  # another host of the pod did the writing
-        return
+    if record is not None:  # None: another host of the pod did the writing
+        _report(run, record, time.time() - t0)
+
+
+def _report(run, record, seconds: float) -> None:
+    """The export's record: its figures on stderr, where it is (and its Hub URL) on stdout."""
+    from alpaca_cli import console
+
     out, s = record.outputs, record.summary
     mb = 1024 * 1024
     console.stderr.print(
         f"exported step-{out.step} as {out.dtype}: {s.weight_bytes / mb:,.1f} MiB of weights, "
-        f"peak host memory {s.peak_rss_bytes / mb:,.0f} MiB, {time.time() - t0:.1f} s"
+        f"peak host memory {s.peak_rss_bytes / mb:,.0f} MiB, {seconds:.1f} s"
     )
     if s.verify_max_abs_diff is not None:
         console.stderr.print(
