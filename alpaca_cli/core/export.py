@@ -5,6 +5,10 @@ Levanter's converter writes the weights shard by shard (one shard on the host at
 built from Levanter's model config: the training seq_len becomes max_position_embeddings, every default is
 written, and `begin_suppress_tokens` stops generation from ever starting with EOS. The config written here is the
 base model's own config.json with only the vocabulary size, dtype and special-token ids changed.
+
+The merged model and a LoRA adapter (--adapter) take one path and differ only in the weights they write
+(`_write_merged`, `_write_adapter`). The rest lives beside this module: export_folder.py (where an export may go, how
+a finished one is put in place), export_verify.py (--verify), model_card.py (README.md), hub.py (--push-to-hub).
 """
 
 from __future__ import annotations
