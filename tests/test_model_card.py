@@ -51,7 +51,8 @@ def test_the_merged_models_card(tmp_path):
     assert "- Final training loss: 0.9877\n- Checkpoint: `step-1217`, exported as bfloat16\n" in text
     assert "1218 steps of 128 examples (3.0 epochs), AdamW lr 2e-05" in text
     assert ("transformers' logits on 4 prepared examples equal Levanter's within 3.1e-05; loss on their 321 trained "
-            "tokens 1.2346.\nGreedy answers to their prompts ended with EOS in 3 of 4 cases within 256 tokens.\n") in text
+            "tokens 1.2346.\nGreedy answers to their prompts ended with EOS in 3 of 4 cases within 256 tokens.\n"
+            ) in text
     assert "| step-1217 | 100 | 1.5000 | 4.48 | 97.0% (within 256 tokens) |\n" in text and text.endswith("|\n")
 
 

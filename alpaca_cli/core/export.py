@@ -133,8 +133,9 @@ def _export_here(job: _Job) -> tuple[ExportOutputs, ExportSummary]:
                 _verify(job, weights, staging, tok, summary)
             write_model_card(run, staging, step=job.checkpoint.step, dtype=weights.dtype, summary=summary,
                              adapter_base=weights.adapter_base)
+        files = seal(run, job.checkpoint.step, staging, job.export_dir)
         outputs = ExportOutputs(export_dir=run.relative(job.export_dir), dtype=weights.dtype,
-                                step=job.checkpoint.step, files=seal(run, job.checkpoint.step, staging, job.export_dir))
+                                step=job.checkpoint.step, files=files)
         if cfg.push_to_hub:
             source = job.export_dir if not io.is_remote(job.export_dir) else staging  # the same files, on this host
             outputs.repo_id, outputs.repo_url, outputs.commit = push(source, run, cfg, job.token, job.export_dir)
@@ -251,11 +252,11 @@ def _write_configs(run: RunDir, folder: str, tok, dtype_name: str) -> None:
 @contextlib.contextmanager
 def _writer_alone_in_save_state_dict():
     """Workaround for haliax 1.4.dev453, still so in marin-haliax 0.2.20 (state_dict.py:420):
-    `haliax._src.state_dict.save_state_dict` (which Levanter's `save_pretrained` calls for every safetensors shard) ends with `sync_global_devices`, a collective over every
-    process of the pod. Our export runs on the writer's own devices while the other hosts wait for its outcome
-    (`distributed.on_writer`), so that barrier can never complete: a hang on a TPU or GPU pod, and on CPU processes
-    "Gloo context initialization failed: DEADLINE_EXCEEDED" after 30 s. Inside this block the barrier is skipped.
-    Tested by test_multihost.py::test_two_processes_equal_one_process_with_four_devices (the export on two hosts)."""
+    `haliax._src.state_dict.save_state_dict` (which Levanter's `save_pretrained` calls for every safetensors shard)
+    ends with `sync_global_devices`, a collective over every process of the pod. Our export runs on the writer's own
+    devices while the other hosts wait for its outcome (`distributed.on_writer`), so that barrier can never complete:
+    a hang on a TPU or GPU pod, and on CPU processes "Gloo context initialization failed: DEADLINE_EXCEEDED" after
+    30 s. Inside this block the barrier is skipped. Tested by test_multihost.py::test_two_processes_equal_one_process_with_four_devices (the export on two hosts)."""
     hax_state_dict = _haliax_state_dict_module()
     if distributed.process_count() <= 1:
         yield

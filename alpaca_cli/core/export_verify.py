@@ -94,7 +94,8 @@ def compare(summary: ExportSummary, hf, lev_model, run: RunDir, tok, dtype_name:
         for row in rows:
             ids = row["input_ids"]
             Pos = lev.Pos.resize(len(ids))
-            lev_logits = np.asarray(logits_fn(lev, hax.named(jnp.asarray(ids, dtype=jnp.int32), Pos)).array, dtype=np.float64)
+            lev_ids = hax.named(jnp.asarray(ids, dtype=jnp.int32), Pos)
+            lev_logits = np.asarray(logits_fn(lev, lev_ids).array, dtype=np.float64)
             with torch.no_grad():
                 hf_logits = hf(input_ids=torch.tensor([ids.tolist()])).logits[0].double().numpy()
             max_diff = max(max_diff, float(np.abs(lev_logits - hf_logits).max()))

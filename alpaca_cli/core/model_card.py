@@ -32,11 +32,12 @@ def _merged_card(run: RunDir, step: int, dtype: str, summary: Optional[ExportSum
     base = train.inputs.model
     hub_base = base if ("/" in base and not os.path.exists(base) and "://" not in base) else None
     card_data = ModelCardData(library_name="transformers", base_model=hub_base, datasets=_hub_dataset(run),
-                         pipeline_tag="text-generation", tags=["alpaca", "instruction-tuning", "levanter"])
+                              pipeline_tag="text-generation", tags=["alpaca", "instruction-tuning", "levanter"])
     ev = run.eval
     scores = ev.scores if ev is not None and ev.complete else []
-    return _render("merged.md", card_data, run, summary, base=base, step=step, dtype=dtype, data=_data_description(run),
-                   prep=prep, plan=train.plan, final_loss=train.summary.final_loss if train.summary else None,
+    return _render("merged.md", card_data, run, summary, base=base, step=step, dtype=dtype,
+                   data=_data_description(run), prep=prep, plan=train.plan,
+                   final_loss=train.summary.final_loss if train.summary else None,
                    scores=scores, eval_data=os.path.basename(ev.data) if scores else None)
 
 
@@ -45,7 +46,7 @@ def _adapter_card(run: RunDir, step: int, summary: Optional[ExportSummary], adap
 
     prep, train = run.require_prepare(), run.require_train()
     card_data = ModelCardData(library_name="peft", base_model=adapter_base, datasets=_hub_dataset(run),
-                         pipeline_tag="text-generation", tags=["alpaca", "lora", "levanter"])
+                              pipeline_tag="text-generation", tags=["alpaca", "lora", "levanter"])
     return _render("adapter.md", card_data, run, summary, base=train.inputs.model, step=step, lora=train.lora,
                    adapter_base=adapter_base, added_tokens=", ".join(prep.summary.added_tokens.values()))
 
@@ -56,7 +57,8 @@ def _render(template: str, card_data, run: RunDir, summary: Optional[ExportSumma
 
     prompts = run.require_prepare().config.prompts
     return ModelCard.from_template(
-        card_data, template_path=os.path.join(TEMPLATES, template), name=run.name, version=__version__, prompts=prompts,
+        card_data, template_path=os.path.join(TEMPLATES, template), name=run.name, version=__version__,
+        prompts=prompts,
         instruction=INSTRUCTION, example=repr(prompts.prompt_no_input.format(instruction=INSTRUCTION)),
         summary=summary, verified=summary is not None and summary.verify_max_abs_diff is not None, **facts,
     )
@@ -71,5 +73,6 @@ def _data_description(run: RunDir) -> str:
     prep = run.require_prepare()
     data = prep.inputs.data
     if data.kind == "hub":
-        return f"[{data.id}](https://huggingface.co/datasets/{data.id}) (split `{data.split}`, revision `{data.revision}`)"
+        return (f"[{data.id}](https://huggingface.co/datasets/{data.id}) "
+                f"(split `{data.split}`, revision `{data.revision}`)")
     return f"`{os.path.basename(prep.config.data)}` (sha256 `{data.sha256}`)"
