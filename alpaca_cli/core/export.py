@@ -256,7 +256,8 @@ def _writer_alone_in_save_state_dict():
     ends with `sync_global_devices`, a collective over every process of the pod. Our export runs on the writer's own
     devices while the other hosts wait for its outcome (`distributed.on_writer`), so that barrier can never complete:
     a hang on a TPU or GPU pod, and on CPU processes "Gloo context initialization failed: DEADLINE_EXCEEDED" after
-    30 s. Inside this block the barrier is skipped. Tested by test_multihost.py::test_two_processes_equal_one_process_with_four_devices (the export on two hosts)."""
+    30 s. Inside this block the barrier is skipped. Tested by
+    test_multihost.py::test_two_processes_equal_one_process_with_four_devices (the export on two hosts)."""
     hax_state_dict = _haliax_state_dict_module()
     if distributed.process_count() <= 1:
         yield
