@@ -256,6 +256,8 @@ class ExportOutputs:
 
 @dataclass
 class ExportSummary:
+    """What the export measured; the verify_* fields are set by --verify."""
+
     weight_bytes: int = 0
     peak_rss_bytes: int = 0
     verify_max_abs_diff: Optional[float] = None
@@ -263,6 +265,9 @@ class ExportSummary:
     verify_examples: Optional[int] = None
     verify_tokens: Optional[int] = None
     verify_loss: Optional[float] = None
+    """transformers' loss on the verified examples' trained tokens."""
+    verify_levanter_loss: Optional[float] = None
+    """Levanter's loss on the same tokens (the model rounded to the export's dtype)."""
     verify_eos_stop_rate: Optional[float] = None
     """Share of the verified examples' prompts whose greedy answer ended with EOS (None: no prompts to answer)."""
     verify_eos_stopped: Optional[int] = None

@@ -96,7 +96,7 @@ def test_push_to_hub_round_trip_and_no_token_anywhere(trained, tmp_path):
 
         subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
         local = os.path.join(run, "hf")
-        from alpaca_cli.core.export import EXPORT_MARKER
+        from alpaca_cli.core.export_folder import EXPORT_MARKER
 
         assert EXPORT_MARKER not in hub.files("tester/alpaca-tiny")  # our bookkeeping (the run's identity) stays here
         for name in set(os.listdir(local)) - {EXPORT_MARKER}:

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from alpaca_cli import main as main_mod
-from alpaca_cli.core.export import EXPORT_MARKER
+from alpaca_cli.core.export_folder import EXPORT_MARKER
 from alpaca_cli.rundir import open_run
 
 pytestmark = pytest.mark.entry
@@ -84,7 +84,7 @@ def test_exporting_again_needs_overwrite_and_a_failed_export_leaves_nothing_behi
         trained, tmp_path, capsys, monkeypatch):
     """The default output (RUN/hf) too: a second export asks for --overwrite. A failure while the new folder is put
     in place (here a full disk) leaves no hidden folder beside the output, and the earlier export as it was."""
-    from alpaca_cli.core import export as export_mod
+    from alpaca_cli.core import export_folder as export_mod
 
     run, _, _ = trained
     hf = os.path.join(run, "hf")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 
 from alpaca_cli.config import EXPORT_FLAGS, Settings
@@ -27,7 +29,7 @@ def export(
     process_id: ProcessIdOpt = None,
 ) -> None:
     """Write the trained model as a Hugging Face checkpoint (and push it to the Hub)."""
-    from alpaca_cli import console, distributed, rundir
+    from alpaca_cli import distributed, rundir
     from alpaca_cli.config import ExportConfig
 
     cfg = settings.resolve(ExportConfig)
@@ -35,24 +37,32 @@ def export(
     from alpaca_cli.core import export as core
 
     run = rundir.open_run(run_dir, writer=distributed.is_writer())
+    t0 = time.time()
     with run.lease("export"):
-        result = core.export(cfg, run)
-    if result is None:  # another host of the pod did the writing
-        return
+        record = core.export(cfg, run)
+    if record is not None:  # None: another host of the pod did the writing
+        _report(run, record, time.time() - t0)
+
+
+def _report(run, record, seconds: float) -> None:
+    """The export's record: its figures on stderr, where it is (and its Hub URL) on stdout."""
+    from alpaca_cli import console
+
+    out, s = record.outputs, record.summary
     mb = 1024 * 1024
     console.stderr.print(
-        f"exported step-{result.step} as {result.dtype}: {result.weight_bytes / mb:,.1f} MiB of weights, "
-        f"peak host memory {result.peak_rss_bytes / mb:,.0f} MiB, {result.seconds:.1f} s"
+        f"exported step-{out.step} as {out.dtype}: {s.weight_bytes / mb:,.1f} MiB of weights, "
+        f"peak host memory {s.peak_rss_bytes / mb:,.0f} MiB, {seconds:.1f} s"
     )
-    if result.verify is not None:
-        v = result.verify
+    if s.verify_max_abs_diff is not None:
         console.stderr.print(
-            f"verify: largest |logit difference| {v.max_abs_diff:.3g} (tolerance {v.tolerance:g}) over {v.examples} "
-            f"examples; loss on their {v.tokens} trained tokens: transformers {v.torch_loss:.5f}, Levanter {v.levanter_loss:.5f}"
+            f"verify: largest |logit difference| {s.verify_max_abs_diff:.3g} (tolerance {s.verify_tolerance:g}) over "
+            f"{s.verify_examples} examples; loss on their {s.verify_tokens} trained tokens: transformers "
+            f"{s.verify_loss:.5f}, Levanter {s.verify_levanter_loss:.5f}"
         )
-        if v.eos_stop_rate is not None:
-            console.stderr.print(f"verify: greedy answers to their prompts end with EOS in {v.eos_stopped} of "
-                                 f"{v.examples} (within {v.eos_max_new_tokens} tokens)")
-    typer.echo(result.export_dir)
-    if result.repo_url:
-        typer.echo(result.repo_url)
+        if s.verify_eos_stop_rate is not None:
+            console.stderr.print(f"verify: greedy answers to their prompts end with EOS in {s.verify_eos_stopped} of "
+                                 f"{s.verify_examples} (within {s.verify_eos_max_new_tokens} tokens)")
+    typer.echo(run.resolve(out.export_dir))
+    if out.repo_url:
+        typer.echo(out.repo_url)
