@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 
 import yaml
 
-from alpaca_cli.errors import ConfigError
+from alpaca_cli.errors import ConfigError, first_line
 
 T = TypeVar("T")
 
@@ -611,7 +611,7 @@ def read_yaml(path: str, what: str = "config file") -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML or JSON: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML or JSON: {first_line(e, None)}") from None
 
 
 def read_config_file(path: str) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from alpaca_cli import io
 from alpaca_cli.config import ExportConfig
 from alpaca_cli.core.export_folder import EXPORT_MARKER
-from alpaca_cli.errors import AlpacaError, ConfigError
+from alpaca_cli.errors import AlpacaError, ConfigError, first_line
 from alpaca_cli.rundir import RunDir
 
 
@@ -60,7 +60,7 @@ def push(folder: str, run: RunDir, cfg: ExportConfig, token: str | None,
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         raise AlpacaError(
-            f"upload to the Hub failed ({status}: {_redact(str(e).splitlines()[0], token)})",
+            f"upload to the Hub failed ({status}: {_redact(first_line(e, None), token)})",
             hint="check --repo-id, that your token may write there, and your network",
         ) from None
     except (requests.ConnectionError, requests.Timeout, OfflineModeIsEnabled) as e:
