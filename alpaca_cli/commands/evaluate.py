@@ -50,7 +50,6 @@ def eval_(
     from alpaca_cli.core.defaults import resolve_builtin_data
     from alpaca_cli.core.generate import Request, load_generator
     from alpaca_cli.errors import ConfigError
-    from alpaca_cli.records import EvalRecord
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ConfigError("--max-new-tokens and --batch-size must be at least 1")
@@ -68,26 +67,14 @@ def eval_(
             lambda: core.held_out(pcfg, path),
             encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
             decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
-        gen = load_generator(run, from_export=from_export, step=step)
         label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
-        scores = [core.score(gen, held_out, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size)]
+        models = [(label, lambda: load_generator(run, from_export=from_export, step=step))]
         if base:
-            del gen
-            base_gen = load_generator(run, base=True)
-            scores.append(core.score(base_gen, held_out, pcfg, label="base", max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size))
-        if not writer:
-            return
-        if run is not None:
-            from alpaca_cli.core.data import load_records
-
-            source = load_records(cfgmod.replace(pcfg, data=path)).source
-            with run.stage("eval", EvalRecord(data=data, source=source, scores=scores)):
-                pass  # scored above, on every process; the record is what this stage leaves
-            if run.export is not None and run.export.complete:
-                from alpaca_cli.core.export import refresh_model_card
-
-                refresh_model_card(run)
+            models.append(("base", lambda: load_generator(run, base=True)))
+        scores = core.evaluate(run, held_out, pcfg, models, data=data, max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    if not writer:
+        return
     if json_:
         typer.echo(json.dumps([cfgmod.encode(s) for s in scores], indent=2))
         return
