@@ -176,10 +176,6 @@ class RunDir:
         """Where a resume moves checkpoints that are not whole or not this run's (never deleted)."""
         return self.path("checkpoints-unusable")
 
-    def checkpoint_dir(self, step: int) -> str:
-        """Levanter's name for the checkpoint saved after step + 1 optimizer updates."""
-        return self.path("checkpoints", f"step-{step}")
-
     @property
     def metrics_path(self) -> str:
         return self.path("metrics.jsonl")

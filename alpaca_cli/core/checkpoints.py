@@ -291,10 +291,8 @@ def _load_lora(run: RunDir, train, lev_config, tokenizer, Vocab, checkpoint, axi
     from alpaca_cli.core import lora
     from alpaca_cli.core.models import load_base_weights, open_base_model
 
-    added = run.require_prepare().summary.added_tokens
     with open_base_model(train.inputs.model) as base:
         frozen = load_base_weights(base, lev_config, tokenizer, Vocab, axis_mapping, jmp.get_policy("p=f32,c=f32"))
-    del added
     model = lora.add_adapters(frozen, train.lora, jax.random.PRNGKey(0))
     base_part, adapters = partition_lora_params(model)
     adapters = load_checkpoint(eqx.filter_eval_shape(lambda: adapters), checkpoint.path, subpath="model",
