@@ -32,7 +32,7 @@ from typing import Iterator, Optional, TypeVar
 
 from alpaca_cli import io
 from alpaca_cli import lease as leasemod
-from alpaca_cli.errors import RunDirError
+from alpaca_cli.errors import RunDirError, first_line
 from alpaca_cli.records import (
     COMPLETE,
     FAILED,
@@ -116,7 +116,7 @@ class Manifest:
             try:
                 stages[name] = draccus.decode(RECORD_TYPES[name], raw)
             except Exception as e:  # noqa: BLE001 - draccus' DecodingError names the field
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                first = first_line(e, None) or type(e).__name__
                 raise RunDirError(f"{path}: the `{name}` record is malformed ({first})",
                                   hint="restore the manifest, or start a new --run-dir") from None
         # a manifest written before runs had an identity gets one (saved with the next write)
@@ -175,10 +175,6 @@ class RunDir:
     def unusable_checkpoints_dir(self) -> str:
         """Where a resume moves checkpoints that are not whole or not this run's (never deleted)."""
         return self.path("checkpoints-unusable")
-
-    def checkpoint_dir(self, step: int) -> str:
-        """Levanter's name for the checkpoint saved after step + 1 optimizer updates."""
-        return self.path("checkpoints", f"step-{step}")
 
     @property
     def metrics_path(self) -> str:

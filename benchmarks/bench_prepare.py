@@ -505,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 best = (took, prep_result, run_path)
             else:
                 shutil.rmtree(run_path, ignore_errors=True)
-        prep_s, prep_result, _ = best
+        prep_s, prep_result, prep_run = best
         st = prep_result.stats
         prep = Result(
             "alpaca prepare: prepare(cfg, run)",
@@ -549,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"    {s_s:.2f} s")
 
             say("[check] alpaca prepare's input_ids and labels vs Stanford's, every record ...")
-            check = compare_with_stanford(prep_result.cache_dir, stanford_out, n)
+            check = compare_with_stanford(open_run(prep_run).cache_dir, stanford_out, n)
             summary["check_prepare_vs_stanford"] = check
             say(f"    {json.dumps(check)}")
 

@@ -57,19 +57,17 @@ def eval_(
     # eval records its scores in the manifest (and the export's model card): a writer like export, so it holds the
     # run's lease; a train running meanwhile would overwrite the record with its own copy of the manifest
     with run.lease("eval") if run is not None else contextlib.nullcontext():
-        scores, path = _score(run, data, cfg, step=step, from_export=from_export, base=base)
-        if not writer:
-            return
-        if run is not None:
-            _record(run, data, path, scores)
+        scores = _score(run, data, cfg, step=step, from_export=from_export, base=base)
+    if not writer:
+        return
     if json_:
         typer.echo(json.dumps([cfgmod.encode(s) for s in scores], indent=2))
         return
     _print_table(scores, data)
 
 
-def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> tuple[list, str]:
-    """The scores of the model (and of the base model), on every process; and the held-out file's path."""
+def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> list:
+    """The scores of the model (and of the base model), every process together; the writer records them."""
     import dataclasses
 
     from alpaca_cli import distributed
@@ -84,29 +82,12 @@ def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> tuple
         lambda: core.held_out(pcfg, path),
         encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
         decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
-    gen = load_generator(run, from_export=from_export, step=step)
     label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
-    scoring = dataclasses.asdict(cfg)  # EvalConfig's fields are score()'s settings
-    scores = [core.score(gen, held_out, pcfg, label=label, **scoring)]
+    models = [(label, lambda: load_generator(run, from_export=from_export, step=step))]
     if base:
-        del gen
-        scores.append(core.score(load_generator(run, base=True), held_out, pcfg, label="base", **scoring))
-    return scores, path
-
-
-def _record(run, data: str, path: str, scores: list) -> None:
-    """The eval stage's record in the manifest, and the scores in the export's model card."""
-    from alpaca_cli import config as cfgmod
-    from alpaca_cli.core.data import load_records
-    from alpaca_cli.records import EvalRecord
-
-    source = load_records(cfgmod.replace(run.require_prepare().config, data=path)).source
-    with run.stage("eval", EvalRecord(data=data, source=source, scores=scores)):
-        pass  # scored above, on every process; the record is what this stage leaves
-    if run.export is not None and run.export.complete:
-        from alpaca_cli.core.export import refresh_model_card
-
-        refresh_model_card(run)
+        models.append(("base", lambda: load_generator(run, base=True)))
+    # EvalConfig's fields are score()'s settings
+    return core.evaluate(run, held_out, pcfg, models, data=data, **dataclasses.asdict(cfg))
 
 
 def _checkpoint_label(run, step) -> str:

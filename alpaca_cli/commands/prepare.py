@@ -57,8 +57,7 @@ def prepare(
     with run.lease("prepare"):
         result = distributed.on_writer(
             lambda: core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet)),
-            encode=lambda r: {"reused": r.reused, "stats": r.stats, "cache_dir": r.cache_dir,
-                              "fingerprint": r.fingerprint, "seconds": r.seconds},
+            encode=lambda r: {"reused": r.reused, "stats": r.stats, "fingerprint": r.fingerprint},
             decode=lambda d: core.PrepareResult(**d),
         )
     if distributed.is_writer():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -18,13 +19,16 @@ from alpaca_cli.core.generate import Decoding, Generator, Request
 from alpaca_cli.core.mesh import COMPUTE
 from alpaca_cli.core.tokenize import prefix_stable, tokenize_examples
 from alpaca_cli.errors import DataError
-from alpaca_cli.records import EvalScore
+from alpaca_cli.records import DataSource, EvalRecord, EvalScore
+from alpaca_cli.rundir import RunDir
 
 
 @dataclass
 class HeldOut:
     requests: list[Request]
     outputs: list[str]
+    source: Optional[DataSource] = None
+    """What identifies the records: known to the process that read them (the writer)."""
 
 
 def held_out(pcfg: PrepareConfig, data: str) -> HeldOut:
@@ -33,7 +37,29 @@ def held_out(pcfg: PrepareConfig, data: str) -> HeldOut:
 
     records = load_records(dataclasses.replace(pcfg, data=data))
     requests = [Request(i, x) for i, x in zip(records.instructions, records.inputs)]
-    return HeldOut(requests, list(records.outputs))
+    return HeldOut(requests, list(records.outputs), records.source)
+
+
+def evaluate(run: Optional[RunDir], held: HeldOut, pcfg: PrepareConfig,
+             models: list[tuple[str, Callable[[], Generator]]], *, data: str, max_new_tokens: int,
+             batch_size: int) -> list[EvalScore]:
+    """Score each (label, load) model in turn, one in memory at a time, every process together; the writer records
+    the scores as the run's eval stage (data: the records as --data named them) and in its export's model card."""
+    scores = []
+    for label, load in models:
+        gen = load()
+        scores.append(score(gen, held, pcfg, label=label, max_new_tokens=max_new_tokens, batch_size=batch_size))
+        del gen
+    if run is None or not run.writer:
+        return scores
+    # the stage records finished scores: a scoring that fails leaves the run's previous eval record as it was
+    with run.stage("eval", EvalRecord(data=data, source=held.source, scores=scores)):
+        pass
+    if run.export is not None and run.export.complete:
+        from alpaca_cli.core.export import refresh_model_card
+
+        refresh_model_card(run)
+    return scores
 
 
 def score(gen: Generator, data: HeldOut, pcfg: PrepareConfig, *, label: str, max_new_tokens: int,

@@ -63,7 +63,8 @@ class MetricsHook(Callback):
         self.lr_schedule = lr_schedule
         self.start_step = start_step
         self.records: dict[int, dict] = {}
-        self.losses_this_run: list[float] = []
+        self.steps_this_run = 0
+        """Steps this process trained (not forced repeats): the rate and the ETA count them."""
         self._progress_factory = progress_factory or StepProgress
         self._progress = None
         self._t_start = None
@@ -98,13 +99,12 @@ class MetricsHook(Callback):
         }
         self.records[step] = rec
         if not force:
-            self.losses_this_run.append(loss)
-        done = len(self.losses_this_run)
+            self.steps_this_run += 1
         elapsed = time.time() - (self._t_start or time.time())
-        steps_this_run = range(self.start_step, step)
-        ex = float(sum(self._examples[s] for s in steps_this_run))
-        tok = float(sum(self._tokens[s] for s in steps_this_run))
-        rate = done / elapsed if elapsed > 0 else 0.0
+        steps = range(self.start_step, step)
+        ex = float(sum(self._examples[s] for s in steps))
+        tok = float(sum(self._tokens[s] for s in steps))
+        rate = self.steps_this_run / elapsed if elapsed > 0 else 0.0
         eta = (self.plan.steps - step) / rate if rate > 0 else float("inf")
         if self._progress is not None:
             self._progress.update(step, loss, ex / elapsed if elapsed else 0.0, tok / elapsed if elapsed else 0.0, eta)

@@ -11,6 +11,7 @@ host of a pod computes the same one.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -124,12 +125,65 @@ def make_plan(
     trained = np.asarray(trained, dtype=np.int64)
     ids_all = np.arange(len(lengths), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
     n = len(ids_all)
-    if n == 0:
+    _check(lengths[ids_all], seq_len, pack, batch_size, row_multiple)
+
+    # A step never takes more than batch_size examples, so steps * batch_size examples are enough for --steps;
+    # packed steps may take fewer and leave the tail unused.
+    total = steps * batch_size if steps else max(1, int(round(epochs * n)))
+    stream = _stream(ids_all, total, seed)
+    if pack:
+        # enough rows for a batch of average examples with 5% to spare, and a multiple of the data-parallel slots
+        need = batch_size * float(lengths[ids_all].mean()) / (0.95 * seq_len)
+        rows_per_step = max(row_multiple, math.ceil(need / row_multiple) * row_multiple)
+        take = functools.partial(_packed_step, lengths=lengths, rows=rows_per_step, seq_len=seq_len,
+                                 batch_size=batch_size, max_segments=max_segments)
+    else:
+        rows_per_step = batch_size
+        take = functools.partial(_padded_step, rows=rows_per_step)
+
+    rows: list[np.ndarray] = []
+    step_tokens, step_real = [], []  # trained tokens, and non-padding ones, of each step
+    consumed = 0
+    while (len(step_tokens) < steps) if steps else (consumed < total):
+        step_rows, taken = take(stream[consumed:])
+        consumed += len(taken)
+        rows.extend(step_rows)
+        step_tokens.append(int(trained[taken].sum()))
+        step_real.append(int(lengths[taken].sum()))
+    step_tokens_a = np.asarray(step_tokens, dtype=np.int64)
+    step_real_a = np.asarray(step_real, dtype=np.int64)
+    return Plan(
+        seq_len=seq_len,
+        pack=pack,
+        batch_size=batch_size,
+        rows_per_step=rows_per_step,
+        steps=len(step_tokens),
+        rows=rows,
+        step_tokens=step_tokens_a,
+        step_real_tokens=step_real_a,
+        epochs=round(consumed / n, 4),
+        train_examples=n,
+        real_tokens=int(step_real_a.sum()),
+        trained_tokens=int(step_tokens_a.sum()),
+        val_examples=np.asarray(val_ids if val_ids is not None else np.zeros(0, np.int64), dtype=np.int64),
+    )
+
+
+def _stream(ids: np.ndarray, total: int, seed: int) -> np.ndarray:
+    """The first `total` examples of the stream: every epoch a fresh permutation, seeded by the run's seed."""
+    n = len(ids)
+    epochs = [ids[np.random.default_rng([seed, epoch]).permutation(n)] for epoch in range(math.ceil(total / n))]
+    return np.concatenate(epochs)[:total]
+
+
+def _check(lengths: np.ndarray, seq_len: int, pack: bool, batch_size: int, row_multiple: int) -> None:
+    """Refuse a plan that cannot be made: no example, one longer than a row, or rows that do not divide."""
+    if len(lengths) == 0:
         raise ConfigError("there is no training example (the prepared data is empty or all held out)")
-    too_long = int((lengths[ids_all] > seq_len).sum())
+    too_long = int((lengths > seq_len).sum())
     if too_long:
         raise ConfigError(
-            f"{too_long} prepared example(s) are longer than --seq-len {seq_len} (longest {int(lengths[ids_all].max())})",
+            f"{too_long} prepared example(s) are longer than --seq-len {seq_len} (longest {int(lengths.max())})",
             hint="raise --seq-len, or prepare with a --max-length no larger than it",
         )
     if not pack and batch_size % row_multiple:
@@ -139,61 +193,20 @@ def make_plan(
             hint=f"use a multiple of {row_multiple}",
         )
 
-    # the example stream: every epoch a fresh permutation. A step never takes more than batch_size examples, so
-    # steps * batch_size examples are enough for --steps; packed steps may take fewer and leave the tail unused.
-    total = steps * batch_size if steps else max(1, int(round(epochs * n)))
-    stream = np.concatenate(
-        [ids_all[np.random.default_rng([seed, epoch]).permutation(n)] for epoch in range(math.ceil(total / n))]
-    )
 
-    if pack:
-        # enough rows for a batch of average examples with 5% to spare, and a multiple of the data-parallel slots
-        need = batch_size * float(lengths[ids_all].mean()) / (0.95 * seq_len)
-        rows_per_step = max(row_multiple, math.ceil(need / row_multiple) * row_multiple)
-    else:
-        rows_per_step = batch_size
+def _packed_step(stream: np.ndarray, *, lengths: np.ndarray, rows: int, seq_len: int, batch_size: int,
+                 max_segments: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """(the step's rows, the examples it takes from the front of the stream): first-fit until it holds batch_size
+    examples or the next one does not fit."""
+    packer = _StepPacker(rows, seq_len, max_segments)
+    for e in stream:  # lazily: a step takes a few examples off a long stream
+        if packer.count >= batch_size or not packer.add(int(e), int(lengths[e])):
+            break  # the step is full: this example opens the next one
+    return packer.result(), stream[: packer.count]
 
-    rows: list[np.ndarray] = []
-    step_tokens: list[int] = []
-    step_real: list[int] = []
-    consumed = 0
-    while (len(step_tokens) < steps) if steps else (consumed < total):
-        taken: list[int] = []
-        if pack:
-            packer = _StepPacker(rows_per_step, seq_len, max_segments)
-            while consumed < total and packer.count < batch_size:
-                e = int(stream[consumed])
-                if not packer.add(e, int(lengths[e])):
-                    break  # the step is full: this example opens the next one
-                taken.append(e)
-                consumed += 1
-            step_rows = packer.result()
-        else:
-            chunk = stream[consumed : min(total, consumed + batch_size)]
-            taken = chunk.tolist()
-            consumed += len(chunk)
-            step_rows = [chunk[i : i + 1] for i in range(len(chunk))]
-            step_rows += [np.zeros(0, dtype=np.int64)] * (rows_per_step - len(step_rows))
-        rows.extend(step_rows)
-        ex = np.asarray(taken, dtype=np.int64)
-        step_tokens.append(int(trained[ex].sum()))
-        step_real.append(int(lengths[ex].sum()))
-    steps = len(step_tokens)
-    total = consumed
-    step_tokens_a = np.asarray(step_tokens, dtype=np.int64)
-    step_real_a = np.asarray(step_real, dtype=np.int64)
-    return Plan(
-        seq_len=seq_len,
-        pack=pack,
-        batch_size=batch_size,
-        rows_per_step=rows_per_step,
-        steps=steps,
-        rows=rows,
-        step_tokens=step_tokens_a,
-        step_real_tokens=step_real_a,
-        epochs=round(total / n, 4),
-        train_examples=n,
-        real_tokens=int(step_real_a.sum()),
-        trained_tokens=int(step_tokens_a.sum()),
-        val_examples=np.asarray(val_ids if val_ids is not None else np.zeros(0, np.int64), dtype=np.int64),
-    )
+
+def _padded_step(stream: np.ndarray, *, rows: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """One example per row, the step's trailing rows empty when the stream ends."""
+    chunk = stream[:rows]
+    step_rows = [chunk[i : i + 1] for i in range(len(chunk))]
+    return step_rows + [np.zeros(0, dtype=np.int64)] * (rows - len(chunk)), chunk

@@ -33,11 +33,12 @@ PACK_ROW = 2048  # the row length the statistics report packing for
 
 @dataclass
 class PrepareResult:
+    """What `prepare` did beside its record: whether it reused the cache, and the statistics it prints (stats.json,
+    of which the record's summary keeps the counts)."""
+
     reused: bool
     stats: dict[str, Any]
-    cache_dir: str
     fingerprint: str
-    seconds: float
 
 
 class Progress:
@@ -88,7 +89,7 @@ def prepare(
             if previous.fingerprint == fingerprint and not overwrite:
                 logger.info("The run's cache was prepared from the same inputs: reusing it")
                 stats = json.loads(io.read_text(run.stats_path))
-                return PrepareResult(True, stats, run.cache_dir, fingerprint, time.time() - t0)
+                return PrepareResult(True, stats, fingerprint)
             if not overwrite:
                 differ = _differences(previous.inputs.components, components)
                 raise StageError(
@@ -115,7 +116,7 @@ def prepare(
                 **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens",
                                         "trained_tokens", "vocab_size", "added_tokens")}
             )
-        return PrepareResult(False, stats, run.cache_dir, fingerprint, time.time() - t0)
+        return PrepareResult(False, stats, fingerprint)
     finally:
         shutil.rmtree(loaded.local_dir, ignore_errors=True)
 

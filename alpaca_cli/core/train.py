@@ -7,7 +7,7 @@ import datetime
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +21,9 @@ from alpaca_cli.core.checkpoints import (checkpoint_step, is_whole, latest_check
                                         save_hook, save_now, seal_every_save)
 from alpaca_cli.core.models import COPY_WEIGHTS, check_vocab, check_weights, load_base_weights, open_base_model
 from alpaca_cli.core.plan import Plan, make_plan, split_validation
-from alpaca_cli.errors import AlpacaError, ConfigError, StageError
+from alpaca_cli.errors import AlpacaError, ConfigError, StageError, first_line
 from alpaca_cli.records import (
+    LoraRecord,
     MemoryEstimate,
     MeshShape,
     OptimizerSummary,
@@ -42,12 +43,21 @@ TP_AXES = ["mlp", "heads", "kv_head"]  # Levanter's names: MLP hidden, attention
 
 @dataclass
 class TrainResult:
+    """What `train` did; the train record holds the rest (for a dry run: a record with the plan alone, never
+    saved)."""
+
     status: str  # "trained", "already_trained" or "planned"
-    plan: PlanRecord
-    steps_run: int = 0
+    record: TrainRecord
     final_checkpoint: str | None = None
-    final_loss: float | None = None
-    losses: list[float] = field(default_factory=list)
+    """The final checkpoint's full path (the record keeps it relative to the run directory)."""
+
+    @property
+    def plan(self) -> PlanRecord:
+        return self.record.plan
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.record.summary.final_loss if self.record.summary else None
 
 
 # -- planning -------------------------------------------------------------------------------------------------------
@@ -78,6 +88,51 @@ def load_prepared(run: RunDir) -> Prepared:
         lengths=prepared_cache.lengths(),
         trained=prepared_cache.trained_tokens(),
     )
+
+
+@dataclass
+class Layout:
+    """The plan and how it spreads over the devices: decided from the prepared data before the model is opened."""
+
+    plan: Plan
+    dp: int
+    """Data-parallel (FSDP) devices."""
+    tp: int
+    """Tensor-parallel devices."""
+    attention: attention_mod.AttentionChoice
+
+
+@dataclass
+class TrainSetup:
+    """What every step of `train` reads, decided once before any weight is loaded."""
+
+    cfg: TrainConfig
+    run: RunDir
+    prepared: Prepared
+    layout: Layout
+    base: object  # the open base model (core/models.py)
+    lev_config: object
+    lora: LoraRecord | None
+    summary: PlanRecord
+    fingerprint: str
+    """The plan's fingerprint (plan_fingerprint): a resume must follow the same plan."""
+    progress_factory: object = None
+    resume: str | None = None
+    """The checkpoint to resume from (resume_point); None: start from the base model."""
+
+    @property
+    def plan(self) -> Plan:
+        return self.layout.plan
+
+    @property
+    def vocab(self) -> int:
+        """The tokenizer's size: the rows of the embedding the loss counts."""
+        return len(self.prepared.tokenizer)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.prepared.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 def _mesh_shape(cfg, n_devices: int) -> tuple[int, int]:
@@ -140,7 +195,7 @@ def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compu
     """A rough estimate of one device's activation memory for a forward and backward pass (before tensor
     parallelism). With remat, the residual stream of every layer plus one layer's working set; without, every
     layer's working set. Vanilla attention materialises [heads, row, row] scores per row; flash and splash do not.
-    (issue-12's compiled plan replaces the estimate with XLA's own figure.)"""
+    (The compiled plan, `--dry-run --target`, replaces the estimate with XLA's own figure.)"""
     pdp = cfg.trainer.per_device_parallelism
     rows = pdp if pdp and pdp > 0 else rows_per_device
     hidden = getattr(lev_config, "hidden_dim", 0) or 0
@@ -157,26 +212,25 @@ def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compu
     return layer_set * layers + logits
 
 
-def plan_summary(
-    cfg: TrainConfig, plan: Plan, *, n_devices: int, n_hosts: int, dp: int, tp: int, params: int, trainable: int,
-    lev_config, mp, vocab: int, model: str, model_type: str, attention,
-) -> PlanRecord:
+def plan_summary(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int, lev_config, vocab: int,
+                 model_type: str) -> PlanRecord:
     import jax
     import jax.numpy as jnp
 
+    plan, dp, tp, mp = layout.plan, layout.dp, layout.tp, cfg.trainer.mp
+    n_devices = dp * tp
     param_bytes = jnp.dtype(mp.param_dtype).itemsize
     compute_bytes = jnp.dtype(mp.compute_dtype).itemsize
-    # params + grads in param dtype + Adam's two moments in float32, all sharded over every device (FSDP x TP)
     # trained parameters: the parameter, its gradient (param dtype) and Adam's two float32 moments; with LoRA the
-    # frozen base is held in the compute dtype
+    # frozen base is held in the compute dtype; all sharded over every device (FSDP x TP)
     state_bytes = (trainable * (2 * param_bytes + 8) + (params - trainable) * compute_bytes) / n_devices
     act_bytes = activation_bytes(cfg, lev_config, plan.rows_per_step / dp, compute_bytes, vocab) / tp
     return PlanRecord(
-        model=model,
+        model=cfg.model_name_or_path,
         model_type=model_type,
         parameters=params,
         devices=n_devices,
-        hosts=n_hosts,
+        hosts=jax.process_count(),
         platform=jax.devices()[0].platform,
         mesh=MeshShape(data_parallel_fsdp=dp, tensor_parallel=tp),
         seq_len=cfg.seq_len,
@@ -192,8 +246,8 @@ def plan_summary(
         real_tokens=plan.real_tokens,
         padding_fraction=round(plan.padding_fraction, 4),
         precision=f"params {jnp.dtype(mp.param_dtype).name}, compute {jnp.dtype(mp.compute_dtype).name}",
-        attention=attention.backend,
-        attention_block=attention.block,
+        attention=layout.attention.backend,
+        attention_block=layout.attention.block,
         remat=cfg.remat,
         lora_r=cfg.lora_r,
         trainable_parameters=trainable,
@@ -241,20 +295,7 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
     of simulated CPU devices: compiled_plan.simulate_devices). on_plan(plan) is called with the plan before any
     weights are loaded.
     """
-    from alpaca_cli.core import topology
-
-    machine = topology.get(target) if target else None
-    if machine is not None and not dry_run:
-        raise ConfigError("--target plans a run for another machine: use it with --dry-run")
-    distributed.initialize()
-    import jax
-
-    if machine is not None:
-        from alpaca_cli.core.compiled_plan import check_devices
-
-        check_devices(machine)
-
-    _check_tracker_packages(cfg)
+    machine = _start(cfg, target, dry_run)
     # every process decides from the same manifest: process 0's, as it was when training started
     run.sync_from_writer()
     prepared = load_prepared(run)
@@ -263,14 +304,39 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
             "the config's prompts differ from the templates this run was prepared with",
             hint="drop `prompts` from the train config, or re-run alpaca prepare --prompts with them",
         )
+    layout = _layout(cfg, prepared, machine)
+    with open_base_model(cfg.model_name_or_path) as base:
+        setup = _set_up(cfg, run, prepared, layout, base, dry_run=dry_run)
+        if dry_run:
+            return _dry_run(setup, machine)
+        setup.progress_factory = progress_factory
+        return _train_or_resume(setup, on_plan)
 
-    n_devices = jax.device_count()
-    dp, tp = _mesh_shape(cfg, n_devices)
+
+def _start(cfg: TrainConfig, target: str | None, dry_run: bool):
+    """Start JAX (on a pod, every process) and check what the run needs beside the data; returns the target
+    machine, if any."""
+    from alpaca_cli.core import topology
+
+    machine = topology.get(target) if target else None
+    if machine is not None and not dry_run:
+        raise ConfigError("--target plans a run for another machine: use it with --dry-run")
+    distributed.initialize()
+    if machine is not None:
+        from alpaca_cli.core.compiled_plan import check_devices
+
+        check_devices(machine)
+    _check_tracker_packages(cfg)
+    return machine
+
+
+def _layout(cfg: TrainConfig, prepared: Prepared, machine) -> Layout:
+    import jax
+
+    dp, tp = _mesh_shape(cfg, jax.device_count())
     platform = machine.platform if machine is not None else attention_mod.platform_of(jax.devices()[0])
     attention = attention_mod.choose(cfg.attention, cfg.attention_block, cfg.seq_len, platform)
-    row_multiple = _row_multiple(cfg, dp)
     seed = cfg.trainer.seed
-
     train_ids, val_ids = split_validation(len(prepared.lengths), cfg.val_fraction, seed)
     plan = make_plan(
         prepared.lengths,
@@ -280,96 +346,116 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
         batch_size=cfg.batch_size,
         epochs=cfg.epochs,
         steps=cfg.steps,
-        row_multiple=row_multiple,
+        row_multiple=_row_multiple(cfg, dp),
         seed=seed,
         max_segments=cfg.max_segments_per_row,
         train_ids=train_ids,
         val_ids=val_ids,
     )
+    return Layout(plan, dp, tp, attention)
 
-    with open_base_model(cfg.model_name_or_path) as base:
-        check_vocab(base, prepared.tokenizer, prepared.added)
-        base.check_supported(cfg.seq_len)
-        if not dry_run:  # a plan needs config.json alone
-            check_weights(base, f"--model {base.spec}", hint=COPY_WEIGHTS)
-        lev_config = base.lev_config(cfg.seq_len, attention, cfg.remat)
-        _check_shapes(cfg, lev_config, base, dp)
-        lora_record = lora_mod.record(cfg)
-        if lora_record is not None:
-            lora_mod.check_family(base.model_type, cfg.model_name_or_path)
-        params, trained = parameter_count(lev_config, len(prepared.tokenizer), lora_record)
-        summary = plan_summary(
-            cfg, plan, n_devices=n_devices, n_hosts=jax.process_count(), dp=dp, tp=tp, params=params,
-            trainable=trained, lev_config=lev_config, mp=cfg.trainer.mp, vocab=len(prepared.tokenizer),
-            model=cfg.model_name_or_path, model_type=base.model_type, attention=attention,
-        )
-        fingerprint = plan_fingerprint(prepared.fingerprint, cfg, plan)
-        if dry_run:
-            if machine is not None:
-                summary.platform = machine.name
-                summary.hosts = machine.hosts
-                summary.compiled = _compiled_plan(cfg, run, plan, summary, lev_config, len(prepared.tokenizer),
-                                                  machine)
-            return TrainResult("planned", summary)
 
-        previous = run.train
-        # the plan is locked once a checkpoint of this run follows it: before that, a failed start (a wrong --model)
-        # is corrected by running again with other settings
-        if previous is not None and previous.plan_fingerprint not in (None, fingerprint) and latest_checkpoint(run):
+def _set_up(cfg: TrainConfig, run: RunDir, prepared: Prepared, layout: Layout, base, *, dry_run: bool) -> TrainSetup:
+    """Check the base model against the data and the mesh, and summarise the plan."""
+    check_vocab(base, prepared.tokenizer, prepared.added)
+    base.check_supported(cfg.seq_len)
+    if not dry_run:  # a plan needs config.json alone
+        check_weights(base, f"--model {base.spec}", hint=COPY_WEIGHTS)
+    lev_config = base.lev_config(cfg.seq_len, layout.attention, cfg.remat)
+    _check_shapes(cfg, lev_config, base, layout.dp)
+    lora_record = lora_mod.record(cfg)
+    if lora_record is not None:
+        lora_mod.check_family(base.model_type, cfg.model_name_or_path)
+    vocab = len(prepared.tokenizer)
+    params, trained = parameter_count(lev_config, vocab, lora_record)
+    summary = plan_summary(cfg, layout, params=params, trainable=trained, lev_config=lev_config, vocab=vocab,
+                           model_type=base.model_type)
+    return TrainSetup(cfg, run, prepared, layout, base, lev_config, lora_record, summary,
+                      fingerprint=plan_fingerprint(prepared.fingerprint, cfg, layout.plan))
+
+
+def _dry_run(setup: TrainSetup, machine) -> TrainResult:
+    summary = setup.summary
+    if machine is not None:
+        summary.platform = machine.name
+        summary.hosts = machine.hosts
+        summary.compiled = _compiled_plan(setup, machine)
+    return TrainResult("planned", TrainRecord(plan=summary))
+
+
+def _train_or_resume(setup: TrainSetup, on_plan) -> TrainResult:
+    run = setup.run
+    previous = run.train
+    done = _already_trained(setup, previous)
+    if done is not None:
+        return done
+    setup.resume = resume_point(run)
+    record = _stage_record(setup, previous)
+    try:
+        with run.stage("train", record):  # a resumed stage is started again too: this process, now, writes it
+            save_base_files(run, setup.base)
+            run.write_config("train", cfgmod.dump(setup.cfg))
+            if on_plan is not None:
+                on_plan(setup.summary)
+            return _run_training(setup)
+    except Exception as e:
+        if distributed.process_count() > 1 and not isinstance(e, AlpacaError):
+            first = first_line(e, None) or type(e).__name__
             raise StageError(
-                f"run {run.url} was trained with a different plan (model, data, batch size, steps, seq len, "
-                "seed or device count changed); resume it with the same settings and devices, or use a new --run-dir"
-            )
-        if previous is not None and previous.complete:
-            final = previous.final_checkpoint
-            if final and is_whole(run, run.resolve(final)):
-                return TrainResult(
-                    "already_trained", summary, final_checkpoint=run.resolve(final),
-                    final_loss=previous.summary.final_loss if previous.summary else None,
-                )
-        resume = resume_point(run)
-        fresh = previous is None or previous.plan_fingerprint != fingerprint
-        record = previous if not fresh and previous.status == RUNNING else None
-        if record is None:
-            record = TrainRecord(
-                config=cfgmod.encode(cfg),
-                inputs=TrainInputs(prepared=prepared.fingerprint, model=cfg.model_name_or_path),
-                lora=lora_record,
-            )
-        record.plan, record.plan_fingerprint = summary, fingerprint
-        try:
-            with run.stage("train", record):  # a resumed stage is started again too: this process, now, writes it
-                save_base_files(run, base)
-                run.write_config("train", cfgmod.dump(cfg))
-                if on_plan is not None:
-                    on_plan(summary)
-                return _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp,
-                                     progress_factory, resume)
-        except Exception as e:
-            if distributed.process_count() > 1 and not isinstance(e, AlpacaError):
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                raise StageError(
-                    f"training stopped on process {distributed.process_index()} of {distributed.process_count()} "
-                    f"({type(e).__name__}: {first[:200]})",
-                    hint="if another host died or was preempted, run the same command again on every host: "
-                    "training resumes from the last complete checkpoint",
-                ) from e
-            raise
+                f"training stopped on process {distributed.process_index()} of {distributed.process_count()} "
+                f"({type(e).__name__}: {first[:200]})",
+                hint="if another host died or was preempted, run the same command again on every host: "
+                "training resumes from the last complete checkpoint",
+            ) from e
+        raise
 
 
-def _compiled_plan(cfg, run, plan, summary, lev_config, vocab, machine):
+def _already_trained(setup: TrainSetup, previous: TrainRecord | None) -> TrainResult | None:
+    """The result of a run that finished before; an error if the run followed another plan."""
+    run = setup.run
+    # the plan is locked once a checkpoint of this run follows it: before that, a failed start (a wrong --model)
+    # is corrected by running again with other settings
+    if previous is not None and previous.plan_fingerprint not in (None, setup.fingerprint) and latest_checkpoint(run):
+        raise StageError(
+            f"run {run.url} was trained with a different plan (model, data, batch size, steps, seq len, "
+            "seed or device count changed); resume it with the same settings and devices, or use a new --run-dir"
+        )
+    if previous is not None and previous.complete:
+        final = previous.final_checkpoint
+        if final and is_whole(run, run.resolve(final)):
+            return TrainResult("already_trained", previous, final_checkpoint=run.resolve(final))
+    return None
+
+
+def _stage_record(setup: TrainSetup, previous: TrainRecord | None) -> TrainRecord:
+    """The record the train stage runs with: a running one of the same plan is continued, anything else replaced."""
+    cfg = setup.cfg
+    fresh = previous is None or previous.plan_fingerprint != setup.fingerprint
+    record = previous if not fresh and previous.status == RUNNING else None
+    if record is None:
+        record = TrainRecord(
+            config=cfgmod.encode(cfg),
+            inputs=TrainInputs(prepared=setup.prepared.fingerprint, model=cfg.model_name_or_path),
+            lora=setup.lora,
+        )
+    record.plan, record.plan_fingerprint = setup.summary, setup.fingerprint
+    return record
+
+
+def _compiled_plan(setup: TrainSetup, machine):
     """Compile the step for the target's devices and turn XLA's figures into a verdict and times."""
     from levanter.tracker.tracker import NoopConfig
 
     from alpaca_cli.core import compiled_plan as cp
     from alpaca_cli.records import CompiledMemory, CompiledPlan
 
-    trainer_config = dataclasses.replace(_trainer_config(cfg, run, plan, cp.scratch_dir(), NoopConfig()),
+    cfg, plan, lev_config = setup.cfg, setup.plan, setup.lev_config
+    trainer_config = dataclasses.replace(_trainer_config(cfg, setup.run, plan, cp.scratch_dir(), NoopConfig()),
                                          id="dry-run")
-    step = cp.compile_step(cfg, plan, lev_config, vocab, machine, trainer_config, lora_mod.record(cfg))
+    step = cp.compile_step(cfg, plan, lev_config, setup.vocab, machine, trainer_config, setup.lora)
     verdict, text = cp.verdict(step, machine)
     tokens = plan.rows_per_step * cfg.seq_len
-    model_flops = cp.model_flops_per_step(summary.parameters, lev_config, tokens)
+    model_flops = cp.model_flops_per_step(setup.summary.parameters, lev_config, tokens)
     peak = machine.peak_tflops * 1e12 * machine.devices
     steps_per_epoch = plan.steps / plan.epochs if plan.epochs else plan.steps
 
@@ -469,133 +555,177 @@ def _wandb_id(run: RunDir) -> str:
     return "alpaca-" + hashlib.sha1(run.url.encode()).hexdigest()[:12]
 
 
-def _run_training(cfg, run, prepared, plan, summary, base, lev_config, dp, tp, progress_factory,
-                  resume) -> TrainResult:
-    import haliax as hax
-    import jax.random as jrandom
-    import levanter
-    from haliax.partitioning import round_axis_for_partitioning
+@dataclass
+class _Hooks:
+    """The hooks that training's end waits on, flushes or closes."""
+
+    checkpointer: object
+    metrics: object  # hooks.MetricsHook
+    retention: object  # hooks.CheckpointRetention
+    preemption: object  # hooks.PreemptionHook
+
+
+def _run_training(setup: TrainSetup) -> TrainResult:
     from levanter.trainer import Trainer
 
-    from alpaca_cli.core.batches import PackedRows, make_loss_fn
-    from alpaca_cli.core.hooks import (CheckpointRetention, EvalHook, ManifestHook, MetricsHook, PreemptionHook,
-                                       fire_from_the_first_step)
+    from alpaca_cli.core.hooks import fire_from_the_first_step
 
-    tok = prepared.tokenizer
+    run, plan = setup.run, setup.plan
+    trainer_config, optimizer, loss_fn = _trainer_parts(setup)
+    with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
+        fire_from_the_first_step(trainer)
+        state = _initial_state(setup, trainer)
+        start_step = int(state.step)
+        if start_step:
+            logger.info("Resuming from the checkpoint after step %d of %d", start_step, plan.steps)
+        if start_step >= plan.steps:
+            final = latest_checkpoint(run)
+            _finish(run, plan, final, None)
+            return TrainResult("already_trained", run.train, final_checkpoint=final)
+        hooks = _add_hooks(setup, trainer, start_step)
+        info = _loop(setup, trainer, state, hooks, start_step)
+        final = _final_checkpoint(setup, hooks, info)
+        hooks.metrics.flush()
+        hooks.retention.on_step(info, force=True)
+        _finish(run, plan, final, info.loss)
+        return TrainResult("trained", run.train, final_checkpoint=final)
+
+
+def _trainer_parts(setup: TrainSetup):
+    """(Levanter's trainer config, initialized; the optimizer; the loss function)."""
+    import levanter
+
+    from alpaca_cli.core.batches import make_loss_fn
+
+    cfg, run, plan = setup.cfg, setup.run, setup.plan
     log_dir = run.local_logs_dir()
-    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run), resume)
+    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run), setup.resume)
     with logs.keep_console_handlers():
         trainer_config.initialize()
     levanter.tracker.log_configuration(cfg)
-
     accum = 1
     pdp = trainer_config.per_device_parallelism
     if pdp and pdp > 0:
         accum = plan.rows_per_step // (pdp * trainer_config.data_axis_size)
     optimizer = cfg.optimizer.build(plan.steps)
-    real_vocab = len(tok)
-    loss_fn = make_loss_fn(real_vocab, accum_steps=max(1, accum))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    Pos = lev_config.max_Pos
+    return trainer_config, optimizer, make_loss_fn(setup.vocab, accum_steps=max(1, accum))
 
-    with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
-        fire_from_the_first_step(trainer)
-        param_mapping = trainer.parameter_axis_mapping
-        Vocab = round_axis_for_partitioning(hax.Axis("vocab", real_vocab), param_mapping)
-        if Vocab.size != real_vocab:
-            logger.info("Vocabulary padded from %d to %d for sharding (masked out of the loss)", real_vocab, Vocab.size)
-        run.train.vocab_trained = Vocab.size
-        run.save()
-        _, model_key, training_key, lora_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 4)
 
-        if cfg.lora:
-            # the frozen base is loaded every time (the checkpoints hold the adapters only), straight into the
-            # compute dtype (a 7B model in float32 would not fit where LoRA is for); the trainer restores the
-            # adapters and their optimizer state from the latest checkpoint, if any
-            logger.info("Loading base weights from %s", cfg.model_name_or_path)
-            model = load_base_weights(base, lev_config, tok, Vocab, param_mapping, trainer.mp,
-                                      dtype=trainer.mp.compute_dtype)
-            model = lora_mod.add_adapters(model, run.train.lora, lora_key)
-            state = trainer.initial_state(training_key, model=model, is_trainable=lora_mod.trainable(model))
-            start_step = int(state.step)
-        else:
-            state = trainer.initial_state(training_key, model_init=lambda: lev_config.build(Vocab, key=model_key))
-            start_step = int(state.step)
-            if start_step == 0:
-                logger.info("Loading base weights from %s", cfg.model_name_or_path)
-                state = dataclasses.replace(state, model=None)
-                model = load_base_weights(base, lev_config, tok, Vocab, param_mapping, trainer.mp)
-                state = dataclasses.replace(state, model=model)
-        if start_step:
-            logger.info("Resuming from the checkpoint after step %d of %d", start_step, plan.steps)
+def _initial_state(setup: TrainSetup, trainer):
+    """The trainer's state: restored from setup.resume, or the base model's weights (with new adapters for LoRA)."""
+    import haliax as hax
+    import jax.random as jrandom
+    from haliax.partitioning import round_axis_for_partitioning
 
-        if start_step >= plan.steps:
-            final = latest_checkpoint(run)
-            _finish(run, plan, final, None)
-            return TrainResult("already_trained", summary, final_checkpoint=final)
+    cfg, run = setup.cfg, setup.run
+    Vocab = round_axis_for_partitioning(hax.Axis("vocab", setup.vocab), trainer.parameter_axis_mapping)
+    if Vocab.size != setup.vocab:
+        logger.info("Vocabulary padded from %d to %d for sharding (masked out of the loss)", setup.vocab, Vocab.size)
+    run.train.vocab_trained = Vocab.size
+    run.save()
+    _, model_key, training_key, lora_key = jrandom.split(jrandom.PRNGKey(cfg.trainer.seed), 4)
+    if cfg.lora:
+        # the frozen base is loaded every time (the checkpoints hold the adapters only), straight into the
+        # compute dtype (a 7B model in float32 would not fit where LoRA is for); the trainer restores the
+        # adapters and their optimizer state from the latest checkpoint, if any
+        model = _base_weights(setup, trainer, Vocab, dtype=trainer.mp.compute_dtype)
+        model = lora_mod.add_adapters(model, run.train.lora, lora_key)
+        return trainer.initial_state(training_key, model=model, is_trainable=lora_mod.trainable(model))
+    state = trainer.initial_state(training_key, model_init=lambda: setup.lev_config.build(Vocab, key=model_key))
+    if int(state.step) == 0:
+        state = dataclasses.replace(state, model=None)
+        state = dataclasses.replace(state, model=_base_weights(setup, trainer, Vocab))
+    return state
 
-        dataset = PackedRows(
-            prepared.cache, plan.rows, Pos, pad_id, step_tokens=plan.step_tokens, rows_per_step=plan.rows_per_step
-        )
-        checkpointer = trainer.config.checkpointer.create(trainer.run_id)
-        seal_every_save(checkpointer, run)
-        metrics = MetricsHook(run, plan, cfg.optimizer.lr_scheduler(plan.steps), start_step, progress_factory)
-        metrics.before_checkpoints_of(checkpointer)
-        manifest_hook = ManifestHook(run, plan, metrics, every_seconds=HEARTBEAT_SECONDS)
-        retention = CheckpointRetention(run, cfg.keep_checkpoints)
-        trainer.add_hook(metrics, every=1)
-        trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
-        trainer.add_hook(save_hook(checkpointer), every=1)
-        trainer.add_hook(retention, every=1)
-        trainer.add_hook(manifest_hook, every=1)
-        preemption = PreemptionHook(checkpointer)
-        trainer.add_hook(preemption, every=1)
-        val_source = _validation_source(cfg, run, prepared, plan)
-        if val_source is not None:
-            from alpaca_cli.core.plan import pack_rows
 
-            val_cache, val_lengths, val_ids = val_source
-            val_rows = pack_rows(val_ids, val_lengths, cfg.seq_len, cfg.max_segments_per_row)
-            val_rows += [np.zeros(0, np.int64)] * ((-len(val_rows)) % trainer_config.data_axis_size)
-            val_dataset = PackedRows(val_cache, val_rows, Pos, pad_id)
-            eval_hook = EvalHook(trainer, val_dataset, real_vocab, metrics, batch_rows=trainer_config.data_axis_size)
-            trainer.add_hook(eval_hook, every=cfg.eval_every)
-        loader = trainer.data_loader(dataset).iter_from_step(start_step)
+def _base_weights(setup: TrainSetup, trainer, Vocab, dtype=None):
+    logger.info("Loading base weights from %s", setup.cfg.model_name_or_path)
+    return load_base_weights(setup.base, setup.lev_config, setup.prepared.tokenizer, Vocab,
+                             trainer.parameter_axis_mapping, trainer.mp, dtype=dtype)
 
-        distributed.barrier("before-training")  # every host compiles the first step at the same time
-        metrics.start()
-        try:
-            info = trainer.train(state, loader)  # runs every hook once more (forced) at the end
-        finally:
-            metrics.stop()
-            preemption.close()
+
+def _add_hooks(setup: TrainSetup, trainer, start_step: int) -> _Hooks:
+    import levanter
+
+    from alpaca_cli.core.hooks import CheckpointRetention, ManifestHook, MetricsHook, PreemptionHook
+
+    cfg, run, plan = setup.cfg, setup.run, setup.plan
+    checkpointer = trainer.config.checkpointer.create(trainer.run_id)
+    seal_every_save(checkpointer, run)
+    metrics = MetricsHook(run, plan, cfg.optimizer.lr_scheduler(plan.steps), start_step, setup.progress_factory)
+    metrics.before_checkpoints_of(checkpointer)
+    manifest_hook = ManifestHook(run, plan, metrics, every_seconds=HEARTBEAT_SECONDS)
+    retention = CheckpointRetention(run, cfg.keep_checkpoints)
+    trainer.add_hook(metrics, every=1)
+    trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
+    trainer.add_hook(save_hook(checkpointer), every=1)
+    trainer.add_hook(retention, every=1)
+    trainer.add_hook(manifest_hook, every=1)
+    preemption = PreemptionHook(checkpointer)
+    trainer.add_hook(preemption, every=1)
+    _add_eval_hook(setup, trainer, metrics)
+    return _Hooks(checkpointer, metrics, retention, preemption)
+
+
+def _add_eval_hook(setup: TrainSetup, trainer, metrics) -> None:
+    """Score the held-out set every --eval-every steps, if there is one."""
+    from alpaca_cli.core.batches import PackedRows
+    from alpaca_cli.core.hooks import EvalHook
+    from alpaca_cli.core.plan import pack_rows
+
+    val_source = _validation_source(setup)
+    if val_source is None:
+        return
+    cfg, slots = setup.cfg, trainer.config.data_axis_size
+    val_cache, val_lengths, val_ids = val_source
+    val_rows = pack_rows(val_ids, val_lengths, cfg.seq_len, cfg.max_segments_per_row)
+    val_rows += [np.zeros(0, np.int64)] * ((-len(val_rows)) % slots)
+    val_dataset = PackedRows(val_cache, val_rows, setup.lev_config.max_Pos, setup.pad_id)
+    eval_hook = EvalHook(trainer, val_dataset, setup.vocab, metrics, batch_rows=slots)
+    trainer.add_hook(eval_hook, every=cfg.eval_every)
+
+
+def _loop(setup: TrainSetup, trainer, state, hooks: _Hooks, start_step: int):
+    """Train from start_step to the plan's end; Levanter's StepInfo of the last step."""
+    from alpaca_cli.core.batches import PackedRows
+
+    plan = setup.plan
+    dataset = PackedRows(setup.prepared.cache, plan.rows, setup.lev_config.max_Pos, setup.pad_id,
+                         step_tokens=plan.step_tokens, rows_per_step=plan.rows_per_step)
+    loader = trainer.data_loader(dataset).iter_from_step(start_step)
+    distributed.barrier("before-training")  # every host compiles the first step at the same time
+    hooks.metrics.start()
+    try:
+        return trainer.train(state, loader)  # runs every hook once more (forced) at the end
+    finally:
+        hooks.metrics.stop()
+        hooks.preemption.close()
+
+
+def _final_checkpoint(setup: TrainSetup, hooks: _Hooks, info) -> str | None:
+    """The checkpoint of the last step, saved now if Levanter's forced end-of-training save was skipped."""
+    checkpointer = hooks.checkpointer
+    checkpointer.wait_until_finished()
+    final = latest_checkpoint(setup.run)
+    # saving is collective: every process must take the same decision
+    if distributed.broadcast(final is None or checkpoint_step(final) != info.step):
+        save_now(checkpointer, info)
         checkpointer.wait_until_finished()
-        final = latest_checkpoint(run)
-        # saving is collective: every process must take the same decision
-        if distributed.broadcast(final is None or checkpoint_step(final) != info.step):
-            # Levanter's forced end-of-training save can be skipped; make sure the final state is on disk
-            save_now(checkpointer, info)
-            checkpointer.wait_until_finished()
-            final = latest_checkpoint(run)
-        distributed.barrier("final-checkpoint")
-        metrics.flush()
-        retention.on_step(info, force=True)
-        _finish(run, plan, final, info.loss)
-        return TrainResult(
-            "trained", summary, steps_run=plan.steps - start_step, final_checkpoint=final,
-            final_loss=float(info.loss), losses=list(metrics.losses_this_run),
-        )
+        final = latest_checkpoint(setup.run)
+    distributed.barrier("final-checkpoint")
+    return final
 
 
-def _validation_source(cfg, run: RunDir, prepared: Prepared, plan: Plan):
+def _validation_source(setup: TrainSetup):
     """(cache, lengths, example ids) of the held-out set: a slice of the prepared data, or --val-data."""
+    cfg, prepared, plan = setup.cfg, setup.prepared, setup.plan
     if len(plan.val_examples):
         return prepared.cache, prepared.lengths, plan.val_examples
     if not cfg.val_data:
         return None
     from alpaca_cli.core.prepare import prepare_validation
 
-    cache_dir = distributed.on_writer(lambda: prepare_validation(run, cfg.val_data))
+    cache_dir = distributed.on_writer(lambda: prepare_validation(setup.run, cfg.val_data))
     val_cache = cachemod.open_cache(cache_dir)
     lengths = val_cache.lengths()
     too_long = int((lengths > cfg.seq_len).sum())
