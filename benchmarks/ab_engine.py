@@ -57,7 +57,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from alpaca_cli.core import decode
-    from alpaca_cli.core.defaults import asset
+    from alpaca_cli.core.demo_assets import asset
     from alpaca_cli.core.demo_model import write_random_hf_model
     from alpaca_cli.core.mesh import COMPUTE, local_mesh
     from alpaca_cli.core.models import open_base_model

@@ -38,7 +38,7 @@ def main() -> None:
 
     from levanter.models.llama import LlamaConfig
 
-    from alpaca_cli.core.defaults import asset
+    from alpaca_cli.core.demo_assets import asset
     from alpaca_cli.core.demo_model import write_random_hf_model
 
     work = tempfile.mkdtemp(prefix="bench-lora-")

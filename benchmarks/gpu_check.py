@@ -22,7 +22,7 @@ The parts:
   Llama at 7B width (hidden 4096, MLP 11008, 32 heads, 32k vocabulary) with --layers layers, float32 parameters and
   Adam state, bfloat16 compute (the recipe's mp policy); tokens/s and MFU over the steps after the first two; peak
   GPU memory (the allocator's peak_bytes_in_use) and the GPU compiler's own memory analysis of the step.
-- plan (remat off, on): `alpaca train --dry-run --target`'s compiled plan (core/compiled_plan.compile_step) for the
+- plan (remat off, on): `alpaca train --dry-run --target`'s compiled plan (core/target_compile.compile_step) for the
   same model, rows and trainer, on one simulated CPU device: its per-device memory, next to the measured peak.
 - torch (remat off, on): the same model (Levanter's config turned into transformers' LlamaConfig) in transformers +
   torch on the same device, Stanford's recipe: float32 weights, bfloat16 autocast, AdamW, microbatches of 4
@@ -30,7 +30,7 @@ The parts:
   transformers' gradient checkpointing.
 
 Tokens/s counts the tokens of the examples (not padding); MFU is 6 x parameters x those tokens plus attention
-(compiled_plan.model_flops_per_step) over the elapsed time and the device's peak bfloat16 FLOP/s (core/topology.py),
+(target_compile.model_flops_per_step) over the elapsed time and the device's peak bfloat16 FLOP/s (core/machines.py),
 for both frameworks alike. Speed is printed, never asserted.
 """
 
@@ -153,7 +153,7 @@ def device_peak_tflops(device) -> float | None:
 
 
 def mfu(params: int, lev_config, tokens_per_second: float, peak_tflops: float | None) -> float | None:
-    from alpaca_cli.core.compiled_plan import model_flops_per_step
+    from alpaca_cli.core.target_compile import model_flops_per_step
 
     if not peak_tflops:
         return None
@@ -388,12 +388,12 @@ def part_plan(a, remat: str) -> dict:
 
     import jax
 
-    from alpaca_cli.core import attention, topology
-    from alpaca_cli.core.compiled_plan import compile_step, verdict
+    from alpaca_cli.core import attention, machines
+    from alpaca_cli.core.target_compile import compile_step, verdict
     from alpaca_cli.train_config import TrainConfig
 
     s, d = sizes(a), load_data(a)
-    target = topology.TARGETS.get(a.target) if a.target else topology.cpu_target(1)
+    target = machines.TARGETS.get(a.target) if a.target else machines.cpu_target(1)
     platform = target.platform if a.target else attention.platform_of(jax.devices()[0])
     choice = attention.choose("auto", None, s["seq_len"], platform)
     lev = llama_config(s, s, s["seq_len"], remat == "on", choice)

@@ -1,5 +1,6 @@
 """The package's shape: imports only point down the layers, no module imports itself through others, no private
-name crosses a module boundary, and `alpaca --help` imports nothing heavy (test_cli.py).
+name crosses a module boundary, no function is longer than a screen, and `alpaca --help` imports nothing heavy
+(test_cli.py).
 
 Layers, lowest first (a module may import its own layer or lower ones, never a higher one):
   0  errors, io, seal                            no alpaca imports but each other
@@ -125,3 +126,27 @@ def test_the_checker_sees_lazy_imports_and_would_flag_a_cycle(tmp_path):
     src.write_text("def f():\n    from alpaca_cli.commands import train\n    from alpaca_cli.core.mesh import _x\n")
     found = imports(str(src), set(modules()))
     assert ("alpaca_cli.commands.train", []) in found and ("alpaca_cli.core.mesh", ["_x"]) in found
+
+
+MAX_FUNCTION_LINES = 70
+
+
+def long_functions(path: str) -> list[str]:
+    """Functions (methods and nested ones included) longer than MAX_FUNCTION_LINES, docstring and all."""
+    tree = ast.parse(open(path).read(), path)
+    return [f"{path}:{n.lineno} {n.name} ({n.end_lineno - n.lineno + 1} lines)" for n in ast.walk(tree)
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.end_lineno - n.lineno + 1 > MAX_FUNCTION_LINES]
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function a reader cannot see whole is cut along its seams (a setup object, named steps) instead."""
+    problems = [line for path in modules().values() for line in long_functions(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_length_check_counts_a_long_function(tmp_path):
+    src = tmp_path / "x.py"
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES))
+    src.write_text("def short():\n    pass\n\n\ndef long():\n" + body)
+    assert long_functions(str(src)) == [f"{src}:5 long ({MAX_FUNCTION_LINES + 1} lines)"]

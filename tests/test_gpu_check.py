@@ -32,7 +32,7 @@ def test_gpu_check_runs_every_part_on_cpu(tmp_path):
     for remat in ("off", "on"):
         train, plan = results[f"train_remat_{remat}"], results[f"plan_remat_{remat}"]
         assert train["tokens_per_second"] > 0 and train["steps_timed"] == 2
-        # on CPU the compiled plan (abstract shapes, core/compiled_plan.py) and the real step compiled by the
+        # on CPU the compiled plan (abstract shapes, core/target_compile.py) and the real step compiled by the
         # trainer are the same program: their memory must agree
         assert plan["predicted_gib"] == pytest.approx(train["gpu_compiler_memory_gib"], rel=0.05, abs=2e-3)
         assert results[f"torch_remat_{remat}"]["tokens_per_second"] > 0

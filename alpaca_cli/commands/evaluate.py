@@ -73,7 +73,7 @@ def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> list:
     from alpaca_cli import distributed
     from alpaca_cli.config import PrepareConfig
     from alpaca_cli.core import evaluate as core
-    from alpaca_cli.core.defaults import resolve_builtin_data
+    from alpaca_cli.core.demo_assets import resolve_builtin_data
     from alpaca_cli.core.generate import Request, load_generator
 
     pcfg = run.require_prepare().config if run is not None else PrepareConfig()

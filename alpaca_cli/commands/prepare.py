@@ -43,7 +43,7 @@ def prepare(
     from alpaca_cli import console, rundir
     from alpaca_cli.config import PrepareConfig
     from alpaca_cli.core import prepare as core
-    from alpaca_cli.core.defaults import resolve_builtin_data, resolve_builtin_tokenizer
+    from alpaca_cli.core.demo_assets import resolve_builtin_data, resolve_builtin_tokenizer
     from alpaca_cli.core.prompts import load_prompts_file
 
     prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None

@@ -47,13 +47,13 @@ def train(
     from alpaca_cli.train_config import TrainConfig, adapt_tutorial_yaml, derived_defaults
 
     if target is not None:
-        from alpaca_cli.core import topology
-        from alpaca_cli.core.compiled_plan import simulate_devices
+        from alpaca_cli.core import machines
+        from alpaca_cli.core.target_compile import simulate_devices
         from alpaca_cli.errors import ConfigError
 
         if not dry_run:
             raise ConfigError("--target plans a run for another machine: use it with --dry-run")
-        simulate_devices(topology.get(target).devices)  # before anything starts JAX
+        simulate_devices(machines.get(target).devices)  # before anything starts JAX
     cfg = settings.resolve(TrainConfig, file_adapter=adapt_tutorial_yaml, derived_defaults=derived_defaults)
     distributed.initialize(coordinator_address, num_processes, process_id)
     from alpaca_cli.core import train as core

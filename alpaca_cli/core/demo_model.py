@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 
-from alpaca_cli.core.defaults import asset
+from alpaca_cli.core.demo_assets import asset
 
 DEMO_VERSION = 1
 DEMO_SHAPE = dict(hidden_dim=64, intermediate_dim=192, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=512)

@@ -212,7 +212,7 @@ def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compu
     return layer_set * layers + logits
 
 
-def plan_summary(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int, lev_config, vocab: int,
+def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int, lev_config, vocab: int,
                  model_type: str) -> PlanRecord:
     import jax
     import jax.numpy as jnp
@@ -290,9 +290,9 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
           on_plan=None) -> TrainResult:
     """Plan, then (unless dry_run) train or resume. Returns what was done.
 
-    target (with dry_run): plan for that machine (core/topology.py) instead of the devices present, and compile the
-    training step for it (core/compiled_plan.py; the process must have started JAX with the target's device count
-    of simulated CPU devices: compiled_plan.simulate_devices). on_plan(plan) is called with the plan before any
+    target (with dry_run): plan for that machine (core/machines.py) instead of the devices present, and compile the
+    training step for it (core/target_compile.py; the process must have started JAX with the target's device count
+    of simulated CPU devices: target_compile.simulate_devices). on_plan(plan) is called with the plan before any
     weights are loaded.
     """
     machine = _start(cfg, target, dry_run)
@@ -316,14 +316,14 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
 def _start(cfg: TrainConfig, target: str | None, dry_run: bool):
     """Start JAX (on a pod, every process) and check what the run needs beside the data; returns the target
     machine, if any."""
-    from alpaca_cli.core import topology
+    from alpaca_cli.core import machines
 
-    machine = topology.get(target) if target else None
+    machine = machines.get(target) if target else None
     if machine is not None and not dry_run:
         raise ConfigError("--target plans a run for another machine: use it with --dry-run")
     distributed.initialize()
     if machine is not None:
-        from alpaca_cli.core.compiled_plan import check_devices
+        from alpaca_cli.core.target_compile import check_devices
 
         check_devices(machine)
     _check_tracker_packages(cfg)
@@ -368,7 +368,7 @@ def _set_up(cfg: TrainConfig, run: RunDir, prepared: Prepared, layout: Layout, b
         lora_mod.check_family(base.model_type, cfg.model_name_or_path)
     vocab = len(prepared.tokenizer)
     params, trained = parameter_count(lev_config, vocab, lora_record)
-    summary = plan_summary(cfg, layout, params=params, trainable=trained, lev_config=lev_config, vocab=vocab,
+    summary = plan_record(cfg, layout, params=params, trainable=trained, lev_config=lev_config, vocab=vocab,
                            model_type=base.model_type)
     return TrainSetup(cfg, run, prepared, layout, base, lev_config, lora_record, summary,
                       fingerprint=plan_fingerprint(prepared.fingerprint, cfg, layout.plan))
@@ -379,7 +379,7 @@ def _dry_run(setup: TrainSetup, machine) -> TrainResult:
     if machine is not None:
         summary.platform = machine.name
         summary.hosts = machine.hosts
-        summary.compiled = _compiled_plan(setup, machine)
+        summary.compiled = _compile_for_target(setup, machine)
     return TrainResult("planned", TrainRecord(plan=summary))
 
 
@@ -442,11 +442,11 @@ def _stage_record(setup: TrainSetup, previous: TrainRecord | None) -> TrainRecor
     return record
 
 
-def _compiled_plan(setup: TrainSetup, machine):
+def _compile_for_target(setup: TrainSetup, machine):
     """Compile the step for the target's devices and turn XLA's figures into a verdict and times."""
     from levanter.tracker.tracker import NoopConfig
 
-    from alpaca_cli.core import compiled_plan as cp
+    from alpaca_cli.core import target_compile as cp
     from alpaca_cli.records import CompiledMemory, CompiledPlan
 
     cfg, plan, lev_config = setup.cfg, setup.plan, setup.lev_config

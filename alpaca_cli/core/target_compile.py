@@ -1,6 +1,7 @@
-"""The compiled plan (`alpaca train --dry-run --target NAME`): the real training step, compiled ahead of time for the
-target's device count on simulated CPU devices, with abstract inputs: nothing is allocated (a 7B model's 27 GB of
-weights are never read, let alone materialised), and XLA says what each device would hold.
+"""The training step compiled ahead of time for a target machine (`alpaca train --dry-run --target NAME`, the
+plan's "compiled" part): the real step, for the target's device count on simulated CPU devices, with abstract
+inputs: nothing is allocated (a 7B model's 27 GB of weights are never read, let alone materialised), and XLA says
+what each device would hold.
 
 What is compiled is Levanter's own step (`Trainer._jit_train_step_fn_no_hook`) for our loss and packed rows, the
 trainer state's shape from `eqx.filter_eval_shape` of what `Trainer.initial_state` runs, each leaf carrying the
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 
-from alpaca_cli.core.topology import Target
+from alpaca_cli.core.machines import Target
 
 FITS, BORDERLINE, DOES_NOT_FIT = "fits", "borderline", "does not fit"
 FIT_MARGIN = 0.9
@@ -205,7 +206,7 @@ class _shapes_count_as_arrays:
         import jax
 
         if not hasattr(self.module, "is_array"):
-            raise RuntimeError("haliax.partitioning.is_array is gone: revisit alpaca_cli/core/compiled_plan.py")
+            raise RuntimeError("haliax.partitioning.is_array is gone: revisit alpaca_cli/core/target_compile.py")
         self.saved = self.module.is_array
         self.module.is_array = lambda x: isinstance(x, jax.ShapeDtypeStruct) or eqx.is_array(x)
 

@@ -77,7 +77,7 @@ def test_compiled_flops_count_every_iteration_of_a_loop():
     import jax
     import jax.numpy as jnp
 
-    from alpaca_cli.core.compiled_plan import hlo_matmul_flops
+    from alpaca_cli.core.target_compile import hlo_matmul_flops
 
     def f(x, ws):
         return jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0]
