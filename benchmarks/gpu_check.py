@@ -313,7 +313,7 @@ def part_train(a, remat: str) -> dict:
 
     from alpaca_cli.core import attention
     from alpaca_cli.core.batches import PackedRow, build_row, make_loss_fn
-    from alpaca_cli.core.train import parameter_count
+    from alpaca_cli.core.train_setup import parameter_count
     from alpaca_cli.train_config import TrainConfig
 
     s, d = sizes(a), load_data(a)
@@ -413,7 +413,7 @@ def part_torch(a, remat: str) -> dict:
     import transformers
 
     from alpaca_cli.core import attention
-    from alpaca_cli.core.train import parameter_count
+    from alpaca_cli.core.train_setup import parameter_count
 
     s, d = sizes(a), load_data(a)
     dev = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")

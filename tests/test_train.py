@@ -95,7 +95,7 @@ def test_weights_are_sharded_over_the_tensor_parallel_axis(tiny_model_dir, token
 
     from alpaca_cli.core.models import open_base_model
     from alpaca_cli.core.models import load_base_weights
-    from alpaca_cli.core.train import TP_AXES
+    from alpaca_cli.core.trainer_config import TP_AXES
 
     assert jax.device_count() == 4
     from levanter.utils.mesh import MeshConfig

@@ -3,30 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from alpaca_cli import config as cfgmod
 from alpaca_cli import distributed, logs
-from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
 from alpaca_cli.core.checkpoints import (checkpoint_step, is_whole, latest_checkpoint, resume_point, save_base_files,
                                         save_hook, save_now, seal_every_save)
-from alpaca_cli.core.models import COPY_WEIGHTS, check_vocab, check_weights, load_base_weights, open_base_model
-from alpaca_cli.core.plan import Plan, make_plan, split_validation
+from alpaca_cli.core.models import load_base_weights, open_base_model
+from alpaca_cli.core.plan import Plan
+from alpaca_cli.core.train_setup import TrainSetup, layout_for, load_prepared, set_up
+from alpaca_cli.core.trainer_config import check_tracker_packages, trackers, trainer_config
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError, first_line
 from alpaca_cli.records import (
-    LoraRecord,
-    MemoryEstimate,
-    MeshShape,
-    OptimizerSummary,
     PlanRecord,
     TrainInputs,
     TrainProgress,
@@ -37,8 +30,6 @@ from alpaca_cli.rundir import HEARTBEAT_SECONDS, RUNNING, RunDir
 from alpaca_cli.train_config import TrainConfig
 
 logger = logging.getLogger(__name__)
-
-TP_AXES = ["mlp", "heads", "kv_head"]  # Levanter's names: MLP hidden, attention heads, and (GQA) kv heads
 
 
 @dataclass
@@ -58,229 +49,6 @@ class TrainResult:
     @property
     def final_loss(self) -> float | None:
         return self.record.summary.final_loss if self.record.summary else None
-
-
-# -- planning -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Prepared:
-    """What train needs from the prepare stage."""
-
-    cache: cachemod.PreparedCache
-    tokenizer: object
-    added: dict[str, str]
-    fingerprint: str
-    prompts: object  # PromptTemplates
-    lengths: np.ndarray
-    trained: np.ndarray
-
-
-def load_prepared(run: RunDir) -> Prepared:
-    record = run.require_prepare()
-    prepared_cache = cachemod.open_run_cache(run)
-    return Prepared(
-        cache=prepared_cache,
-        tokenizer=run.load_tokenizer(),
-        added=dict(record.summary.added_tokens) if record.summary else {},
-        fingerprint=record.fingerprint,
-        prompts=record.config.prompts,
-        lengths=prepared_cache.lengths(),
-        trained=prepared_cache.trained_tokens(),
-    )
-
-
-@dataclass
-class Layout:
-    """The plan and how it spreads over the devices: decided from the prepared data before the model is opened."""
-
-    plan: Plan
-    dp: int
-    """Data-parallel (FSDP) devices."""
-    tp: int
-    """Tensor-parallel devices."""
-    attention: attention_mod.AttentionChoice
-
-
-@dataclass
-class TrainSetup:
-    """What every step of `train` reads, decided once before any weight is loaded."""
-
-    cfg: TrainConfig
-    run: RunDir
-    prepared: Prepared
-    layout: Layout
-    base: object  # the open base model (core/models.py)
-    lev_config: object
-    lora: LoraRecord | None
-    summary: PlanRecord
-    fingerprint: str
-    """The plan's fingerprint (plan_fingerprint): a resume must follow the same plan."""
-    progress_factory: object = None
-    resume: str | None = None
-    """The checkpoint to resume from (resume_point); None: start from the base model."""
-
-    @property
-    def plan(self) -> Plan:
-        return self.layout.plan
-
-    @property
-    def vocab(self) -> int:
-        """The tokenizer's size: the rows of the embedding the loss counts."""
-        return len(self.prepared.tokenizer)
-
-    @property
-    def pad_id(self) -> int:
-        tok = self.prepared.tokenizer
-        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def _mesh_shape(cfg, n_devices: int) -> tuple[int, int]:
-    tp = cfg.tensor_parallel
-    if n_devices % tp:
-        divisors = [d for d in range(1, n_devices + 1) if n_devices % d == 0]
-        raise ConfigError(f"--tensor-parallel {tp} does not divide the {n_devices} devices; "
-                          f"use one of {', '.join(map(str, divisors))}")
-    return n_devices // tp, tp
-
-
-def _row_multiple(cfg, dp: int) -> int:
-    pdp = cfg.trainer.per_device_parallelism
-    return dp * (pdp if pdp and pdp > 0 else 1)
-
-
-def _check_shapes(cfg, lev_config, base, dp: int) -> None:
-    problems = []
-    tp = cfg.tensor_parallel
-    ctx = base.context_length
-    if ctx is not None and cfg.seq_len > ctx:
-        problems.append(f"--seq-len {cfg.seq_len} is longer than the model's context ({ctx} tokens)")
-    if tp > 1:
-        for name, attr in (("kv heads", "num_kv_heads"), ("attention heads", "num_heads"), ("MLP width", "intermediate_dim")):
-            value = getattr(lev_config, attr, None)
-            if value is not None and value % tp:
-                problems.append(f"--tensor-parallel {tp} does not divide the model's {name} ({value})")
-    hidden = getattr(lev_config, "hidden_dim", None)
-    if hidden is not None and hidden % dp:
-        problems.append(
-            f"the model's hidden size {hidden} does not divide over the {dp} data-parallel (FSDP) devices; "
-            "use --tensor-parallel to make fewer"
-        )
-    if problems:
-        raise ConfigError(problems)
-
-
-def parameter_count(lev_config, vocab: int, lora_record=None) -> tuple[int, int]:
-    """(parameters of the model, of them trained): all, or the adapters' with LoRA. From shapes alone."""
-    import equinox as eqx
-    import haliax as hax
-    import jax
-
-    def count(tree) -> int:
-        leaves = [x for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
-        return int(sum(np.prod(x.shape) for x in leaves))
-
-    key = jax.random.PRNGKey(0)
-    shape = eqx.filter_eval_shape(lev_config.build, hax.Axis("vocab", vocab), key=key)
-    if lora_record is None:
-        return count(shape), count(shape)
-    from alpaca_cli.core import lora
-
-    adapted = eqx.filter_eval_shape(lambda: lora.add_adapters(lev_config.build(hax.Axis("vocab", vocab), key=key),
-                                                              lora_record, key))
-    return count(shape), count(lora.adapters_only(adapted))
-
-
-def activation_bytes(cfg: TrainConfig, lev_config, rows_per_device: float, compute_bytes: int, vocab: int) -> float:
-    """A rough estimate of one device's activation memory for a forward and backward pass (before tensor
-    parallelism). With remat, the residual stream of every layer plus one layer's working set; without, every
-    layer's working set. Vanilla attention materialises [heads, row, row] scores per row; flash and splash do not.
-    (The compiled plan, `--dry-run --target`, replaces the estimate with XLA's own figure.)"""
-    pdp = cfg.trainer.per_device_parallelism
-    rows = pdp if pdp and pdp > 0 else rows_per_device
-    hidden = getattr(lev_config, "hidden_dim", 0) or 0
-    layers = getattr(lev_config, "num_layers", 0) or 0
-    mlp = getattr(lev_config, "intermediate_dim", 4 * hidden) or 4 * hidden
-    heads = getattr(lev_config, "num_heads", 1) or 1
-    tokens = rows * cfg.seq_len
-    layer_set = tokens * (hidden * 12 + mlp * 3) * compute_bytes
-    if lev_config.attn_backend is not None and getattr(lev_config.attn_backend, "value", "") == "vanilla":
-        layer_set += rows * heads * cfg.seq_len * cfg.seq_len * 4
-    logits = tokens * 8 * vocab  # float32 logits and their gradient
-    if cfg.remat:
-        return tokens * hidden * compute_bytes * layers + layer_set + logits
-    return layer_set * layers + logits
-
-
-def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int, lev_config, vocab: int,
-                 model_type: str) -> PlanRecord:
-    import jax
-    import jax.numpy as jnp
-
-    plan, dp, tp, mp = layout.plan, layout.dp, layout.tp, cfg.trainer.mp
-    n_devices = dp * tp
-    param_bytes = jnp.dtype(mp.param_dtype).itemsize
-    compute_bytes = jnp.dtype(mp.compute_dtype).itemsize
-    # trained parameters: the parameter, its gradient (param dtype) and Adam's two float32 moments; with LoRA the
-    # frozen base is held in the compute dtype; all sharded over every device (FSDP x TP)
-    state_bytes = (trainable * (2 * param_bytes + 8) + (params - trainable) * compute_bytes) / n_devices
-    act_bytes = activation_bytes(cfg, lev_config, plan.rows_per_step / dp, compute_bytes, vocab) / tp
-    return PlanRecord(
-        model=cfg.model_name_or_path,
-        model_type=model_type,
-        parameters=params,
-        devices=n_devices,
-        hosts=jax.process_count(),
-        platform=jax.devices()[0].platform,
-        mesh=MeshShape(data_parallel_fsdp=dp, tensor_parallel=tp),
-        seq_len=cfg.seq_len,
-        pack=cfg.pack,
-        batch_size_examples=cfg.batch_size,
-        rows_per_step=plan.rows_per_step,
-        examples_per_step=round(plan.examples_per_step, 2),
-        steps=plan.steps,
-        epochs=plan.epochs,
-        train_examples=plan.train_examples,
-        val_examples=int(len(plan.val_examples)),
-        trained_tokens=plan.trained_tokens,
-        real_tokens=plan.real_tokens,
-        padding_fraction=round(plan.padding_fraction, 4),
-        precision=f"params {jnp.dtype(mp.param_dtype).name}, compute {jnp.dtype(mp.compute_dtype).name}",
-        attention=layout.attention.backend,
-        attention_block=layout.attention.block,
-        remat=cfg.remat,
-        lora_r=cfg.lora_r,
-        trainable_parameters=trainable,
-        optimizer=OptimizerSummary(
-            learning_rate=cfg.optimizer.learning_rate,
-            weight_decay=cfg.optimizer.weight_decay,
-            warmup=cfg.optimizer.warmup,
-            lr_schedule=str(cfg.optimizer.lr_schedule),
-        ),
-        memory_per_device_gib=MemoryEstimate(
-            model_and_optimizer=round(state_bytes / 2**30, 3),
-            activations_estimate=round(act_bytes / 2**30, 3),
-        ),
-    )
-
-
-def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
-    key = {
-        "prepared": prepared_fp,
-        "model": cfg.model_name_or_path,
-        "seq_len": cfg.seq_len,
-        "pack": cfg.pack,
-        "batch_size": cfg.batch_size,
-        "epochs": cfg.epochs,
-        "steps": cfg.steps,
-        "seed": cfg.trainer.seed,
-        "max_segments": cfg.max_segments_per_row,
-        "val_fraction": cfg.val_fraction,
-        "rows_per_step": plan.rows_per_step,
-        "plan_steps": plan.steps,
-        "lora": dataclasses.asdict(lora_mod.record(cfg)) if cfg.lora else None,
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
 # -- training -------------------------------------------------------------------------------------------------------
@@ -304,9 +72,9 @@ def train(cfg: TrainConfig, run: RunDir, *, dry_run: bool = False, target: str |
             "the config's prompts differ from the templates this run was prepared with",
             hint="drop `prompts` from the train config, or re-run alpaca prepare --prompts with them",
         )
-    layout = _layout(cfg, prepared, machine)
+    layout = layout_for(cfg, prepared, machine)
     with open_base_model(cfg.model_name_or_path) as base:
-        setup = _set_up(cfg, run, prepared, layout, base, dry_run=dry_run)
+        setup = set_up(cfg, run, prepared, layout, base, dry_run=dry_run)
         if dry_run:
             return _dry_run(setup, machine)
         setup.progress_factory = progress_factory
@@ -326,52 +94,8 @@ def _start(cfg: TrainConfig, target: str | None, dry_run: bool):
         from alpaca_cli.core.target_compile import check_devices
 
         check_devices(machine)
-    _check_tracker_packages(cfg)
+    check_tracker_packages(cfg)
     return machine
-
-
-def _layout(cfg: TrainConfig, prepared: Prepared, machine) -> Layout:
-    import jax
-
-    dp, tp = _mesh_shape(cfg, jax.device_count())
-    platform = machine.platform if machine is not None else attention_mod.platform_of(jax.devices()[0])
-    attention = attention_mod.choose(cfg.attention, cfg.attention_block, cfg.seq_len, platform)
-    seed = cfg.trainer.seed
-    train_ids, val_ids = split_validation(len(prepared.lengths), cfg.val_fraction, seed)
-    plan = make_plan(
-        prepared.lengths,
-        prepared.trained,
-        seq_len=cfg.seq_len,
-        pack=cfg.pack,
-        batch_size=cfg.batch_size,
-        epochs=cfg.epochs,
-        steps=cfg.steps,
-        row_multiple=_row_multiple(cfg, dp),
-        seed=seed,
-        max_segments=cfg.max_segments_per_row,
-        train_ids=train_ids,
-        val_ids=val_ids,
-    )
-    return Layout(plan, dp, tp, attention)
-
-
-def _set_up(cfg: TrainConfig, run: RunDir, prepared: Prepared, layout: Layout, base, *, dry_run: bool) -> TrainSetup:
-    """Check the base model against the data and the mesh, and summarise the plan."""
-    check_vocab(base, prepared.tokenizer, prepared.added)
-    base.check_supported(cfg.seq_len)
-    if not dry_run:  # a plan needs config.json alone
-        check_weights(base, f"--model {base.spec}", hint=COPY_WEIGHTS)
-    lev_config = base.lev_config(cfg.seq_len, layout.attention, cfg.remat)
-    _check_shapes(cfg, lev_config, base, layout.dp)
-    lora_record = lora_mod.record(cfg)
-    if lora_record is not None:
-        lora_mod.check_family(base.model_type, cfg.model_name_or_path)
-    vocab = len(prepared.tokenizer)
-    params, trained = parameter_count(lev_config, vocab, lora_record)
-    summary = plan_record(cfg, layout, params=params, trainable=trained, lev_config=lev_config, vocab=vocab,
-                           model_type=base.model_type)
-    return TrainSetup(cfg, run, prepared, layout, base, lev_config, lora_record, summary,
-                      fingerprint=plan_fingerprint(prepared.fingerprint, cfg, layout.plan))
 
 
 def _dry_run(setup: TrainSetup, machine) -> TrainResult:
@@ -450,9 +174,9 @@ def _compile_for_target(setup: TrainSetup, machine):
     from alpaca_cli.records import CompiledMemory, CompiledPlan
 
     cfg, plan, lev_config = setup.cfg, setup.plan, setup.lev_config
-    trainer_config = dataclasses.replace(_trainer_config(cfg, setup.run, plan, cp.scratch_dir(), NoopConfig()),
+    levanter_config = dataclasses.replace(trainer_config(cfg, setup.run, plan, cp.scratch_dir(), NoopConfig()),
                                          id="dry-run")
-    step = cp.compile_step(cfg, plan, lev_config, setup.vocab, machine, trainer_config, setup.lora)
+    step = cp.compile_step(cfg, plan, lev_config, setup.vocab, machine, levanter_config, setup.lora)
     verdict, text = cp.verdict(step, machine)
     tokens = plan.rows_per_step * cfg.seq_len
     model_flops = cp.model_flops_per_step(setup.summary.parameters, lev_config, tokens)
@@ -480,81 +204,6 @@ def _compile_for_target(setup: TrainSetup, machine):
     )
 
 
-def _trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume: str | None = None):
-    from levanter.checkpoint import CheckpointerConfig
-    from levanter.distributed import DistributedConfig
-
-    tc = cfg.trainer
-    mesh = tc.mesh
-    if cfg.tensor_parallel > 1:  # TP_AXES on the "model" mesh axis (a mapping the config gives for one wins)
-        mesh = dataclasses.replace(
-            mesh, axes={**mesh.axes, "model": cfg.tensor_parallel},
-            shared_mapping={**{a: "model" for a in TP_AXES}, **mesh.shared_mapping})
-    return dataclasses.replace(
-        tc,
-        id=run.name,
-        # Levanter's train_batch_size counts what it stacks into a batch: our packed rows. Ours (the config key, in
-        # the tutorial's meaning) counted examples; the plan turned it into rows.
-        train_batch_size=plan.rows_per_step,
-        num_train_steps=plan.steps,
-        mesh=mesh,
-        checkpointer=CheckpointerConfig(
-            base_path=run.checkpoints_dir,
-            save_interval=datetime.timedelta(minutes=cfg.checkpoint_minutes),
-            keep=[dict(every=cfg.checkpoint_every)],
-            append_run_id_to_base_path=False,
-        ),
-        # the checkpoint to resume from, as checked by resume_point (not Levanter's discovery, which takes any
-        # folder with a metadata.json for the newest); None: start from the base model
-        load_checkpoint_path=resume,
-        load_checkpoint=resume is not None,
-        log_dir=Path(log_dir),
-        tracker=trackers,
-        require_accelerator=False,
-        distributed=DistributedConfig(initialize_jax_distributed=False),  # done by distributed.initialize()
-        log_jaxprs=False,
-        log_xla_hlo=False,
-        steps_per_eval=cfg.eval_every,
-    )
-
-
-def _check_tracker_packages(cfg) -> None:
-    if cfg.tensorboard_dir:
-        try:
-            import tensorboardX  # noqa: F401
-        except ImportError:
-            raise ConfigError("--tensorboard-dir needs tensorboardX", hint="pip install tensorboardX") from None
-    if cfg.wandb_project:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            raise ConfigError("--wandb-project needs wandb", hint="pip install wandb") from None
-
-
-def _trackers(cfg, run: RunDir):
-    from levanter.tracker.tracker import NoopConfig
-
-    trackers = []
-    if cfg.wandb_project:
-        from levanter.tracker.wandb import WandbConfig
-
-        trackers.append(
-            WandbConfig(project=cfg.wandb_project, name=run.name, id=_wandb_id(run), resume="allow", save_code=False)
-        )
-    if cfg.tensorboard_dir:
-        from levanter.tracker.tensorboard import TensorboardConfig
-
-        trackers.append(TensorboardConfig(logdir=cfg.tensorboard_dir))
-    if not trackers:
-        return NoopConfig()
-    return trackers[0] if len(trackers) == 1 else tuple(trackers)
-
-
-def _wandb_id(run: RunDir) -> str:
-    # stable across resumes of the same run directory
-    return "alpaca-" + hashlib.sha1(run.url.encode()).hexdigest()[:12]
-
-
 @dataclass
 class _Hooks:
     """The hooks that training's end waits on, flushes or closes."""
@@ -571,8 +220,8 @@ def _run_training(setup: TrainSetup) -> TrainResult:
     from alpaca_cli.core.hooks import fire_from_the_first_step
 
     run, plan = setup.run, setup.plan
-    trainer_config, optimizer, loss_fn = _trainer_parts(setup)
-    with Trainer(trainer_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
+    levanter_config, optimizer, loss_fn = _trainer_parts(setup)
+    with Trainer(levanter_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
         fire_from_the_first_step(trainer)
         state = _initial_state(setup, trainer)
         start_step = int(state.step)
@@ -599,16 +248,16 @@ def _trainer_parts(setup: TrainSetup):
 
     cfg, run, plan = setup.cfg, setup.run, setup.plan
     log_dir = run.local_logs_dir()
-    trainer_config = _trainer_config(cfg, run, plan, log_dir, _trackers(cfg, run), setup.resume)
+    levanter_config = trainer_config(cfg, run, plan, log_dir, trackers(cfg, run), setup.resume)
     with logs.keep_console_handlers():
-        trainer_config.initialize()
+        levanter_config.initialize()
     levanter.tracker.log_configuration(cfg)
     accum = 1
-    pdp = trainer_config.per_device_parallelism
+    pdp = levanter_config.per_device_parallelism
     if pdp and pdp > 0:
-        accum = plan.rows_per_step // (pdp * trainer_config.data_axis_size)
+        accum = plan.rows_per_step // (pdp * levanter_config.data_axis_size)
     optimizer = cfg.optimizer.build(plan.steps)
-    return trainer_config, optimizer, make_loss_fn(setup.vocab, accum_steps=max(1, accum))
+    return levanter_config, optimizer, make_loss_fn(setup.vocab, accum_steps=max(1, accum))
 
 
 def _initial_state(setup: TrainSetup, trainer):
