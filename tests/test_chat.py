@@ -59,6 +59,19 @@ SHAREGPT = [
 ]
 
 
+def test_tool_calls_and_reasoning_reach_the_template():
+    call = [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]
+    row = {"messages": [{"role": "user", "content": "Weather?"},
+                        {"role": "assistant", "content": None, "tool_calls": call, "weight": 0},
+                        {"role": "tool", "content": "21", "tool_call_id": "c1", "name": "get_weather"},
+                        {"role": "assistant", "content": "21 °C.", "reasoning_content": "It said 21."}]}
+    assert chat.to_messages(row, "messages", where="r") == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": call},
+        {"role": "tool", "content": "21", "tool_call_id": "c1", "name": "get_weather"},
+        {"role": "assistant", "content": "21 °C.", "reasoning_content": "It said 21."}]
+
+
 def test_detect_format():
     assert chat.detect_format({"messages": MESSAGES}) == "messages"
     assert chat.detect_format({"conversations": SHAREGPT, "id": 3}) == "sharegpt"
@@ -190,12 +203,27 @@ def _byte_level_tokenizer(tmp_path):
     return folder
 
 
-@pytest.mark.parametrize("which", ["demo", "tok400", "bytelevel"])
+def _kind_tokenizer(kind, tmp_path):
+    """test_tokenizers' Qwen-base-like (no BOS, pad == eos) and Gemma-like tokenizers."""
+    from test_tokenizers import KINDS, _train_bpe
+    from transformers import PreTrainedTokenizerFast
+
+    spec = KINDS[kind]
+    texts = [PROMPT_DICT["prompt_input"].format_map({"input": "", **r}) + r["output"] for r in _alpaca_records()]
+    backend = _train_bpe(texts * 5, byte_level=spec["byte_level"], specials=spec["specials"], bos=spec["bos"])
+    folder = str(tmp_path / kind)
+    PreTrainedTokenizerFast(tokenizer_object=backend, **spec["names"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("which", ["demo", "tok400", "bytelevel", "pad-is-eos", "gemma"])
 @pytest.mark.parametrize("max_length", [512, 48])
 def test_alpaca_single_turn_gives_exactly_the_alpaca_records_labels(which, max_length, tmp_path):
     from alpaca_cli.core.tokenize import load_tokenizer
 
-    folder = {"demo": DEMO_TOKENIZER, "tok400": TOK400}.get(which) or _byte_level_tokenizer(tmp_path)
+    folder = {"demo": DEMO_TOKENIZER, "tok400": TOK400}.get(which)
+    if folder is None:
+        folder = _byte_level_tokenizer(tmp_path) if which == "bytelevel" else _kind_tokenizer(which, tmp_path)
     tok = load_tokenizer(folder).tokenizer  # with Stanford's added special tokens, as prepare loads it
     records = _alpaca_records()
     template = chat.resolve_template(tok, "alpaca").text

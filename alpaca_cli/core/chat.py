@@ -58,6 +58,10 @@ SHAREGPT_ROLES = {
 }
 """ShareGPT's `from` values and the role each becomes."""
 
+PASSED_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+"""Keys of a `messages` turn kept beside role and content (Llama-3.1's and Qwen's templates render tool calls,
+Qwen3's the reasoning); anything else in a turn is not given to the template."""
+
 # -- formats --------------------------------------------------------------------------------------------------------
 
 
@@ -104,9 +108,14 @@ def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
         if role not in roles:
             raise DataError(f"{where}: `{key}[{j}].{role_key}` is {role!r}; known: {', '.join(roles)}")
         content = turn.get(content_key)
+        if content is None and fmt == "messages" and turn.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
         if not isinstance(content, str):
             raise DataError(f"{where}: `{key}[{j}].{content_key}` must be a string, found {_json_type(content)}")
-        messages.append({"role": roles[role], "content": content})
+        message = {"role": roles[role], "content": content}
+        if fmt == "messages":  # what the templates that render tools and reasoning read
+            message.update((k, turn[k]) for k in PASSED_KEYS if turn.get(k) is not None)
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
     return messages
@@ -216,13 +225,21 @@ def _compile(text: str):
 
 class Renderer:
     """Renders conversations as `tok.apply_chat_template(messages, chat_template=text, tokenize=False,
-    add_generation_prompt=...)` does (same compiled template, same variables), without its per-call overhead."""
+    add_generation_prompt=...)` does (same compiled template, same variables), without its per-call overhead; through
+    apply_chat_template itself where transformers no longer has the compiler this uses."""
 
     def __init__(self, tok, text: str):
-        self.template = _compile(text)
+        self.tok, self.text = tok, text
+        try:
+            self.template = _compile(text)
+        except ImportError:
+            self.template = None
         self.variables = dict(tok.special_tokens_map)
 
     def __call__(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
+        if self.template is None:
+            return self.tok.apply_chat_template(list(messages), chat_template=self.text, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
         return self.template.render(messages=list(messages), tools=None, documents=None,
                                     add_generation_prompt=add_generation_prompt, **self.variables)
 
