@@ -331,12 +331,12 @@ def test_chatml_check_fails_under_a_mutation(mutation, chatml_tok, monkeypatch):
     the newline after it."""
     header, close = len("<|im_start|>assistant\n"), len("<|im_end|>")
     shift = {"header": (-header, 0), "no-closing": (0, -close), "whitespace-after": (0, 1)}[mutation]
-    real = chat.trained_mask
+    real = chat.turn_mask
 
-    def mutated(starts, ends, spans):
-        return real(starts, ends, [(a + shift[0], b + shift[1]) for a, b in spans])
+    def mutated(encoding, a, b):
+        return real(encoding, a + shift[0], b + shift[1])
 
-    monkeypatch.setattr(chat, "trained_mask", mutated)
+    monkeypatch.setattr(chat, "turn_mask", mutated)
     with pytest.raises(AssertionError):
         _check_chatml(chatml_tok, CONVERSATIONS["with-system"])
 
