@@ -492,3 +492,64 @@ def test_a_generation_prompt_that_is_not_the_turns_start_is_refused(demo):
 
 
 CHATML = chat.CHATML
+
+
+# -- against transformers' assistant mask, and offsets that a post-processor trims ----------------------------------
+
+CHATML_GENERATION = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}"
+    "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+"""ChatML with `{% generation %}` around each assistant turn's content and closing token: renders as CHATML does."""
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_chatml_equals_transformers_assistant_mask(name, chatml_tok, tmp_path):
+    from alpaca_cli.core.tokenize import load_tokenizer
+
+    byte_level = load_tokenizer(_byte_level_tokenizer(tmp_path)).tokenizer
+    for tok in (chatml_tok, byte_level):
+        conv = CONVERSATIONS[name]
+        assert tok.apply_chat_template(conv, chat_template=CHATML_GENERATION, tokenize=False) == _chatml_text(conv)
+        want = tok.apply_chat_template(conv, chat_template=CHATML_GENERATION, return_dict=True,
+                                       return_assistant_tokens_mask=True)
+        got = chat.tokenize_conversations(tok, chat.CHATML, [conv], max_length=4096)
+        assert got.input_ids[0].tolist() == want["input_ids"]
+        assert got.targets[0].tolist() == [0] + want["assistant_masks"][1:]
+
+
+def test_offsets_trimmed_by_a_post_processor(tmp_path):
+    """A GPT-2-style tokenizer whose ByteLevel post-processor trims spaces off the offsets: ' 1' keeps only '1',
+    runs of spaces get empty spans, and the space Mistral-like templates put before an answer belongs to no token.
+    The reference: the same tokens' untrimmed offsets, intersected with the answer's span."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    folder = _byte_level_tokenizer(tmp_path)
+    untrimmed = PreTrainedTokenizerFast.from_pretrained(folder)
+    backend = untrimmed.backend_tokenizer
+    backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    trimmed = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                      eos_token="<|end_of_text|>")
+    untrimmed.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    conv = [{"role": "user", "content": "Spaces?"}, {"role": "assistant", "content": "a    b  c"},
+            {"role": "user", "content": "More"}, {"role": "assistant", "content": "   d"}]
+    # Mistral-like: each answer starts with an uncovered space (its tokens found from all the offsets); ChatML:
+    # from char_to_token at both ends, the empty spans inside the answer between them
+    for template, pattern in ((MISTRAL_LIKE, r"\[/INST\]( [^<]*<\|end_of_text\|>)"),
+                              (CHATML, CHATML_ASSISTANT.replace("<\\|im_end\\|>", "<\\|end_of_text\\|>"))):
+        if template == CHATML:
+            template = template.replace("<|im_end|>", "<|end_of_text|>")
+        got = chat.tokenize_conversations(trimmed, template, [conv], max_length=4096)
+        text = chat.Renderer(trimmed, template)(conv)
+        ids, targets = _reference_targets(untrimmed, text, pattern)
+        enc = trimmed(text, add_special_tokens=False, return_offsets_mapping=True)
+        assert enc["input_ids"] == ids and any(s == e for s, e in enc["offset_mapping"])  # some spans are empty
+        assert got.input_ids[0].tolist() == ids
+        assert got.targets[0].tolist() == targets, template

@@ -12,10 +12,9 @@ add_generation_prompt=True) and R_i = render(messages[:i+1]); the characters [le
 are what the assistant wrote in that turn: its content and what closes the turn (<|im_end|>, <|eot_id|>,
 <end_of_turn>, </s>...), not the header before it nor the whitespace after the closing token. The full rendering
 is tokenized once, without special tokens (templates write the BOS themselves), and a token is trained iff its
-character span [s, e) is non-empty and intersects a trained span (and, where a post-processor trims offsets, a
-token with an empty span between two such tokens of the same turn): what transformers'
-`return_assistant_tokens_mask` gives for a template whose `{% generation %}` markers wrap the content and the
-closing token.
+character span [s, e) is non-empty and intersects a trained span: what transformers' `return_assistant_tokens_mask`
+gives for a template whose `{% generation %}` markers wrap the content and the closing token. (Offsets trimmed by a
+post-processor: see `turn_mask`.)
 
 A template is prefix-preserving for a conversation when the full rendering F starts with every R_i and every R_i
 starts with its P_i. One that is not (Mistral moves the system prompt into the last user turn; Qwen3 drops the
@@ -349,11 +348,15 @@ def trained_mask(starts: np.ndarray, ends: np.ndarray, spans: Sequence[tuple[int
 
 def turn_mask(encoding, a: int, b: int) -> np.ndarray:
     """The tokens of one trained span [a, b) of the encoding's text: from the first to the last token whose
-    non-empty character span intersects it (a token with an empty span between them, which only a post-processor
-    that trims offsets makes, is the assistant's too, as in transformers' return_assistant_tokens_mask).
+    character span intersects it, each token's span taken back over any characters no token covers
+    ([min(start, previous end), end)). Where every character belongs to a token (the tokenizers of chat models)
+    that is the intersection rule of the module docstring. A post-processor that trims offsets (GPT-2's ByteLevel
+    with trim_offsets) leaves the spaces a token holds uncovered, and a token of spaces with an empty span: such
+    tokens are the assistant's where they stand in its text (transformers' assistant mask stops at the first
+    uncovered character instead).
 
-    Asked of the Rust encoding (char_to_token at both ends: the first token holding a character is what it
-    returns); where a character there belongs to no token, from all the offsets."""
+    Asked of the Rust encoding where both ends are covered (char_to_token returns the first token holding a
+    character; the byte-fallback pieces of the last character follow it); from all the offsets otherwise."""
     n = len(encoding)  # not len(encoding.ids), which builds the list of ids
     mask = np.zeros(n, dtype=np.uint8)
     if b <= a:
@@ -361,11 +364,13 @@ def turn_mask(encoding, a: int, b: int) -> np.ndarray:
     first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
     if first is None or last is None:
         offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-        hit = np.nonzero(trained_mask(offsets[:, 0], offsets[:, 1], [(a, b)]))[0]
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        starts = np.minimum(starts, np.concatenate([[0], ends[:-1]]))
+        hit = np.nonzero(trained_mask(starts, ends, [(a, b)]))[0]
         if len(hit):
             mask[hit[0] : hit[-1] + 1] = 1
         return mask
-    while last + 1 < n and encoding.token_to_chars(last + 1)[0] < b:  # byte-fallback pieces of the last character
+    while last + 1 < n and encoding.token_to_chars(last + 1)[0] < b:
         last += 1
     mask[first : last + 1] = 1
     return mask
