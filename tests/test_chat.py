@@ -553,3 +553,19 @@ def test_offsets_trimmed_by_a_post_processor(tmp_path):
         assert enc["input_ids"] == ids and any(s == e for s, e in enc["offset_mapping"])  # some spans are empty
         assert got.input_ids[0].tolist() == ids
         assert got.targets[0].tolist() == targets, template
+
+
+PLAIN = ("{%- for m in messages -%}{{ ('A: ' if m['role'] == 'assistant' else 'U: ') + m['content'] + '\\n' }}"
+         "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'A: ' }}{%- endif -%}")
+"""No closing token: an answer's last character ends its trained span."""
+
+
+def test_an_answer_ending_in_byte_fallback_pieces_trains_them_all(demo):
+    conv = [{"role": "user", "content": "Rocket?"}, {"role": "assistant", "content": "Here: 🚀"},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "🚀🚀"}]
+    text = chat.Renderer(demo, PLAIN)(conv)
+    assert text == "U: Rocket?\nA: Here: 🚀\nU: Again\nA: 🚀🚀\n"
+    ids, targets = _reference_targets(demo, text, r"A: (.*?)\n")
+    assert demo.convert_ids_to_tokens(ids[-5:-1]) == ["<0xF0>", "<0x9F>", "<0x9A>", "<0x80>"]  # one emoji, 4 bytes
+    got = chat.tokenize_conversations(demo, PLAIN, [conv], max_length=4096)
+    assert got.input_ids[0].tolist() == ids and got.targets[0].tolist() == targets
