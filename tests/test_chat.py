@@ -88,6 +88,13 @@ def test_sharegpt_and_messages_normalise_to_the_same_messages():
     # LLaMA-Factory's form: the system prompt beside the turns
     c = chat.to_messages({"system": "You are terse.", "conversations": SHAREGPT[1:]}, "sharegpt", where="r")
     assert c == a
+    assert chat.to_messages({"chat": MESSAGES}, "messages", where="r", field="chat") == a
+    # ShareGPT lists written with role/content (many Hub datasets)
+    d = [{"role": m["role"], "content": m["content"]} for m in MESSAGES]
+    assert chat.to_messages({"conversations": d}, "sharegpt", where="r") == a
+    with pytest.raises(DataError) as e:
+        chat.to_messages({"messages": MESSAGES}, "messages", where="r", field="chat")
+    assert "`chat` must be a list of turns, found null" in _one_line(e)
 
 
 @pytest.mark.parametrize("fmt,row,words", [
@@ -97,6 +104,7 @@ def test_sharegpt_and_messages_normalise_to_the_same_messages():
     ("messages", {"messages": [{"role": "assistant", "content": None}]}, ["messages[0].content", "null"]),
     ("messages", {"messages": [{"role": "assistant", "content": [{"type": "text"}]}]}, ["a list"]),
     ("messages", {"messages": ["hi"]}, ["messages[0]", "an object"]),
+    ("messages", {"messages": [{"role": ["user"], "content": "x"}]}, ["messages[0].role", "['user']"]),
     ("sharegpt", {"conversations": [{"from": "bot", "value": "x"}]}, ["bot", "known: system, human"]),
     ("sharegpt", {"conversations": [{"from": "gpt", "value": 3}]}, ["conversations[0].value", "a number"]),
     ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, ["no assistant turn"]),

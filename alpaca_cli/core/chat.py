@@ -83,9 +83,10 @@ def detect_format(row: Mapping, *, where: str = "record") -> str:
     )
 
 
-def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
+def to_messages(row: Mapping, fmt: str, *, where: str, field: str | None = None) -> list[dict]:
     """The record's conversation as [{"role", "content"}] with roles system / user / assistant / tool, checked:
-    known roles, string contents, at least one assistant turn. `where` names the record in errors."""
+    known roles, string contents, at least one assistant turn. `where` names the record in errors; `field` is the
+    record's field holding the turns when it is not `messages` / `conversations`."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, found {type(row).__name__}")
     if fmt == "messages":
@@ -94,6 +95,7 @@ def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
         key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     else:
         raise ConfigError(f"to_messages: format {fmt!r} is not a conversation format (messages, sharegpt)")
+    key = field or key
     turns = row.get(key)
     if not isinstance(turns, list):
         raise DataError(f"{where}: field `{key}` must be a list of turns, found {_json_type(turns)}")
@@ -105,14 +107,17 @@ def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
         if not isinstance(turn, Mapping):
             raise DataError(f"{where}: `{key}[{j}]` must be an object with `{role_key}` and `{content_key}`, "
                             f"found {_json_type(turn)}")
-        role = turn.get(role_key)
-        if role not in roles:
-            raise DataError(f"{where}: `{key}[{j}].{role_key}` is {role!r}; known: {', '.join(roles)}")
-        content = turn.get(content_key)
+        rk, ck = role_key, content_key
+        if fmt == "sharegpt" and "from" not in turn and "role" in turn:  # ShareGPT lists written with role/content
+            rk, ck = "role", "content"
+        role = turn.get(rk)
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(f"{where}: `{key}[{j}].{rk}` is {role!r}; known: {', '.join(roles)}")
+        content = turn.get(ck)
         if content is None and fmt == "messages" and turn.get("tool_calls"):
             content = ""  # an assistant turn that only calls tools
         if not isinstance(content, str):
-            raise DataError(f"{where}: `{key}[{j}].{content_key}` must be a string, found {_json_type(content)}")
+            raise DataError(f"{where}: `{key}[{j}].{ck}` must be a string, found {_json_type(content)}")
         message = {"role": roles[role], "content": content}
         if fmt == "messages":  # what the templates that render tools and reasoning read
             message.update((k, turn[k]) for k in PASSED_KEYS if turn.get(k) is not None)
