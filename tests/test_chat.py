@@ -76,6 +76,9 @@ def test_detect_format():
     assert chat.detect_format({"messages": MESSAGES}) == "messages"
     assert chat.detect_format({"conversations": SHAREGPT, "id": 3}) == "sharegpt"
     assert chat.detect_format({"instruction": "a", "output": "b"}) == "alpaca"
+    assert chat.detect_format({"messages": SHAREGPT}) == "sharegpt"  # ShareGPT turns under `messages`
+    assert chat.to_messages({"messages": SHAREGPT}, "sharegpt", where="r") == chat.to_messages(
+        {"messages": MESSAGES}, "messages", where="r")
     with pytest.raises(DataError) as e:
         chat.detect_format({"text": "x"}, where="data.jsonl line 7")
     assert "data.jsonl line 7" in _one_line(e) and "text" in str(e.value)

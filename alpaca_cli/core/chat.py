@@ -71,7 +71,8 @@ def detect_format(row: Mapping, *, where: str = "record") -> str:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, found {type(row).__name__}")
     if isinstance(row.get("messages"), list):
-        return "messages"
+        first = row["messages"][0] if row["messages"] else None
+        return "sharegpt" if isinstance(first, Mapping) and "from" in first else "messages"
     if isinstance(row.get("conversations"), list):
         return "sharegpt"
     if "instruction" in row or "output" in row:
@@ -95,6 +96,8 @@ def to_messages(row: Mapping, fmt: str, *, where: str, field: str | None = None)
         key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     else:
         raise ConfigError(f"to_messages: format {fmt!r} is not a conversation format (messages, sharegpt)")
+    if field is None and fmt == "sharegpt" and "conversations" not in row and "messages" in row:
+        key = "messages"  # ShareGPT turns ({from, value}) under `messages`
     key = field or key
     turns = row.get(key)
     if not isinstance(turns, list):
