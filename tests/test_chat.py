@@ -580,3 +580,45 @@ def test_an_answer_ending_in_byte_fallback_pieces_trains_them_all(demo):
     assert demo.convert_ids_to_tokens(ids[-5:-1]) == ["<0xF0>", "<0x9F>", "<0x9A>", "<0x80>"]  # one emoji, 4 bytes
     got = chat.tokenize_conversations(demo, PLAIN, [conv], max_length=4096)
     assert got.input_ids[0].tolist() == ids and got.targets[0].tolist() == targets
+
+
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last_query=-1) -%}"
+    "{%- for m in messages -%}{%- if m.role == 'user' -%}{%- set ns.last_query = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'assistant' -%}"
+    "{%- set content = m.content -%}{%- set reasoning = '' -%}"
+    "{%- if '</think>' in content -%}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') -%}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') -%}{%- endif -%}"
+    "{%- if loop.index0 > ns.last_query -%}"
+    "{{ '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else -%}{{ '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- else -%}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+"""Qwen3's way with reasoning: the <think> of an answer after the last user message is rendered, earlier ones are
+dropped, so the whole rendering is not the concatenation of the turns as each was produced."""
+
+
+def test_reasoning_dropped_from_earlier_turns_trains_each_turn_with_its_reasoning(chatml_tok):
+    conv = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "<think>\nr1\n</think>\n\na1"},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "<think>\nr2\n</think>\n\na2"}]
+    first = "<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\n<think>\nr1\n</think>\n\na1<|im_end|>\n"
+    whole = ("<|im_start|>user\nq1<|im_end|>\n<|im_start|>assistant\na1<|im_end|>\n"  # r1 dropped
+             "<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n<think>\nr2\n</think>\n\na2<|im_end|>\n")
+    assert chat.Renderer(chatml_tok, QWEN3_LIKE)(conv) == whole
+    stats = chat.ChatStats()
+    got = chat.tokenize_conversations(chatml_tok, QWEN3_LIKE, [conv], max_length=4096, stats=stats)
+    assert stats.split_conversations == 1 and len(got.input_ids) == 2
+    for k, text in enumerate((first, whole)):
+        ids, want = _reference_targets(chatml_tok, text, CHATML_ASSISTANT, last_only=True)  # the turn's own
+        assert got.input_ids[k].tolist() == ids and got.targets[k].tolist() == want
+        trained = chatml_tok.decode([i for i, t in zip(ids, want) if t])
+        assert trained == ("<think>\nr1\n</think>\n\na1<|im_end|>", "<think>\nr2\n</think>\n\na2<|im_end|>")[k]
+    # train_on=last: the last turn is the whole rendering's end, as produced: one example
+    got = chat.tokenize_conversations(chatml_tok, QWEN3_LIKE, [conv], max_length=4096, train_on="last")
+    assert len(got.input_ids) == 1 and got.input_ids[0].tolist() == chatml_tok(whole, add_special_tokens=False)[
+        "input_ids"]
