@@ -529,8 +529,11 @@ def _bos_text(tok) -> str:
 def _stanford_plan(tok, render: Renderer, messages: Sequence[Mapping], bos: str) -> tuple[str, str] | None:
     """(prompt, output) of a [user, assistant] conversation under the `alpaca` template, when its rendering is
     exactly what tokenize_examples tokenizes (BOS text + prompt + output + eos); None otherwise (the generic rule)."""
-    p = render(messages[:1], add_generation_prompt=True)
-    r = render(messages, add_generation_prompt=False)
+    try:
+        p = render(messages[:1], add_generation_prompt=True)
+        r = render(messages, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - the generic path renders it again and names the record
+        return None
     output = messages[1]["content"]
     if tok.eos_token is None or not (p.startswith(bos) and r == p + output + tok.eos_token):
         return None
