@@ -193,8 +193,7 @@ def resolve_template(tok, spec: str | None, *, prompts=None) -> ChatTemplate:
             )
         return ChatTemplate("tokenizer", text)
     if spec == "chatml":
-        vocab = tok.get_vocab()
-        missing = tuple(t for t in CHATML_TOKENS if t not in vocab)
+        missing = tuple(t for t in CHATML_TOKENS if len(tok(t, add_special_tokens=False)["input_ids"]) != 1)
         return ChatTemplate("chatml", CHATML, missing)
     if spec == "alpaca":
         from alpaca_cli.core.prompts import adds_bos
