@@ -94,6 +94,7 @@ SPECS = {
             eos="</s>",
             special=("<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                      "[TOOL_RESULTS]", "[/TOOL_RESULTS]"),
+            tools=True,
             alternating=True,
         ),
         TemplateSpec(
@@ -117,7 +118,7 @@ SPECS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def chat_tokenizer(name: str):
     """A fast tokenizer built offline from tok400 carrying template `name` (its `chat_template`) and its tokens.
 
