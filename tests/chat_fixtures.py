@@ -118,20 +118,42 @@ SPECS = {
 }
 
 
+BASES = ("tok400", "bytelevel")
+
+
+def _base_backend(base: str):
+    """tok400 (SentencePiece-style: Metaspace, byte fallback, as Llama 2 / Mistral / Gemma / Phi-3 tokenize) or a
+    byte-level BPE trained here on the test conversations (GPT-2 style, as Llama 3 / Qwen tokenize)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    if base == "tok400":
+        return Tokenizer.from_file(TOK400)
+    backend = Tokenizer(BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<unk>"], show_progress=False)
+    texts = [m["content"] for conv in list(CONVERSATIONS.values()) + list(THINKING.values()) for m in conv]
+    backend.train_from_iterator(texts + ["Hello world, how are you? The quick brown fox."] * 3, trainer)
+    return backend
+
+
 @functools.cache
-def chat_tokenizer(name: str):
-    """A fast tokenizer built offline from tok400 carrying template `name` (its `chat_template`) and its tokens.
+def chat_tokenizer(name: str, base: str = "tok400"):
+    """A fast tokenizer built offline (from `base`, see _base_backend) carrying template `name` and its tokens.
 
     Each control token of the template is ONE token (an added special token; Qwen's <think>/<tool_call> are added
     non-special tokens, as in Qwen's own tokenizer). bos/eos are the model's. Cached: do not mutate the result.
     """
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     spec = SPECS[name]
-    backend = Tokenizer.from_file(TOK400)
-    backend.add_special_tokens([AddedToken(t, rstrip=spec.rstrip, normalized=False, special=True)
-                                for t in spec.special])
+    backend = _base_backend(base)
+    backend.add_special_tokens(
+        [AddedToken(t, rstrip=spec.rstrip, normalized=False, special=True) for t in spec.special]
+    )
     if spec.plain_added:
         backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in spec.plain_added])
     tok = PreTrainedTokenizerFast(

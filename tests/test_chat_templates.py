@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 from chat_fixtures import (
+    BASES,
     CONVERSATIONS,
     SPECS,
     TOOL_CONVERSATION,
@@ -63,10 +64,10 @@ def _ours(tok, text: str, messages, **kw):
     return [list(map(int, x)) for x in out.input_ids], [list(map(int, t)) for t in out.targets], stats, out
 
 
-def _expected(name: str, messages, train_on: str = "all"):
+def _expected(name: str, messages, train_on: str = "all", base: str = "tok400"):
     """The oracle's examples: the whole conversation when the template is prefix-preserving for it, else one per
     trained assistant turn, messages[:i+1] rendered alone with only turn i trained."""
-    spec, tok = SPECS[name], chat_tokenizer(name)
+    spec, tok = SPECS[name], chat_tokenizer(name, base)
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     if _prefix_preserving(tok, spec.text, messages):
         ids, mask = oracle_mask(tok, spec.generation_text, messages)
@@ -152,37 +153,40 @@ def test_oracle_marks_each_assistant_turn(name, conv):
 # Ours against the oracle
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("name,conv", _params())
-def test_labels_match_oracle(name, conv):
+def test_labels_match_oracle(name, conv, base):
     messages = _messages(name, conv)
-    exp_ids, exp_masks, split = _expected(name, messages)
-    ids, targets, stats, _ = _ours(chat_tokenizer(name), SPECS[name].text, messages)
+    exp_ids, exp_masks, split = _expected(name, messages, base=base)
+    ids, targets, stats, _ = _ours(chat_tokenizer(name, base), SPECS[name].text, messages)
     assert stats.split_conversations == int(split)
     assert len(ids) == len(exp_ids)
     for k, (got_ids, got, want_ids, want) in enumerate(zip(ids, targets, exp_ids, exp_masks)):
         assert got_ids == want_ids, (k, "input_ids differ")
         want = [0] + want[1:]  # nothing predicts position 0
-        assert got == want, (k, _diff(chat_tokenizer(name), got_ids, got, want))
+        assert got == want, (k, _diff(chat_tokenizer(name, base), got_ids, got, want))
 
 
 @pytest.mark.parametrize("name,conv", [p for p in _params(False) if p.values[1] in ("multi", "system_multi",
                                                                                       "think_multi")])
-def test_train_on_last_matches_oracle(name, conv):
+@pytest.mark.parametrize("base", BASES)
+def test_train_on_last_matches_oracle(name, conv, base):
     messages = _messages(name, conv)
-    exp_ids, exp_masks, _ = _expected(name, messages, train_on="last")
-    ids, targets, _, _ = _ours(chat_tokenizer(name), SPECS[name].text, messages, train_on="last")
+    exp_ids, exp_masks, _ = _expected(name, messages, train_on="last", base=base)
+    ids, targets, _, _ = _ours(chat_tokenizer(name, base), SPECS[name].text, messages, train_on="last")
     assert ids == exp_ids
     assert targets == [[0] + m[1:] for m in exp_masks]
 
 
 @pytest.mark.parametrize("name", ["llama-3.1", "qwen2.5", "gemma-2", "mistral-v0.3"])
-def test_truncation_inside_a_turn_keeps_the_oracle_prefix(name):
+@pytest.mark.parametrize("base", BASES)
+def test_truncation_inside_a_turn_keeps_the_oracle_prefix(name, base):
     """Cut in the middle of the first assistant turn: the first max_length tokens, with the oracle's labels."""
     messages = CONVERSATIONS["multi"]
-    ids, mask = oracle_mask(chat_tokenizer(name), SPECS[name].generation_text, messages)
+    ids, mask = oracle_mask(chat_tokenizer(name, base), SPECS[name].generation_text, messages)
     s, e = runs(mask)[0]
     limit = s + max(1, (e - s) // 2)
-    got_ids, targets, stats, out = _ours(chat_tokenizer(name), SPECS[name].text, messages, max_length=limit)
+    got_ids, targets, stats, out = _ours(chat_tokenizer(name, base), SPECS[name].text, messages, max_length=limit)
     assert got_ids == [ids[:limit]] and targets == [mask[:limit]]
     assert out.truncated == 1 and stats.cut_in_turn == 1
 
@@ -227,11 +231,12 @@ _MUTANTS = [(n, "header_inside") for n in SPECS if n != "mistral-v0.3"] + [(n, "
                                                                              for n in _CLOSING_OUTSIDE]
 
 
+@pytest.mark.parametrize("base", BASES)
 @pytest.mark.parametrize("name,mutation", _MUTANTS)
-def test_a_mutated_oracle_disagrees(name, mutation):
+def test_a_mutated_oracle_disagrees(name, mutation, base):
     """A twin with the header inside the markers, or the closing token outside, still renders the same text but
     its mask differs from ours: the comparison above is not vacuous."""
-    spec, tok = SPECS[name], chat_tokenizer(name)
+    spec, tok = SPECS[name], chat_tokenizer(name, base)
     if mutation == "header_inside":
         mutant = _header_inside(spec.generation_text)
     else:
@@ -257,15 +262,18 @@ def _diff(tok, ids, got, want) -> str:
 def test_tokens_are_single():
     """Every control token of every template is one token in its fixture tokenizer (checked when built)."""
     for name, spec in SPECS.items():
-        tok = chat_tokenizer(name)
-        for t in spec.special + spec.plain_added:
-            assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
-        assert np.all(np.asarray(tok("a b", add_special_tokens=False)["input_ids"]) < len(tok))
+        for base in BASES:
+            tok = chat_tokenizer(name, base)
+            for t in spec.special + spec.plain_added:
+                assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
+            ids = tok("héllo 世界 🤖", add_special_tokens=False)["input_ids"]
+            assert np.all(np.asarray(ids) < len(tok)) and tok.decode(ids) == "héllo 世界 🤖"
 
 
 @pytest.mark.parametrize("name,shift", [("llama-3.1", (-1, 0)), ("qwen2.5", (0, 1)), ("gemma-2", (0, 1)),
                                         ("mistral-v0.3", (1, 0)), ("qwen3", (-1, 0))])
-def test_a_mutated_rule_disagrees_with_the_oracle(monkeypatch, name, shift):
+@pytest.mark.parametrize("base", BASES)
+def test_a_mutated_rule_disagrees_with_the_oracle(monkeypatch, name, shift, base):
     """Ours with its spans moved by one character (the header's last character in, the leading space or the
     newline after the closing token out or in) no longer matches the oracle on the multi-turn conversation."""
     import alpaca_cli.core.chat as chat
@@ -274,7 +282,7 @@ def test_a_mutated_rule_disagrees_with_the_oracle(monkeypatch, name, shift):
     monkeypatch.setattr(chat, "trained_mask", lambda s, e, spans: real(s, e, [(a + shift[0], b + shift[1])
                                                                              for a, b in spans]))
     messages = CONVERSATIONS["multi"]
-    exp_ids, exp_masks, _ = _expected(name, messages)
-    ids, targets, _, _ = _ours(chat_tokenizer(name), SPECS[name].text, messages)
+    exp_ids, exp_masks, _ = _expected(name, messages, base=base)
+    ids, targets, _, _ = _ours(chat_tokenizer(name, base), SPECS[name].text, messages)
     assert ids == exp_ids
     assert targets != [[0] + m[1:] for m in exp_masks]
