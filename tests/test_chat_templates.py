@@ -276,7 +276,7 @@ def test_tokens_are_single():
 def test_a_mutated_rule_disagrees_with_the_oracle(monkeypatch, name, shift, base):
     """Ours with its spans moved by one character (the header's last character in, the leading space or the
     newline after the closing token out or in) no longer matches the oracle on the multi-turn conversation."""
-    import alpaca_cli.core.chat as chat
+    from alpaca_cli.core import chat
 
     real = chat.trained_mask
     monkeypatch.setattr(chat, "trained_mask", lambda s, e, spans: real(s, e, [(a + shift[0], b + shift[1])
