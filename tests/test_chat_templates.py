@@ -288,3 +288,24 @@ def test_a_mutated_rule_disagrees_with_the_oracle(monkeypatch, name, shift, base
     ids, targets, _, _ = _ours(chat_tokenizer(name, base), SPECS[name].text, messages)
     assert ids == exp_ids
     assert targets != [[0] + m[1:] for m in exp_masks]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_a_dataset_in_batches_matches_oracle(name):
+    """All of a template's conversations in one call, in batches of 3 and after 5 earlier records: every example in
+    order, with the record it came from, as the oracle gives it conversation by conversation."""
+    from alpaca_cli.core.chat import tokenize_conversations
+
+    tok, spec = chat_tokenizer(name, "bytelevel"), SPECS[name]
+    convs = [m for c, m in conversations_for(name).items() if not (name == "mistral-v0.3" and c.startswith("system"))]
+    convs += [TOOL_CONVERSATION] if spec.tools else []
+    want_ids, want_masks, want_src = [], [], []
+    for j, messages in enumerate(convs):
+        ids, masks, _ = _expected(name, messages, base="bytelevel")
+        want_ids += ids
+        want_masks += [[0] + m[1:] for m in masks]
+        want_src += [5 + j] * len(ids)
+    out = tokenize_conversations(tok, spec.text, convs, max_length=1_000_000, source_offset=5, batch_size=3)
+    assert [list(map(int, x)) for x in out.input_ids] == want_ids
+    assert [list(map(int, t)) for t in out.targets] == want_masks
+    assert list(out.source_index) == want_src
