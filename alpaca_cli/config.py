@@ -170,11 +170,11 @@ class PrepareConfig:
     tokenizer: str = RECIPE_MODEL
     """Hub id or tokenizer folder (local or remote), or `demo`. [PAD] is added when it has no pad token."""
     max_length: int = 512
-    """Longest example in tokens (prompt + response + EOS; Stanford: 512)."""
+    """Longest example in tokens (prompt + response + EOS, or a rendered conversation; Stanford: 512)."""
     on_overflow: str = "truncate"
     """Longer examples: truncate (as Stanford), drop or error."""
     mask_inputs: bool = True
-    """Mask the prompt tokens out of the loss (Stanford), or train on every token."""
+    """Alpaca records: mask the prompt tokens out of the loss (Stanford), or train on every token."""
     format: str = "auto"
     """The records: alpaca (instruction/input/output), messages ({role, content} lists) or sharegpt ({from, value}
     lists); auto tells them apart by their fields (one file holds one format)."""

@@ -41,8 +41,7 @@ def prepare(
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
 ) -> None:
-    """Tokenize Alpaca-style data (Stanford's loss mask) or conversations (assistant turns trained) into a Levanter
-    cache."""
+    """Tokenize Alpaca records (Stanford's loss mask) or conversations (assistant turns) into a Levanter cache."""
     from alpaca_cli import config as cfgmod
     from alpaca_cli import console, rundir
     from alpaca_cli.config import PrepareConfig
