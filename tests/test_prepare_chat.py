@@ -166,6 +166,16 @@ def test_sharegpt_and_messages_give_byte_identical_caches(tmp_path, chatml_token
     a, ra = run_prepare(tmp_path, m, chatml_tokenizer_dir, name="m", chat_template="chatml")
     b, rb = run_prepare(tmp_path, g, chatml_tokenizer_dir, name="g", chat_template="chatml")
     assert cache_files(ra) == cache_files(rb)
+    # LLaMA-Factory's ShareGPT: the system prompt in a `system` field beside the turns
+    beside = []
+    for row in as_sharegpt(CONVERSATIONS):
+        turns = row["conversations"]
+        system = [t["value"] for t in turns if t["from"] == "system"]
+        beside.append({"conversations": [t for t in turns if t["from"] != "system"], **({"system": system[0]}
+                                                                                         if system else {})})
+    s = write_jsonl(str(tmp_path / "s.jsonl"), beside)
+    _, rs = run_prepare(tmp_path, s, chatml_tokenizer_dir, name="s", chat_template="chatml")
+    assert cache_files(rs) == cache_files(ra)
     assert a.fingerprint != b.fingerprint  # different data, same cache
     # --format auto found each
     assert (open_run(ra.url).prepare.format, open_run(rb.url).prepare.format) == ("messages", "sharegpt")
@@ -402,3 +412,41 @@ def test_held_out_conversations_are_prepared_like_the_training_data(tmp_path, ch
     alpaca = write_jsonl(str(tmp_path / "alpaca.jsonl"), [{"instruction": "a", "output": "b"}])
     with pytest.raises(DataError, match="holds alpaca records, but the run was prepared from messages ones"):
         prepare_validation(open_run(run.url), alpaca)
+
+
+HUB_UPLOAD = r"""
+import sys
+from huggingface_hub import HfApi
+api = HfApi()
+api.create_repo("tester/mini-chat", repo_type="dataset", exist_ok=True)
+api.upload_file(path_or_fileobj=sys.argv[1], path_in_repo="data/train.jsonl", repo_id="tester/mini-chat",
+                repo_type="dataset")
+"""
+
+
+@pytest.mark.entry
+def test_conversations_from_a_hub_dataset(tmp_path, chatml_tokenizer_dir):
+    """A Hub dataset of conversations (through `datasets`, whose Arrow rows hold null for a key a message lacks):
+    the same cache as the file."""
+    import subprocess
+    import sys
+
+    from fake_hub import FakeHub
+    from helpers import cli_env
+
+    rows = as_messages(CONVERSATIONS)
+    rows[0]["messages"][1]["name"] = "alice"  # one message with an extra key: the others get name=null in Arrow
+    data = write_jsonl(str(tmp_path / "chat.jsonl"), rows)
+    hub = FakeHub.start()
+    try:
+        env = cli_env(**hub.env(), HF_DATASETS_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"))
+        subprocess.run([sys.executable, "-c", HUB_UPLOAD, data], env=env, check=True, capture_output=True)
+        run = str(tmp_path / "hub-run")
+        out = run_cli(["prepare", "--data", "tester/mini-chat", "--tokenizer", chatml_tokenizer_dir,
+                       "--chat-template", "chatml", "--run-dir", run], env=env)
+        assert "conversations read" in out.stdout
+    finally:
+        hub.stop()
+    _, local = run_prepare(tmp_path, data, chatml_tokenizer_dir, name="local", chat_template="chatml")
+    assert cache_files(open_run(run)) == cache_files(local)
+    assert open_run(run).prepare.format == "messages"
