@@ -158,6 +158,40 @@ def test_chatml_messages_cache_equals_the_oracle(tmp_path, chatml_tokenizer_dir,
             1 for c in CONVERSATIONS
             if len(tok.apply_chat_template(c, chat_template=MARKED_CHATML, tokenize=True)) > 40)
         assert s["dropped"]["no_trained_tokens"] == len(CONVERSATIONS) - len(expected)
+        cut, beyond = turns_cut(tok, CONVERSATIONS, 40)
+        assert cut > 0 and beyond > 0
+        assert (s["cut_in_turn"], s["turns_beyond_limit"]) == (cut, beyond)
+        assert s["trained_turns"] == s["assistant_turns"] - beyond
+
+
+def turns_cut(tok, conversations, max_length) -> tuple[int, int]:
+    """(assistant turns cut inside by max_length, assistant turns wholly beyond it), from per-turn oracles: the
+    marked template with only the k-th assistant message in {% generation %}."""
+    cut = beyond = 0
+    for conv in conversations:
+        n_assistant = sum(m["role"] == "assistant" for m in conv)
+        for k in range(n_assistant):
+            only_k = (
+                "{%- set ns = namespace(seen=0) -%}{%- for message in messages -%}"
+                "{%- if message['role'] == 'assistant' -%}{%- set ns.seen = ns.seen + 1 -%}"
+                "{{ '<|im_start|>assistant\\n' }}"
+                f"{{%- if ns.seen == {k + 1} -%}}"
+                "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+                "{%- else -%}{{ message['content'] + '<|im_end|>' }}{%- endif -%}{{ '\\n' }}"
+                "{%- else -%}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+                "{%- endif -%}{%- endfor -%}"
+            )
+            enc = tok.apply_chat_template(conv, chat_template=only_k, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            assert tok.apply_chat_template(conv, chat_template=only_k, tokenize=False) == \
+                tok.apply_chat_template(conv, chat_template=MARKED_CHATML, tokenize=False)
+            mask = enc["assistant_masks"]
+            if len(mask) <= max_length:
+                continue
+            whole, kept = sum(mask[1:]), sum(mask[1:max_length])
+            cut += int(0 < kept < whole)
+            beyond += int(kept == 0 and whole > 0)
+    return cut, beyond
 
 
 def test_sharegpt_and_messages_give_byte_identical_caches(tmp_path, chatml_tokenizer_dir):
@@ -394,6 +428,9 @@ def test_alpaca_records_refuse_conversation_options(tmp_path, fixture_data, toke
         PrepareConfig(format="alpaca", train_on="last")
     with pytest.raises(ConfigError, match=r"format \(--format\) must be one of"):
         PrepareConfig(format="openai")
+    chat_data = write_jsonl(str(tmp_path / "chat.jsonl"), as_messages(CONVERSATIONS))
+    with pytest.raises(ConfigError, match="--no-mask-inputs applies to Alpaca records"):
+        run_prepare(tmp_path, chat_data, tokenizer_dir, chat_template="chatml", mask_inputs=False)
     assert not (tmp_path / "run" / "manifest.json").exists()
 
 

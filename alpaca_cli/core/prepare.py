@@ -344,7 +344,8 @@ def write_conversation_cache(cache_dir, conversations, tok, template_text: str, 
 
 def prepare_validation(run: RunDir, data: str) -> str:
     """A held-out file prepared exactly like the run's training data (its tokenizer, templates, max length and
-    mask), into RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
+    mask; for conversations, the chat template's text the run recorded and --train-on), into
+    RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
     from levanter.store.cache import CacheMetadata
 
     prepared = run.require_prepare()
