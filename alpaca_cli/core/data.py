@@ -6,9 +6,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import itertools
 import logging
 import os
-import itertools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -205,7 +205,9 @@ def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, n
                 if required:
                     raise DataError(
                         f"{source} {where}: field `{f}` is missing"
-                        + (f" (fields present: {', '.join(sorted(row)) or 'none'}; map yours with --{_flag(f, cfg)})")
+                        + (f" (fields present: {', '.join(sorted(row)) or 'none'}; map yours with --{_flag(f, cfg)})"),
+                        hint=(f"for conversations, a `{cfg.messages_field}` or `{cfg.conversations_field}` list, or "
+                              "--set messages_field=NAME") if cfg.format == "auto" else None,
                     )
                 continue
             if not isinstance(row[f], str):
