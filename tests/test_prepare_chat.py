@@ -487,3 +487,24 @@ def test_conversations_from_a_hub_dataset(tmp_path, chatml_tokenizer_dir):
     _, local = run_prepare(tmp_path, data, chatml_tokenizer_dir, name="local", chat_template="chatml")
     assert cache_files(open_run(run)) == cache_files(local)
     assert open_run(run).prepare.format == "messages"
+
+
+def test_every_file_source_reads_conversations_alike(tmp_path, gcs, chatml_tokenizer_dir):
+    """.jsonl, .jsonl.gz, a .json list and a gs:// file: the same cache."""
+    import gzip
+
+    import gcsfs
+
+    rows = as_sharegpt(CONVERSATIONS)
+    jsonl = write_jsonl(str(tmp_path / "chat.jsonl"), rows)
+    gz = tmp_path / "chat.jsonl.gz"
+    gz.write_bytes(gzip.compress(open(jsonl, "rb").read()))
+    js = tmp_path / "chat.json"
+    js.write_text(json.dumps(rows, ensure_ascii=False))
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.put_file(jsonl, f"{gcs.bucket}/inputs/chat.jsonl")
+    _, base = run_prepare(tmp_path, jsonl, chatml_tokenizer_dir, name="jsonl", chat_template="chatml")
+    for name, data in (("gz", str(gz)), ("json", str(js)), ("gcs", f"{gcs.url}/inputs/chat.jsonl")):
+        _, run = run_prepare(tmp_path, data, chatml_tokenizer_dir, name=name, chat_template="chatml")
+        assert cache_files(run) == cache_files(base), name
+        assert open_run(run.url).prepare.format == "sharegpt"
