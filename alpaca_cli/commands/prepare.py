@@ -105,9 +105,8 @@ def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:
 def conversation_rows(t, stats: dict) -> None:
     """The prepare table's rows about conversations: format, template, turns by role, turns trained."""
     t.add_row("format / chat template", f"{stats['format']} / {stats['chat_template']}")
-    roles = stats["roles"]
-    t.add_row("turns (system / user / assistant / tool)",
-              f"{stats['turns']:,} ({' / '.join(f'{roles.get(r, 0):,}' for r in ('system', 'user', 'assistant', 'tool'))})")
+    by_role = " / ".join(f"{stats['roles'].get(r, 0):,}" for r in ("system", "user", "assistant", "tool"))
+    t.add_row("turns (system / user / assistant / tool)", f"{stats['turns']:,} ({by_role})")
     t.add_row(f"assistant turns trained (--train-on {stats['train_on']})",
               f"{stats['trained_turns']:,} of {stats['assistant_turns']:,}")
     t.add_row("conversations trained turn by turn (the template rewrites earlier turns)",

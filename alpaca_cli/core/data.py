@@ -223,7 +223,8 @@ def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, n
 # -- the format, and conversations --------------------------------------------------------------------------------
 
 
-def _records(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, null_is_missing: bool = False) -> Records:
+def _records(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str,
+             null_is_missing: bool = False) -> Records:
     """Alpaca columns or conversations, in the format --format names or (auto) the first record's."""
     rows = iter(rows)
     first = next(rows, None)
