@@ -210,6 +210,10 @@ def test_sharegpt_and_messages_give_byte_identical_caches(tmp_path, chatml_token
     s = write_jsonl(str(tmp_path / "s.jsonl"), beside)
     _, rs = run_prepare(tmp_path, s, chatml_tokenizer_dir, name="s", chat_template="chatml")
     assert cache_files(rs) == cache_files(ra)
+    # ShareGPT turns ({from, value}) under a `messages` field, as some Hub datasets have them
+    under = write_jsonl(str(tmp_path / "u.jsonl"), [{"messages": r["conversations"]} for r in as_sharegpt(CONVERSATIONS)])
+    _, ru = run_prepare(tmp_path, under, chatml_tokenizer_dir, name="u", chat_template="chatml")
+    assert cache_files(ru) == cache_files(ra) and open_run(ru.url).prepare.format == "sharegpt"
     assert a.fingerprint != b.fingerprint  # different data, same cache
     # --format auto found each
     assert (open_run(ra.url).prepare.format, open_run(rb.url).prepare.format) == ("messages", "sharegpt")

@@ -273,8 +273,8 @@ def _conversations(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, fmt: str
     auto every record must be of the first one's format."""
     from alpaca_cli.core import chat
 
-    key, name = ("messages", cfg.messages_field) if fmt == "messages" else ("conversations", cfg.conversations_field)
-    setting = "messages_field" if fmt == "messages" else "conversations_field"
+    keys = ("messages",) if fmt == "messages" else ("conversations", "messages")  # ShareGPT turns under `messages`
+    names = {"messages": cfg.messages_field, "conversations": cfg.conversations_field}
     conversations, first_where = [], None
     for where, row in rows:
         if not isinstance(row, dict):
@@ -284,14 +284,16 @@ def _conversations(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, fmt: str
             raise DataError(f"{source} {where}: a {found} record, but {first_where} is a {fmt} one; one file holds "
                             "one format", hint="split the file, or pass --format to name the one expected")
         canonical = _canonical(row, cfg, null_is_missing)
-        if key not in canonical:
+        key = next((k for k in keys if k in canonical), None)
+        if key is None:
             present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
-            raise DataError(f"{source} {where}: field `{name}` is missing (fields present: {present}; map yours with "
-                            f"--set {setting}=NAME)")
+            raise DataError(f"{source} {where}: field `{names[keys[0]]}` is missing (fields present: {present}; map "
+                            f"yours with --set {keys[0]}_field=NAME)")
         if not isinstance(canonical[key], list):
-            raise DataError(f"{source} {where}: field `{name}` must be a list of messages, found "
+            raise DataError(f"{source} {where}: field `{names[key]}` must be a list of messages, found "
                             f"{_json_type(canonical[key])}")
-        conversations.append(chat.to_messages(canonical, fmt, where=f"{source} {where}"))
+        turns = {names[key]: canonical[key], **({"system": canonical["system"]} if "system" in canonical else {})}
+        conversations.append(chat.to_messages(turns, fmt, where=f"{source} {where}", field=names[key]))
     return Records([], [], [], where=source, format=fmt, conversations=conversations)
 
 
@@ -350,7 +352,8 @@ def _check_columns(cfg: PrepareConfig, columns: list[str]) -> None:
         hint = "map yours with --instruction-field / --input-field / --output-field"
     else:
         name = cfg.messages_field if fmt == "messages" else cfg.conversations_field
-        missing = [] if cfg.format == "auto" or name in columns else [name]
+        found = name in columns or (fmt == "sharegpt" and cfg.messages_field in columns)  # ShareGPT under messages
+        missing = [] if cfg.format == "auto" or found else [name]
         hint = f"map yours with --set {'messages_field' if fmt == 'messages' else 'conversations_field'}=NAME"
     if missing:
         raise DataError(
