@@ -42,6 +42,8 @@ STANFORD_PROMPT_NO_INPUT = (
 RECIPE_MODEL = "meta-llama/Llama-2-7b-hf"
 RECIPE_DATA = "tatsu-lab/alpaca"
 ON_OVERFLOW = ("truncate", "drop", "error")
+RECORD_FORMATS = ("auto", "alpaca", "messages", "sharegpt")
+TRAIN_ON = ("all", "last")
 MAX_LENGTH_LIMIT = 1 << 20
 """No model trains on examples longer than this (a million tokens); a larger --max-length is a typo."""
 EXPORT_DTYPES = ("float32", "bfloat16", "float16")
@@ -168,21 +170,40 @@ class PrepareConfig:
     tokenizer: str = RECIPE_MODEL
     """Hub id or tokenizer folder (local or remote), or `demo`. [PAD] is added when it has no pad token."""
     max_length: int = 512
-    """Longest example in tokens (prompt + response + EOS; Stanford: 512)."""
+    """Longest example in tokens (prompt + response + EOS, or a rendered conversation; Stanford: 512)."""
     on_overflow: str = "truncate"
     """Longer examples: truncate (as Stanford), drop or error."""
     mask_inputs: bool = True
-    """Mask the prompt tokens out of the loss (Stanford), or train on every token."""
+    """Alpaca records: mask the prompt tokens out of the loss (Stanford), or train on every token."""
+    format: str = "auto"
+    """The records: alpaca (instruction/input/output), messages ({role, content} lists) or sharegpt ({from, value}
+    lists); auto tells them apart by their fields (one file holds one format)."""
+    chat_template: Optional[str] = None
+    """For conversations: a Jinja file (local or gs://), or a built-in: chatml, alpaca (Stanford's prompt, one turn).
+    Default: the tokenizer's own chat template."""
+    train_on: str = "all"
+    """For conversations: which assistant turns are trained, all or the last."""
+    messages_field: str = "messages"
+    """Record field holding a conversation as a list of {role, content} messages."""
+    conversations_field: str = "conversations"
+    """Record field holding a ShareGPT conversation (a list of {from, value})."""
 
     def __post_init__(self):
         problems, named = [], PREPARE_FLAGS.named
+        if self.format not in RECORD_FORMATS:
+            problems.append(f"{named('format')} must be one of {', '.join(RECORD_FORMATS)}, got {self.format!r}")
+        if self.train_on not in TRAIN_ON:
+            problems.append(f"{named('train_on')} must be one of {', '.join(TRAIN_ON)}, got {self.train_on!r}")
+        if self.format == "alpaca" and (self.chat_template is not None or self.train_on != "all"):
+            problems.append(f"{named('chat_template')} and {named('train_on')} apply to conversations; Alpaca records "
+                            "are rendered with --prompts")
         if not 2 <= self.max_length <= MAX_LENGTH_LIMIT:
             problems.append(
                 f"{named('max_length')} must be between 2 and {MAX_LENGTH_LIMIT:,} tokens, got {self.max_length:,}"
             )
         if self.on_overflow not in ON_OVERFLOW:
             problems.append(f"{named('on_overflow')} must be one of {', '.join(ON_OVERFLOW)}, got {self.on_overflow!r}")
-        for name in ("instruction_field", "input_field", "output_field"):
+        for name in ("instruction_field", "input_field", "output_field", "messages_field", "conversations_field"):
             if not getattr(self, name):
                 problems.append(f"{named(name)} must not be empty")
         if problems:
@@ -240,8 +261,9 @@ class ExportConfig:
 
 
 PREPARE_FLAGS = Flags(
-    PrepareConfig, "data", "split", "revision", "instruction_field", "input_field", "output_field", "tokenizer",
-    "max_length", "on_overflow", "mask_inputs", set_example="max_length=1024",
+    PrepareConfig, "data", "split", "revision", "format", "instruction_field", "input_field", "output_field",
+    "tokenizer", "chat_template", "train_on", "max_length", "on_overflow", "mask_inputs",
+    set_example="messages_field=dialog",
 )
 EXPORT_FLAGS = Flags(
     ExportConfig, "output", "step", "dtype", "max_shard_size", "push_to_hub", "repo_id", "private", "revision",

@@ -88,6 +88,11 @@ class PrepareRecord(StageRecord):
     inputs: PrepareInputs = field(default_factory=PrepareInputs)
     fingerprint: str = ""
     summary: Optional[PrepareSummary] = None
+    format: str = "alpaca"
+    """The records as read: alpaca, messages or sharegpt (--format, or what auto found)."""
+    chat_template: Optional[str] = None
+    """For conversations: the Jinja text of the chat template the cache was rendered with, exactly as used (what
+    export ships and generate renders with). None for Alpaca records (their prompts are in the config)."""
 
 
 # -- train -----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`alpaca inspect`: prepared examples as the model sees them, trained tokens set apart from masked ones."""
+"""`alpaca inspect`: prepared examples (Alpaca records or conversations) as the model sees them, trained tokens set
+apart from masked ones."""
 
 from __future__ import annotations
 
@@ -75,22 +76,28 @@ def inspect(
         return
 
     tok = run.load_tokenizer()
+    conversational = run.prepare.format != "alpaca"
     for row in prepared.rows(positions):
-        console.stdout.print(render_example(tok, row))
+        console.stdout.print(render_example(tok, row, conversation=conversational))
 
 
-def render_example(tok, row) -> "object":
-    """Rich Text: masked tokens dim, trained tokens bold green, token boundaries kept exact (decoded per run)."""
+def render_example(tok, row, *, conversation: bool = False) -> "object":
+    """Rich Text: masked tokens dim, trained tokens bold green, token boundaries kept exact (decoded per run). A
+    conversation (rendered by its chat template, role headers and all) says how many trained spans (assistant
+    turns) it holds."""
+    import numpy as np
     from rich.text import Text
 
     ids, targets = row["input_ids"], row["targets"].astype(bool)
     trained = int(targets[1:].sum())
     text = Text()
-    text.append(
-        f"── record {int(row['source_index'][0])}: {len(ids)} tokens, {trained} trained "
-        f"(dim = masked, green = trained) ──\n",
-        style="bold",
-    )
+    if conversation:
+        spans = int(targets[0]) + int(np.count_nonzero(targets[1:] & ~targets[:-1]))
+        what = f"conversation {int(row['source_index'][0])}: {len(ids)} tokens, {trained} trained in {spans} " \
+               f"assistant span{'s' if spans != 1 else ''}"
+    else:
+        what = f"record {int(row['source_index'][0])}: {len(ids)} tokens, {trained} trained"
+    text.append(f"── {what} (dim = masked, green = trained) ──\n", style="bold")
     # decode runs of equal mask value; decoding the prefix up to each boundary keeps SentencePiece spaces exact
     edges = [0] + [i for i in range(1, len(ids)) if targets[i] != targets[i - 1]] + [len(ids)]
     decoded_prefix = ""

@@ -1,4 +1,5 @@
-"""`alpaca prepare`: read Alpaca-style records, build the prompts and Stanford's labels, write a token cache."""
+"""`alpaca prepare`: read Alpaca-style records (prompts and Stanford's labels) or conversations (the chat template
+and assistant-only labels), write a token cache."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ Examples:
   alpaca prepare --data my_data.jsonl --tokenizer ./llama-tokenizer --run-dir runs/mine
   alpaca prepare --data gs://bucket/alpaca.json --run-dir gs://bucket/runs/alpaca --max-length 1024
   alpaca prepare --data demo --tokenizer demo --run-dir runs/demo      (the built-in demo, offline)
+  alpaca prepare --data chat.jsonl --format messages --tokenizer ./instruct-tokenizer --run-dir runs/chat
+  alpaca prepare --data sharegpt.json --chat-template chatml --train-on last --run-dir runs/chat
 """
 
 
@@ -38,7 +41,7 @@ def prepare(
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
 ) -> None:
-    """Tokenize Alpaca-style data into a Levanter cache with Stanford's loss mask."""
+    """Tokenize Alpaca records (Stanford's loss mask) or conversations (assistant turns) into a Levanter cache."""
     from alpaca_cli import config as cfgmod
     from alpaca_cli import console, rundir
     from alpaca_cli.config import PrepareConfig
@@ -73,9 +76,15 @@ def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:
     t.add_column("", style="bold")
     t.add_column("", justify="right")
     dropped = stats["dropped"]
-    t.add_row("records read", f"{stats['records_read']:,}")
+    conversational = stats.get("format", "alpaca") != "alpaca"
+    t.add_row("conversations read" if conversational else "records read", f"{stats['records_read']:,}")
+    if conversational:
+        conversation_rows(t, stats)
     t.add_row("examples kept", f"{stats['examples']:,}")
     t.add_row("truncated", f"{stats['truncated']:,} ({stats['truncated_tokens']:,} tokens cut)")
+    if conversational:
+        t.add_row("cut inside an assistant turn", f"{stats['cut_in_turn']:,}")
+        t.add_row("assistant turns beyond --max-length", f"{stats['turns_beyond_limit']:,}")
     t.add_row("dropped: too long", f"{dropped.get('too_long', 0):,}")
     t.add_row("dropped: no trained token", f"{dropped.get('no_trained_tokens', 0):,}")
     t.add_row("tokens", f"{stats['tokens']:,}")
@@ -91,3 +100,14 @@ def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:
     if stats.get("records_with_special_token_text"):
         t.add_row("records whose text contains special-token strings", f"{stats['records_with_special_token_text']:,}")
     console.stdout.print(t)
+
+
+def conversation_rows(t, stats: dict) -> None:
+    """The prepare table's rows about conversations: format, template, turns by role, turns trained."""
+    t.add_row("format / chat template", f"{stats['format']} / {stats['chat_template']}")
+    by_role = " / ".join(f"{stats['roles'].get(r, 0):,}" for r in ("system", "user", "assistant", "tool"))
+    t.add_row("turns (system / user / assistant / tool)", f"{stats['turns']:,} ({by_role})")
+    t.add_row(f"assistant turns trained (--train-on {stats['train_on']})",
+              f"{stats['trained_turns']:,} of {stats['assistant_turns']:,}")
+    t.add_row("conversations trained turn by turn (the template rewrites earlier turns)",
+              f"{stats['split_conversations']:,}")

@@ -1,10 +1,12 @@
-"""Reading Alpaca-style records (instruction, optional input, output) from files or the Hugging Face Hub."""
+"""Reading records from files or the Hugging Face Hub: Alpaca-style (instruction, optional input, output), or
+conversations (`messages` lists of {role, content}, ShareGPT `conversations` lists of {from, value})."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+import itertools
 import logging
 import os
 import re
@@ -25,7 +27,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 
 @dataclass
 class Records:
-    """Columns of validated records, in source order."""
+    """Columns of validated records, in source order: Alpaca records' three columns, or conversations."""
 
     instructions: list[str]
     inputs: list[str]
@@ -34,9 +36,14 @@ class Records:
     """--data as given."""
     source: DataSource = field(default_factory=DataSource)
     """What identifies the data: sha256 of a file's bytes, or a Hub dataset's commit."""
+    format: str = "alpaca"
+    """alpaca, messages or sharegpt: what the records were (--format, or what auto found)."""
+    conversations: list[list[dict]] = field(default_factory=list)
+    """For messages and sharegpt: each record's messages ({role, content}, roles system/user/assistant/tool), as
+    core.chat.to_messages gives them."""
 
     def __len__(self) -> int:
-        return len(self.outputs)
+        return len(self.outputs) if self.format == "alpaca" else len(self.conversations)
 
 
 def is_file_source(data: str) -> bool:
@@ -63,7 +70,7 @@ def read_rows(url: str, flag: str = "--data") -> list[tuple[str, Any]]:
 
 def _load_file(cfg: PrepareConfig) -> Records:
     rows, digest, size = _read_file(cfg.data, "--data")
-    records = _columns(rows, cfg, cfg.data)
+    records = _records(rows, cfg, cfg.data)
     records.source = DataSource(kind="file", sha256=digest, bytes=size)
     return records
 
@@ -198,7 +205,9 @@ def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, n
                 if required:
                     raise DataError(
                         f"{source} {where}: field `{f}` is missing"
-                        + (f" (fields present: {', '.join(sorted(row)) or 'none'}; map yours with --{_flag(f, cfg)})")
+                        + (f" (fields present: {', '.join(sorted(row)) or 'none'}; map yours with --{_flag(f, cfg)})"),
+                        hint=(f"for conversations, a `{cfg.messages_field}` or `{cfg.conversations_field}` list, or "
+                              "--set messages_field=NAME") if cfg.format == "auto" else None,
                     )
                 continue
             if not isinstance(row[f], str):
@@ -209,6 +218,83 @@ def _columns(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str, n
         inp.append(row.get(fn, ""))
         out.append(row[fo])
     return Records(instructions=ins, inputs=inp, outputs=out, where=source)
+
+
+# -- the format, and conversations --------------------------------------------------------------------------------
+
+
+def _records(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, source: str,
+             null_is_missing: bool = False) -> Records:
+    """Alpaca columns or conversations, in the format --format names or (auto) the first record's."""
+    rows = iter(rows)
+    first = next(rows, None)
+    rows = itertools.chain([first] if first is not None else [], rows)
+    fmt = cfg.format
+    if fmt == "auto":
+        fmt = detect(first[1], cfg, null_is_missing, where=f"{source} {first[0]}") if first is not None else "alpaca"
+    if fmt == "alpaca":
+        return _columns(rows, cfg, source, null_is_missing)
+    return _conversations(rows, cfg, fmt, source, null_is_missing)
+
+
+def _canonical(row: dict, cfg: PrepareConfig, null_is_missing: bool) -> dict:
+    """The record's conversation under core.chat's names (`messages`, `conversations`), whatever its fields are
+    called (messages_field, conversations_field). Arrow tables (Hub datasets) store absent fields as null: dropped,
+    in the record and in each message."""
+    out = {}
+    for name, key in ((cfg.messages_field, "messages"), (cfg.conversations_field, "conversations")):
+        value = row.get(name)
+        if value is None:
+            continue
+        if null_is_missing and isinstance(value, list):
+            value = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m for m in value]
+        out[key] = value
+    if isinstance(row.get("system"), str):  # LLaMA-Factory's ShareGPT keeps the system prompt beside the turns
+        out["system"] = row["system"]
+    return out
+
+
+def detect(row: Any, cfg: PrepareConfig, null_is_missing: bool = False, *, where: str = "record") -> str:
+    """alpaca, messages or sharegpt, from the record's fields (core.chat.detect_format on its conversation field);
+    a record with neither conversation field is an Alpaca record (whose checks then name what is missing)."""
+    if not isinstance(row, dict):
+        return "alpaca"
+    canonical = _canonical(row, cfg, null_is_missing)
+    if "messages" not in canonical and "conversations" not in canonical:
+        return "alpaca"
+    from alpaca_cli.core import chat
+
+    return chat.detect_format(canonical, where=where)
+
+
+def _conversations(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, fmt: str, source: str,
+                   null_is_missing: bool) -> Records:
+    """Each record's messages, checked by core.chat.to_messages (roles, contents, an assistant turn); with --format
+    auto every record must be of the first one's format."""
+    from alpaca_cli.core import chat
+
+    keys = ("messages",) if fmt == "messages" else ("conversations", "messages")  # ShareGPT turns under `messages`
+    names = {"messages": cfg.messages_field, "conversations": cfg.conversations_field}
+    conversations, first_where = [], None
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{source} {where}: a record must be a JSON object, found {type(row).__name__}")
+        first_where = first_where or where
+        if cfg.format == "auto" and (found := detect(row, cfg, null_is_missing, where=f"{source} {where}")) != fmt:
+            raise DataError(f"{source} {where}: a {found} record, but {first_where} is a {fmt} one; one file holds "
+                            "one format", hint="split the file, or pass --format to name the one expected")
+        canonical = _canonical(row, cfg, null_is_missing)
+        key = next((k for k in keys if k in canonical), None)
+        if key is None:
+            present = ", ".join(sorted(k for k, v in row.items() if v is not None)) or "none"
+            raise DataError(f"{source} {where}: field `{names[keys[0]]}` is missing (fields present: {present}; map "
+                            f"yours with --set {keys[0]}_field=NAME)")
+        if not isinstance(canonical[key], list):
+            raise DataError(f"{source} {where}: field `{names[key]}` must be a list of messages, found "
+                            f"{_json_type(canonical[key])}")
+        turns = {names[key]: canonical[key], **({"system": canonical["system"]} if "system" in canonical else {})}
+        conversations.append(chat.to_messages(turns, fmt, where=f"{source} {where}", field=names[key]))
+    return Records([], [], [], where=source, format=fmt, conversations=conversations)
 
 
 def _flag(f: str, cfg: PrepareConfig) -> str:
@@ -246,15 +332,30 @@ def _load_hub(cfg: PrepareConfig) -> Records:
         ds = datasets.load_dataset(cfg.data, split=cfg.split, revision=sha)
     except Exception as e:  # noqa: BLE001
         raise DataError(f"--data {cfg.data} (split {cfg.split}): cannot load ({type(e).__name__}: {first_line(e, None)})") from None
-    missing = [f for f in (cfg.instruction_field, cfg.output_field) if f not in ds.column_names]
-    if missing:
-        raise DataError(
-            f"--data {cfg.data}: column(s) {', '.join(missing)} missing (columns: {', '.join(ds.column_names)})",
-            hint="map yours with --instruction-field / --input-field / --output-field",
-        )
+    _check_columns(cfg, ds.column_names)
     rows = ((f"row {i}", row) for i, row in enumerate(ds))
-    records = _columns(rows, cfg, cfg.data, null_is_missing=True)
+    records = _records(rows, cfg, cfg.data, null_is_missing=True)
     if not len(records):
         raise DataError(f"--data {cfg.data} (split {cfg.split}): holds no records")
     records.source = DataSource(kind="hub", id=cfg.data, revision=sha, split=cfg.split)
     return records
+
+
+def _check_columns(cfg: PrepareConfig, columns: list[str]) -> None:
+    """The columns the format needs (auto: a conversation column, else Alpaca's) are there."""
+    fmt = cfg.format
+    if fmt == "auto":
+        conversational = cfg.messages_field in columns or cfg.conversations_field in columns
+        fmt = "messages" if conversational else "alpaca"
+    if fmt == "alpaca":
+        missing = [f for f in (cfg.instruction_field, cfg.output_field) if f not in columns]
+        hint = "map yours with --instruction-field / --input-field / --output-field"
+    else:
+        name = cfg.messages_field if fmt == "messages" else cfg.conversations_field
+        found = name in columns or (fmt == "sharegpt" and cfg.messages_field in columns)  # ShareGPT under messages
+        missing = [] if cfg.format == "auto" or found else [name]
+        hint = f"map yours with --set {'messages_field' if fmt == 'messages' else 'conversations_field'}=NAME"
+    if missing:
+        raise DataError(
+            f"--data {cfg.data}: column(s) {', '.join(missing)} missing (columns: {', '.join(columns)})", hint=hint
+        )

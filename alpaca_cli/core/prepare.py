@@ -1,4 +1,5 @@
-"""`alpaca prepare`: records -> Alpaca prompts -> Stanford labels -> a Levanter token cache in the run directory."""
+"""`alpaca prepare`: records -> Alpaca prompts -> Stanford labels -> a Levanter token cache in the run directory;
+or conversations -> the chat template's rendering -> assistant-only labels (core.chat) -> the same cache."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core.data import load_records
 from alpaca_cli.core.tokenize import Tokenized, load_tokenizer, prefix_stable, tokenize_examples
-from alpaca_cli.errors import DataError, StageError
+from alpaca_cli.errors import ConfigError, DataError, StageError
 from alpaca_cli.records import PrepareInputs, PrepareRecord, PrepareSummary
 from alpaca_cli.rundir import RunDir
 
@@ -67,16 +68,8 @@ def prepare(
     records = load_records(cfg)
     loaded = load_tokenizer(cfg.tokenizer)
     try:
-        components = {
-            "format": CACHE_FORMAT,
-            "data": {k: v for k, v in dataclasses.asdict(records.source).items() if v is not None},
-            "fields": [cfg.instruction_field, cfg.input_field, cfg.output_field],
-            "prompts": cfgmod.encode(cfg.prompts),
-            "tokenizer": loaded.fingerprint,
-            "max_length": cfg.max_length,
-            "on_overflow": cfg.on_overflow,
-            "mask_inputs": cfg.mask_inputs,
-        }
+        template = chat_template(cfg, records, loaded.tokenizer)
+        components = _components(cfg, records, loaded, template)
         fingerprint = fingerprint_inputs(components)
 
         previous = run.prepare
@@ -106,10 +99,15 @@ def prepare(
             config=cfg,
             inputs=PrepareInputs(data=records.source, tokenizer=cfg.tokenizer, components=components),
             fingerprint=fingerprint,
+            format=records.format,
+            chat_template=template.text if template is not None else None,
         )
         with run.stage("prepare", record):
             run.write_config("prepare", cfgmod.dump(cfg))
-            stats = _build(cfg, run, records, loaded, progress)
+            if template is None:
+                stats = _build(cfg, run, records, loaded, progress)
+            else:
+                stats = _build_conversations(cfg, run, records, loaded, template, progress)
             stats["seconds"] = round(time.time() - t0, 3)
             io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
             record.summary = PrepareSummary(
@@ -121,8 +119,58 @@ def prepare(
         shutil.rmtree(loaded.local_dir, ignore_errors=True)
 
 
+def chat_template(cfg: PrepareConfig, records, tok):
+    """The chat template conversations are rendered with (core.chat.resolve_template: --chat-template, else the
+    tokenizer's own, refused in one line when it has none); None for Alpaca records, which refuse the options that
+    apply to conversations only. Asked before anything is written."""
+    if records.format == "alpaca":
+        if cfg.chat_template is not None or cfg.train_on != "all":
+            raise ConfigError(f"--chat-template and --train-on apply to conversations; --data {records.where} holds "
+                              "Alpaca records (rendered with --prompts)", hint="leave them out, or pass conversations")
+        return None
+    if not cfg.mask_inputs:
+        raise ConfigError("--no-mask-inputs applies to Alpaca records; conversations train their assistant turns",
+                          hint="leave it out; --train-on last|all chooses which assistant turns")
+    from alpaca_cli.core import chat
+
+    return chat.resolve_template(tok, cfg.chat_template, prompts=cfg.prompts)
+
+
+def _components(cfg: PrepareConfig, records, loaded, template) -> dict[str, Any]:
+    """Everything the fingerprint covers, by name. Alpaca records' are what they always were (their runs keep their
+    fingerprints); conversations' add the format, the template's text (its sha256: the manifest keeps the text) and
+    which turns are trained."""
+    common = {
+        "format": CACHE_FORMAT,
+        "data": {k: v for k, v in dataclasses.asdict(records.source).items() if v is not None},
+    }
+    if template is None:
+        return {
+            **common,
+            "fields": [cfg.instruction_field, cfg.input_field, cfg.output_field],
+            "prompts": cfgmod.encode(cfg.prompts),
+            "tokenizer": loaded.fingerprint,
+            "max_length": cfg.max_length,
+            "on_overflow": cfg.on_overflow,
+            "mask_inputs": cfg.mask_inputs,
+        }
+    return {
+        **common,
+        "records": records.format,
+        "fields": [cfg.messages_field if records.format == "messages" else cfg.conversations_field],
+        "chat_template": hashlib.sha256(template.text.encode()).hexdigest(),
+        "train_on": cfg.train_on,
+        "tokenizer": loaded.fingerprint,
+        "max_length": cfg.max_length,
+        "on_overflow": cfg.on_overflow,
+    }
+
+
 def _differences(old: dict, new: dict) -> str:
     names = {
+        "records": "--format",
+        "chat_template": "--chat-template",
+        "train_on": "--train-on",
         "data": "data",
         "fields": "field names",
         "prompts": "prompt templates",
@@ -132,7 +180,7 @@ def _differences(old: dict, new: dict) -> str:
         "mask_inputs": "--mask-inputs",
         "format": "cache format",
     }
-    diff = [names.get(k, k) for k in new if old.get(k) != new.get(k)]
+    diff = [names.get(k, k) for k in {**new, **old} if old.get(k) != new.get(k)]
     return "differs in " + ", ".join(diff) if diff else "different fingerprint"
 
 
@@ -162,7 +210,7 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
     seconds_tokenize = time.time() - t_tok
 
     io.upload_dir(loaded.local_dir, run.tokenizer_dir)
-    stats = compute_stats(tokenized, prompts, records.outputs, tok, loaded.added)
+    stats = compute_stats(tokenized, zip(prompts, records.outputs), tok, loaded.added)
     stats["records_read"] = len(records)
     stats["fast_prompt_lengths"] = fast
     stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
@@ -209,9 +257,95 @@ def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool
     return tokenized
 
 
+def _build_conversations(cfg: PrepareConfig, run: RunDir, records, loaded, template, progress: Progress) -> dict:
+    """The conversation path of _build: the same cache (input_ids, targets, source_index), labels by core.chat."""
+    from levanter.store.cache import CacheMetadata
+
+    tok = loaded.tokenizer
+    if template.missing_tokens:
+        logger.warning("The tokenizer has no token %s: the %s template's markers are tokenized as plain text",
+                       " or ".join(template.missing_tokens), template.name)
+    t_tok = time.time()
+    if run.writer:
+        io.rm_tree(run.cache_dir)
+        io.rm_tree(run.tokenizer_dir)
+    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.prepare.fingerprint})
+    progress.start("Tokenizing", len(records))
+    try:
+        tokenized, chat_stats = write_conversation_cache(run.cache_dir, records.conversations, tok, template.text,
+                                                         cfg, progress.advance, metadata)
+    finally:
+        progress.stop()
+    if run.writer:
+        cachemod.seal_cache(run.cache_dir, run.prepare.fingerprint)
+    seconds_tokenize = time.time() - t_tok
+
+    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
+    texts = ([m["content"] for m in conversation] for conversation in records.conversations)
+    stats = compute_stats(tokenized, texts, tok, loaded.added)
+    stats.update(conversation_stats(chat_stats, records.format, template, cfg.train_on))
+    stats["records_read"] = len(records)
+    stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
+    return stats
+
+
+def conversation_stats(chat_stats, fmt: str, template, train_on: str) -> dict[str, Any]:
+    """What the prepare table reports of conversations beside the common statistics."""
+    return {
+        "format": fmt,
+        "chat_template": template.name,
+        "train_on": train_on,
+        "conversations": chat_stats.conversations,
+        "turns": chat_stats.messages,
+        "roles": {r: chat_stats.roles.get(r, 0) for r in ("system", "user", "assistant", "tool")},
+        "assistant_turns": chat_stats.assistant_turns,
+        "trained_turns": chat_stats.trained_turns,
+        "split_conversations": chat_stats.split_conversations,
+        "cut_in_turn": chat_stats.cut_in_turn,
+        "turns_beyond_limit": chat_stats.turns_beyond_limit,
+    }
+
+
+def write_conversation_cache(cache_dir, conversations, tok, template_text: str, cfg: PrepareConfig, advance,
+                             metadata):
+    """write_cache for conversations: (Tokenized, core.chat.ChatStats) through core.chat.tokenize_conversations,
+    in chunks; the ledger that marks the cache complete is written only when every row is in."""
+    from levanter.store.cache import SerialCacheWriter
+
+    from alpaca_cli.core import chat
+
+    chunk = 8192
+    tokenized, totals = Tokenized(), chat.ChatStats()
+    with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
+        for start in range(0, len(conversations), chunk):
+            before = len(tokenized.input_ids)
+            chat.tokenize_conversations(
+                tok, template_text, conversations[start : start + chunk], max_length=cfg.max_length,
+                on_overflow=cfg.on_overflow, train_on=cfg.train_on, source_offset=start, into=tokenized,
+                progress=advance, stats=totals,
+            )
+            new = slice(before, len(tokenized.input_ids))
+            if new.stop > new.start:
+                writer.write_batch(
+                    {
+                        "input_ids": tokenized.input_ids[new],
+                        "targets": tokenized.targets[new],
+                        "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
+                    }
+                )
+        if not tokenized.input_ids:
+            raise DataError(
+                f"no example is left to train on: all {len(conversations)} conversations were dropped "
+                f"({_reason_text(tokenized.dropped)})",
+                hint="raise --max-length or use --on-overflow truncate",
+            )
+    return tokenized, totals
+
+
 def prepare_validation(run: RunDir, data: str) -> str:
     """A held-out file prepared exactly like the run's training data (its tokenizer, templates, max length and
-    mask), into RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
+    mask; for conversations, the chat template's text the run recorded and --train-on), into
+    RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
     from levanter.store.cache import CacheMetadata
 
     prepared = run.require_prepare()
@@ -221,11 +355,18 @@ def prepare_validation(run: RunDir, data: str) -> str:
     cache_dir = run.val_cache_dir(fingerprint)
     if cachemod.problem(cache_dir, fingerprint) is None:
         return cache_dir
+    if (records.format == "alpaca") != (prepared.format == "alpaca"):
+        raise DataError(f"{data} holds {records.format} records, but the run was prepared from {prepared.format} "
+                        "ones", hint="give held-out data in the training data's format")
     tok = run.load_tokenizer()
-    prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
     io.rm_tree(cache_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})
-    tokenized = write_cache(cache_dir, prompts, records.outputs, tok, pcfg, prefix_stable(tok)[0], None, metadata)
+    if records.format != "alpaca":  # the template exactly as the training data used it
+        tokenized, _ = write_conversation_cache(cache_dir, records.conversations, tok, prepared.chat_template, pcfg,
+                                                None, metadata)
+    else:
+        prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
+        tokenized = write_cache(cache_dir, prompts, records.outputs, tok, pcfg, prefix_stable(tok)[0], None, metadata)
     cachemod.seal_cache(cache_dir, fingerprint)
     logger.info("Prepared %d held-out examples from %s", len(tokenized.input_ids), data)
     return cache_dir
@@ -235,7 +376,9 @@ def _reason_text(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items() if n) or "none"
 
 
-def compute_stats(tokenized, prompts, outputs, tok, added: dict[str, str]) -> dict[str, Any]:
+def compute_stats(tokenized, texts, tok, added: dict[str, str]) -> dict[str, Any]:
+    """The statistics of a prepared cache. texts: each record's strings (prompt and output, or the messages'
+    contents), to count records whose text holds a special token's string."""
     from levanter.data.packing import pack_documents
 
     lengths = np.array([len(x) for x in tokenized.input_ids], dtype=np.int64)
@@ -247,7 +390,7 @@ def compute_stats(tokenized, prompts, outputs, tok, added: dict[str, str]) -> di
     padded_rows = int(np.sum(np.ceil(lengths / PACK_ROW)))
 
     specials = [s for s in tok.all_special_tokens if s]
-    special_text = sum(1 for p, o in zip(prompts, outputs) if any(s in p or s in o for s in specials))
+    special_text = sum(1 for parts in texts if any(s in part for s in specials for part in parts))
 
     return {
         "examples": int(len(lengths)),
