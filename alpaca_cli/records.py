@@ -88,6 +88,10 @@ class PrepareRecord(StageRecord):
     inputs: PrepareInputs = field(default_factory=PrepareInputs)
     fingerprint: str = ""
     summary: Optional[PrepareSummary] = None
+    format: str = "alpaca"
+    """What the records were: alpaca, messages or sharegpt."""
+    chat_template: Optional[str] = None
+    """The chat template (Jinja text) conversations were rendered with, as used; None for Alpaca records."""
 
 
 # -- train -----------------------------------------------------------------------------------------------------------
