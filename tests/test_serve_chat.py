@@ -110,7 +110,7 @@ def test_an_answer_stops_at_the_first_end_of_turn_token_of_a_token_stream():
     words = tok("Hello there", add_special_tokens=False)["input_ids"]
     stream = words + [eot] + tok("\n<|im_start|>user\nmore", add_special_tokens=False)["input_ids"]
 
-    def decode_stream(stream, max_new_tokens):  # the decoder's loop: take tokens until one of eos_ids
+    def decode_stream(stream, max_new_tokens, gen=gen):  # the decoder's loop: take tokens until one of eos_ids
         out = []
         for t in stream[:max_new_tokens]:
             out.append(t)
@@ -128,7 +128,7 @@ def test_an_answer_stops_at_the_first_end_of_turn_token_of_a_token_stream():
     # Alpaca records: EOS only, as before
     alpaca = Generator(model=None, tokenizer=tok, templates=PromptTemplates(), max_len=64, mesh=None)
     assert alpaca.eos_ids == [tok.eos_token_id]
-    assert alpaca.answer(decode_stream(stream, 50)).finish == decode.LENGTH
+    assert alpaca.answer(decode_stream(stream, 50, alpaca)).finish == decode.LENGTH
 
 
 def test_messages_files_one_conversation_or_many(tmp_path):
