@@ -300,3 +300,27 @@ def test_eval_tokenizes_conversations_with_the_served_template():
     trained_text = "".join(tok.decode([i for i, t in zip(ids, ts) if t]) for ids, ts in
                            zip(tokenized.input_ids, tokenized.targets))
     assert "Be brief" not in trained_text and "Héllo" not in trained_text and "Done." in trained_text
+
+
+def test_a_conversation_runs_card_shows_its_chat_template(tmp_path):
+    from huggingface_hub import ModelCard
+    from test_model_card import VERIFIED, run_dir
+
+    from alpaca_cli.core.model_card import write_model_card
+
+    run = run_dir(tmp_path)
+    run.prepare.format, run.prepare.chat_template = "messages", CHATML
+    write_model_card(run, str(tmp_path), step=3, dtype="float32", summary=VERIFIED)
+    text = ModelCard.load(tmp_path / "README.md").text
+    assert CHATML in text and "assistant turns trained" in text
+    assert "### Instruction:" not in text and "prompt tokens masked" not in text
+
+
+def test_generate_takes_one_of_an_instruction_a_file_or_messages(tmp_path):
+    from helpers import error_line
+
+    one = str(tmp_path / "one.json")
+    with open(one, "w") as f:
+        json.dump(conversation(), f)
+    out = run_cli(["generate", "Hi", "--messages", one, "--run-dir", str(tmp_path / "none")], check=False)
+    assert out.returncode != 0 and "give one of an INSTRUCTION, --file or --messages" in error_line(out)
