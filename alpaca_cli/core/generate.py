@@ -24,9 +24,9 @@ from alpaca_cli import interrupts, io
 from alpaca_cli.config import Decoding, PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core import served_template as served
 from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh, pod_mesh
-from alpaca_cli.core import served_template as served
 from alpaca_cli.core.prompts import PROMPTS_FILE
 from alpaca_cli.errors import ConfigError, DataError
 from alpaca_cli.rundir import RunDir
