@@ -69,13 +69,16 @@ class Generator:
     def __post_init__(self):
         self.model = for_inference(self.model)  # answers and scores with dropout off, whatever the model's config
         self._end: Optional[served.EndOfTurn] = None
+        self._alpaca_template: Optional[str] = None
 
     @property
     def served_template(self) -> str:
         """The template conversations are rendered with: the run's, or for Alpaca records the one its export ships."""
         if self.chat_template is not None:
             return self.chat_template
-        return promptsmod.chat_template(self.templates, bos=promptsmod.adds_bos(self.tokenizer))
+        if self._alpaca_template is None:
+            self._alpaca_template = promptsmod.chat_template(self.templates, bos=promptsmod.adds_bos(self.tokenizer))
+        return self._alpaca_template
 
     @property
     def end(self) -> served.EndOfTurn:
