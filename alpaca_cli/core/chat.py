@@ -13,7 +13,8 @@ are what the assistant wrote in that turn: its content and what closes the turn 
 <end_of_turn>, </s>...), not the header before it nor the whitespace after the closing token. The full rendering
 is tokenized once, without special tokens (templates write the BOS themselves), and a token is trained iff its
 character span [s, e) is non-empty and intersects a trained span: what transformers' `return_assistant_tokens_mask`
-gives for a template whose `{% generation %}` markers wrap the content and the closing token.
+gives for a template whose `{% generation %}` markers wrap the content and the closing token. (Offsets trimmed by a
+post-processor: see `turn_mask`.)
 
 A template is prefix-preserving for a conversation when the full rendering F starts with every R_i and every R_i
 starts with its P_i. One that is not (Mistral moves the system prompt into the last user turn; Qwen3 drops the
@@ -58,6 +59,10 @@ SHAREGPT_ROLES = {
 }
 """ShareGPT's `from` values and the role each becomes."""
 
+PASSED_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content")
+"""Keys of a `messages` turn kept beside role and content (Llama-3.1's and Qwen's templates render tool calls,
+Qwen3's the reasoning); anything else in a turn is not given to the template."""
+
 # -- formats --------------------------------------------------------------------------------------------------------
 
 
@@ -66,7 +71,8 @@ def detect_format(row: Mapping, *, where: str = "record") -> str:
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, found {type(row).__name__}")
     if isinstance(row.get("messages"), list):
-        return "messages"
+        first = row["messages"][0] if row["messages"] else None
+        return "sharegpt" if isinstance(first, Mapping) and "from" in first else "messages"
     if isinstance(row.get("conversations"), list):
         return "sharegpt"
     if "instruction" in row or "output" in row:
@@ -78,9 +84,10 @@ def detect_format(row: Mapping, *, where: str = "record") -> str:
     )
 
 
-def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
+def to_messages(row: Mapping, fmt: str, *, where: str, field: str | None = None) -> list[dict]:
     """The record's conversation as [{"role", "content"}] with roles system / user / assistant / tool, checked:
-    known roles, string contents, at least one assistant turn. `where` names the record in errors."""
+    known roles, string contents, at least one assistant turn. `where` names the record in errors; `field` is the
+    record's field holding the turns when it is not `messages` / `conversations`."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, found {type(row).__name__}")
     if fmt == "messages":
@@ -89,6 +96,9 @@ def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
         key, role_key, content_key, roles = "conversations", "from", "value", SHAREGPT_ROLES
     else:
         raise ConfigError(f"to_messages: format {fmt!r} is not a conversation format (messages, sharegpt)")
+    if field is None and fmt == "sharegpt" and "conversations" not in row and "messages" in row:
+        key = "messages"  # ShareGPT turns ({from, value}) under `messages`
+    key = field or key
     turns = row.get(key)
     if not isinstance(turns, list):
         raise DataError(f"{where}: field `{key}` must be a list of turns, found {_json_type(turns)}")
@@ -100,13 +110,21 @@ def to_messages(row: Mapping, fmt: str, *, where: str) -> list[dict]:
         if not isinstance(turn, Mapping):
             raise DataError(f"{where}: `{key}[{j}]` must be an object with `{role_key}` and `{content_key}`, "
                             f"found {_json_type(turn)}")
-        role = turn.get(role_key)
-        if role not in roles:
-            raise DataError(f"{where}: `{key}[{j}].{role_key}` is {role!r}; known: {', '.join(roles)}")
-        content = turn.get(content_key)
+        rk, ck = role_key, content_key
+        if fmt == "sharegpt" and "from" not in turn and "role" in turn:  # ShareGPT lists written with role/content
+            rk, ck = "role", "content"
+        role = turn.get(rk)
+        if not isinstance(role, str) or role not in roles:
+            raise DataError(f"{where}: `{key}[{j}].{rk}` is {role!r}; known: {', '.join(roles)}")
+        content = turn.get(ck)
+        if content is None and fmt == "messages" and turn.get("tool_calls"):
+            content = ""  # an assistant turn that only calls tools
         if not isinstance(content, str):
-            raise DataError(f"{where}: `{key}[{j}].{content_key}` must be a string, found {_json_type(content)}")
-        messages.append({"role": roles[role], "content": content})
+            raise DataError(f"{where}: `{key}[{j}].{ck}` must be a string, found {_json_type(content)}")
+        message = {"role": roles[role], "content": content}
+        if fmt == "messages":  # what the templates that render tools and reasoning read
+            message.update((k, turn[k]) for k in PASSED_KEYS if turn.get(k) is not None)
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
     return messages
@@ -175,8 +193,7 @@ def resolve_template(tok, spec: str | None, *, prompts=None) -> ChatTemplate:
             )
         return ChatTemplate("tokenizer", text)
     if spec == "chatml":
-        vocab = tok.get_vocab()
-        missing = tuple(t for t in CHATML_TOKENS if t not in vocab)
+        missing = tuple(t for t in CHATML_TOKENS if len(tok(t, add_special_tokens=False)["input_ids"]) != 1)
         return ChatTemplate("chatml", CHATML, missing)
     if spec == "alpaca":
         from alpaca_cli.core.prompts import adds_bos
@@ -216,15 +233,29 @@ def _compile(text: str):
 
 class Renderer:
     """Renders conversations as `tok.apply_chat_template(messages, chat_template=text, tokenize=False,
-    add_generation_prompt=...)` does (same compiled template, same variables), without its per-call overhead."""
+    add_generation_prompt=...)` does (same compiled template, same variables), without its per-call overhead; through
+    apply_chat_template itself where transformers no longer has the compiler this uses."""
 
     def __init__(self, tok, text: str):
-        self.template = _compile(text)
-        self.variables = dict(tok.special_tokens_map)
+        self.tok, self.text = tok, text
+        try:
+            self.template = _compile(text)
+        except ImportError:
+            self.template = None
+            return
+        # Template.render(**variables) builds its context from the template's globals (a ChainMap, slow to copy)
+        # and the variables; this builds the same context from a plain copy: a third of the time of a short render.
+        self.globals = dict(self.template.globals)
+        self.base = {**self.globals, **tok.special_tokens_map, "tools": None, "documents": None}
 
     def __call__(self, messages: Sequence[Mapping], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=list(messages), tools=None, documents=None,
-                                    add_generation_prompt=add_generation_prompt, **self.variables)
+        t = self.template
+        if t is None:
+            return self.tok.apply_chat_template(list(messages), chat_template=self.text, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt)
+        variables = {**self.base, "messages": list(messages), "add_generation_prompt": add_generation_prompt}
+        context = t.environment.context_class(t.environment, variables, t.name, t.blocks, globals=self.globals)
+        return t.environment.concat(t.root_render_func(context))
 
 
 # -- labels ---------------------------------------------------------------------------------------------------------
@@ -322,8 +353,38 @@ def trained_mask(starts: np.ndarray, ends: np.ndarray, spans: Sequence[tuple[int
     return mask
 
 
+def turn_mask(encoding, a: int, b: int) -> np.ndarray:
+    """The tokens of one trained span [a, b) of the encoding's text: from the first to the last token whose
+    character span intersects it, each token's span taken back over any characters no token covers
+    ([min(start, previous end), end)). Where every character belongs to a token (the tokenizers of chat models)
+    that is the intersection rule of the module docstring. A post-processor that trims offsets (GPT-2's ByteLevel
+    with trim_offsets) leaves the spaces a token holds uncovered, and a token of spaces with an empty span: such
+    tokens are the assistant's where they stand in its text (transformers' assistant mask stops at the first
+    uncovered character instead).
+
+    Asked of the Rust encoding where both ends are covered (char_to_token returns the first token holding a
+    character; the byte-fallback pieces of the last character follow it); from all the offsets otherwise."""
+    n = len(encoding)  # not len(encoding.ids), which builds the list of ids
+    mask = np.zeros(n, dtype=np.uint8)
+    if b <= a:
+        return mask
+    first, last = encoding.char_to_token(a), encoding.char_to_token(b - 1)
+    if first is None or last is None:
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        starts = np.minimum(starts, np.concatenate([[0], ends[:-1]]))
+        hit = np.nonzero(trained_mask(starts, ends, [(a, b)]))[0]
+        if len(hit):
+            mask[hit[0] : hit[-1] + 1] = 1
+        return mask
+    while last + 1 < n and encoding.token_to_chars(last + 1)[0] < b:
+        last += 1
+    mask[first : last + 1] = 1
+    return mask
+
+
 class _Encoder:
-    """Texts -> (ids, token starts, token ends), without special tokens added, as apply_chat_template tokenizes."""
+    """Texts -> Rust encodings, without special tokens added, as apply_chat_template tokenizes its rendering."""
 
     def __init__(self, tok):
         if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
@@ -332,18 +393,14 @@ class _Encoder:
         self.tok = tok
         self.backend = tok.backend_tokenizer
 
-    def __call__(self, texts: list[str]) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    def __call__(self, texts: list[str]) -> list:
         b = self.backend
         b.no_truncation()
         b.no_padding()
         split = bool(getattr(self.tok, "split_special_tokens", False))
         if b.encode_special_tokens != split:
             b.encode_special_tokens = split
-        out = []
-        for enc in b.encode_batch(texts, add_special_tokens=False):
-            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
-            out.append((enc.ids, offsets[:, 0], offsets[:, 1]))
-        return out
+        return b.encode_batch(texts, add_special_tokens=False)
 
 
 def tokenize_conversations(
@@ -400,9 +457,9 @@ def tokenize_conversations(
                 continue
             stats.split_conversations += int(plan[0].split)
             for piece in plan:
-                ids, starts, ends = next(encoded)
-                masks = [trained_mask(starts, ends, [span]) for span in piece.spans]
-                _add_example(out, stats, ids, masks, src, max_length=max_length, on_overflow=on_overflow)
+                encoding = next(encoded)
+                masks = [turn_mask(encoding, a, b) for a, b in piece.spans]
+                _add_example(out, stats, encoding.ids, masks, src, max_length=max_length, on_overflow=on_overflow)
         if progress is not None:
             progress(len(batch))
     return out
@@ -471,8 +528,11 @@ def _bos_text(tok) -> str:
 def _stanford_plan(tok, render: Renderer, messages: Sequence[Mapping], bos: str) -> tuple[str, str] | None:
     """(prompt, output) of a [user, assistant] conversation under the `alpaca` template, when its rendering is
     exactly what tokenize_examples tokenizes (BOS text + prompt + output + eos); None otherwise (the generic rule)."""
-    p = render(messages[:1], add_generation_prompt=True)
-    r = render(messages, add_generation_prompt=False)
+    try:
+        p = render(messages[:1], add_generation_prompt=True)
+        r = render(messages, add_generation_prompt=False)
+    except Exception:  # noqa: BLE001 - the generic path renders it again and names the record
+        return None
     output = messages[1]["content"]
     if tok.eos_token is None or not (p.startswith(bos) and r == p + output + tok.eos_token):
         return None
