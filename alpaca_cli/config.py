@@ -465,10 +465,14 @@ ALPACA_EVAL = {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 2048}
 
 @dataclass
 class GenerateConfig(Decoding):
-    """`alpaca generate`: the decoding of its answers."""
+    """`alpaca generate`: the decoding of its answers, and the conversations it answers."""
 
     alpaca_eval: bool = False
     """AlpacaEval's alpaca-7b decoding (ALPACA_EVAL) as the defaults; what is given beside it wins."""
+    messages: Optional[str] = None
+    """A JSON file of one conversation (a list of {role, content}), or a .json/.jsonl of conversations: each is
+    rendered with the run's chat template and its next assistant turn answered (a final assistant message is kept
+    as the reference)."""
 
 
 def generate_derived_defaults(given: dict) -> dict:
@@ -480,6 +484,7 @@ GENERATE_FLAGS = Flags(
     GenerateConfig, "max_new_tokens", "temperature", "top_p", "seed", "batch_size",
     Flag("alpaca_eval", help="AlpacaEval's alpaca-7b decoding: " + ", ".join(f"{k} {v:,}" for k, v in ALPACA_EVAL.items())
          + " (flags, --set and --config given beside it win)."),
+    Flag("messages", show_default=False),
     set_example="temperature=0.7",
 )
 

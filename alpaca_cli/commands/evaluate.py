@@ -25,7 +25,9 @@ On a pod, run the same command on every host: they score together (the model sha
 def eval_(
     data: Annotated[
         str, typer.Option(help="Held-out Alpaca records (.json/.jsonl, local or gs://, or `demo`: the built-in 48), "
-                          "read with the run's field names and prepared like its training data.", show_default=False)
+                          "read with the run's field names and prepared like its training data; for a run prepared "
+                          "from conversations, conversations (messages or ShareGPT), scored on assistant tokens.",
+                          show_default=False)
     ],
     run_dir: RunDirOpt = None,
     step: Annotated[Optional[int], typer.Option(help="Score RUN/checkpoints/step-N instead of the final checkpoint.",
@@ -78,10 +80,13 @@ def _score(run, data: str, cfg: EvalConfig, *, step, from_export, base) -> list:
 
     pcfg = run.require_prepare().config if run is not None else PrepareConfig()
     path = resolve_builtin_data(data)  # `demo`, as prepare reads it
+    conversations = core.scores_conversations(run, from_export)
     held_out = distributed.on_writer(
-        lambda: core.held_out(pcfg, path),
-        encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs},
-        decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"]))
+        lambda: core.held_out(pcfg, path, conversations=conversations),
+        encode=lambda h: {"requests": [dataclasses.asdict(r) for r in h.requests], "outputs": h.outputs,
+                          "conversations": h.conversations},
+        decode=lambda h: core.HeldOut([Request(**r) for r in h["requests"]], h["outputs"],
+                                      conversations=h["conversations"]))
     label = f"export {from_export}" if from_export else _checkpoint_label(run, step)
     models = [(label, lambda: load_generator(run, from_export=from_export, step=step))]
     if base:

@@ -21,6 +21,8 @@ Examples:
   alpaca generate "Name a primary color." --from-export runs/x/hf
   alpaca generate --file prompts.jsonl --output base.jsonl --base --run-dir runs/x     (the base model's answers)
   alpaca generate --file prompts.jsonl --config decoding.yaml --set top_p=0.9           (decoding from a file)
+  alpaca generate --messages chat.json --run-dir runs/chat      (the next assistant turn, with the run's template)
+  alpaca generate --messages chats.jsonl --output answers.jsonl --run-dir runs/chat      (a file of conversations)
 On a pod, run the same command on every host: they decode together (the model sharded over all of them); host 0 writes.
 """
 
@@ -56,14 +58,16 @@ def generate(
     num_processes: NumProcessesOpt = None,
     process_id: ProcessIdOpt = None,
 ) -> None:
-    """Answer an instruction (or a file of them) with the run's template."""
+    """Answer an instruction (or a file of them, or conversations) with the run's template."""
     from alpaca_cli import console, distributed, io, rundir
     from alpaca_cli.config import GenerateConfig, generate_derived_defaults
     from alpaca_cli.core import generate as core
     from alpaca_cli.errors import ConfigError
 
-    _check_inputs(instruction, file, output, base, from_export)
     decoding = settings.resolve(GenerateConfig, derived_defaults=generate_derived_defaults)
+    _check_inputs(instruction, file, decoding.messages, output, base, from_export)
+    if decoding.messages:
+        decoding.messages = io.normalize(decoding.messages)
     if output:
         output = io.normalize(output)
         if not output.endswith(core.OUTPUT_FORMATS):
@@ -77,9 +81,9 @@ def generate(
         run = rundir.open_run(run_dir, writer=writer)
     name = generator or ((run.name + ("-base" if base else "")) if run is not None
                          else from_export.rstrip("/").rsplit("/", 1)[-1])
-    requests = _requests(instruction, input, file, output, name)
+    requests = _requests(instruction, input, file, decoding.messages, output, name)
     gen = core.load_generator(run, from_export=from_export, step=step, base=base)
-    if file is None:
+    if file is None and (decoding.messages is None or len(requests) == 1 and not output):
         text = gen.generate(requests, decoding)[0].text
         if writer:
             typer.echo(text)
@@ -95,31 +99,32 @@ def generate(
                 sys.stdout.write(json.dumps(core.output_record(r, a, name), ensure_ascii=False) + "\n")
 
 
-def _check_inputs(instruction, file, output, base, from_export) -> None:
+def _check_inputs(instruction, file, messages, output, base, from_export) -> None:
     from alpaca_cli.errors import ConfigError
 
-    if (instruction is None) == (file is None):
-        raise ConfigError("give an INSTRUCTION or --file, not both and not neither")
+    if sum(x is not None for x in (instruction, file, messages)) != 1:
+        raise ConfigError("give one of an INSTRUCTION, --file or --messages")
     if instruction is not None and not instruction.strip():
         raise ConfigError("the instruction is empty", hint='give the text to answer, e.g. alpaca generate "Name a color."')
-    if output and not file:
-        raise ConfigError("--output goes with --file")
+    if output and not (file or messages):
+        raise ConfigError("--output goes with --file or --messages")
     if base and from_export:
         raise ConfigError("--base and --from-export name different models; give one")
 
 
-def _requests(instruction, input, file, output, name) -> list:
-    """The instruction as one request, or the --file's requests (read by process 0, sent to the others)."""
+def _requests(instruction, input, file, messages, output, name) -> list:
+    """The instruction as one request, or the --file's or --messages' requests (read by process 0, sent to the
+    others)."""
     from alpaca_cli import distributed
     from alpaca_cli.core import generate as core
 
-    if not file:
+    if not (file or messages):
         return [core.Request(instruction or "", input or "")]
 
     def read_requests():
         if output:  # before any work: never over a file generate did not write
-            core.check_output(output, file, name)
-        return core.read_requests(file)
+            core.check_output(output, file or messages, name)
+        return core.read_requests(file) if file else core.read_message_requests(messages)
 
     return distributed.on_writer(read_requests, encode=lambda rs: [dataclasses.asdict(r) for r in rs],
                                  decode=lambda rs: [core.Request(**r) for r in rs])

@@ -31,7 +31,8 @@ from alpaca_cli.core.export_folder import check_output, check_writable, seal
 from alpaca_cli.core.hub import push, resolve_token
 from alpaca_cli.core.mesh import FSDP, local_mesh
 from alpaca_cli.core.model_card import write_model_card
-from alpaca_cli.core.prompts import PROMPTS_FILE, adds_bos, chat_template
+from alpaca_cli.core.prompts import PROMPTS_FILE
+from alpaca_cli.core.served_template import run_chat_template
 from alpaca_cli.errors import AlpacaError, ConfigError
 from alpaca_cli.records import ExportOutputs, ExportRecord, ExportSummary
 from alpaca_cli.rundir import RunDir
@@ -116,17 +117,19 @@ def _export_here(job: _Job) -> tuple[ExportOutputs, ExportSummary]:
     import haliax as hax
 
     run, cfg = job.run, job.cfg
-    prompts = run.require_prepare().config.prompts
+    prep = run.require_prepare()
     tok = run.load_tokenizer()
-    tok.chat_template = chat_template(prompts, bos=adds_bos(tok))  # saved with the tokenizer (tokenizer_config.json)
+    # the template the run trained with, saved with the tokenizer (chat_template.jinja, as transformers 4.57 saves it)
+    tok.chat_template = run_chat_template(prep, tok)
     # this process's devices only (other hosts of a pod wait for the outcome), FSDP: no device holds the whole model
     mesh = local_mesh(all_devices=True)
     staging = tempfile.mkdtemp(prefix="alpaca-export-")
     try:
         with hax.partitioning.set_mesh(mesh), hax.axis_mapping(FSDP):
             weights = (_write_adapter if cfg.adapter else _write_merged)(job, staging, tok, mesh)
-            with open(os.path.join(staging, PROMPTS_FILE), "w") as f:
-                json.dump(dataclasses.asdict(prompts), f, indent=2)
+            if prep.chat_template is None:  # Alpaca records: generate --from-export formats requests as trained
+                with open(os.path.join(staging, PROMPTS_FILE), "w") as f:
+                    json.dump(dataclasses.asdict(prep.config.prompts), f, indent=2)
             summary = ExportSummary(weight_bytes=_weight_bytes(staging),
                                     peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
             if cfg.verify:

@@ -112,12 +112,14 @@ def compare(summary: ExportSummary, hf, lev_model, run: RunDir, tok, dtype_name:
 
 
 def _eos_stop_rate(model, tok, rows, max_new_tokens: int) -> tuple[float | None, int]:
-    """Greedy answers to the examples' prompts (the tokens before their first trained one): how many end with EOS.
-    None when the run trains on every token (no prompt to answer)."""
+    """Greedy answers to the examples' prompts (the tokens before their first trained one): how many end with EOS
+    or the chat template's end-of-turn token (tok carries the template the export ships). None when the run trains
+    on every token (no prompt to answer)."""
     import haliax as hax
     import numpy as np
 
     from alpaca_cli.core import decode
+    from alpaca_cli.core.served_template import end_of_turn
 
     prompts = []
     for row in rows:
@@ -127,7 +129,7 @@ def _eos_stop_rate(model, tok, rows, max_new_tokens: int) -> tuple[float | None,
         prompts.append(row["input_ids"][: trained[0]].tolist())
     with hax.axis_mapping(COMPUTE):
         gens = decode.generate(model, prompts, max_new_tokens=max_new_tokens, max_len=model.Pos.size,
-                               eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id or 0, real_vocab=len(tok))
+                               eos_ids=list(end_of_turn(tok, tok.chat_template).ids), pad_id=tok.pad_token_id or 0, real_vocab=len(tok))
     stopped = sum(g.finish == decode.EOS for g in gens)
     return stopped / len(gens), stopped
 

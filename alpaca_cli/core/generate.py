@@ -1,6 +1,11 @@
 """`alpaca generate`: answers from the fine-tuned model (or an export, or the base model), prompted with the run's
 template, decoded in batches with a KV cache (core/decode.py).
 
+A run prepared from conversations is served with the chat template it trained with (core/served_template.py): a
+conversation (`--messages`) is rendered with add_generation_prompt=True, an instruction becomes its user message, and
+an answer ends at EOS or the template's end-of-turn token. A run of Alpaca records formats instructions with its
+prompts, as today, and renders conversations with the template its export ships.
+
 A file of requests is answered in batches of similar prompt lengths; each finished batch is appended to a progress
 file beside the output, so a killed run continues where it stopped (nothing generated twice, nothing lost) and the
 output appears whole, at the end, in the format its name asks for: `.json` is AlpacaEval's (a list of
@@ -13,12 +18,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from alpaca_cli import interrupts, io
 from alpaca_cli.config import Decoding, PromptTemplates
 from alpaca_cli.core import decode
 from alpaca_cli.core import prompts as promptsmod
+from alpaca_cli.core import served_template as served
 from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.mesh import COMPUTE, FSDP, local_mesh, pod_mesh
 from alpaca_cli.core.prompts import PROMPTS_FILE
@@ -37,13 +43,16 @@ class Request:
     input: str = ""
     extra: dict = field(default_factory=dict)
     """Other fields of the request's record that the output keeps (AlpacaEval's `dataset`, say)."""
+    messages: Optional[list] = None
+    """A conversation whose next assistant turn is the answer (instead of the instruction)."""
 
 
 @dataclass
 class Answer:
     text: str
     finish: str
-    """decode.EOS (the model ended its answer) or decode.LENGTH (cut at max_new_tokens or the context)."""
+    """decode.EOS (the model ended its answer: EOS or the template's end-of-turn token) or decode.LENGTH (cut at
+    max_new_tokens or the context)."""
     new_tokens: int
 
 
@@ -54,15 +63,42 @@ class Generator:
     templates: PromptTemplates
     max_len: int
     mesh: object
+    chat_template: Optional[str] = None
+    """The chat template a conversation run trained with (None: Alpaca records, prompted with `templates`)."""
 
     def __post_init__(self):
         self.model = for_inference(self.model)  # answers and scores with dropout off, whatever the model's config
+        self._end: Optional[served.EndOfTurn] = None
+        self._alpaca_template: Optional[str] = None
+
+    @property
+    def served_template(self) -> str:
+        """The template conversations are rendered with: the run's, or for Alpaca records the one its export ships."""
+        if self.chat_template is not None:
+            return self.chat_template
+        if self._alpaca_template is None:
+            self._alpaca_template = promptsmod.chat_template(self.templates, bos=promptsmod.adds_bos(self.tokenizer))
+        return self._alpaca_template
+
+    @property
+    def end(self) -> served.EndOfTurn:
+        """What ends an answer: EOS, and the end-of-turn token of the template a conversation run trained with."""
+        if self._end is None:
+            eos = self.tokenizer.eos_token_id
+            self._end = (served.end_of_turn(self.tokenizer, self.chat_template) if self.chat_template is not None
+                         else served.EndOfTurn((eos,) if eos is not None else ()))
+        return self._end
 
     @property
     def eos_ids(self) -> list[int]:
-        return [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        return list(self.end.ids)
 
     def prompt_ids(self, r: Request) -> list[int]:
+        if r.messages is not None:
+            return served.prompt_ids(self.tokenizer, self.served_template, r.messages)
+        if self.chat_template is not None:  # a conversation run: the instruction is the user's message
+            return served.prompt_ids(self.tokenizer, self.chat_template, [served.instruction_message(r.instruction,
+                                                                                                      r.input)])
         return self.tokenizer(promptsmod.render(self.templates, r.instruction, r.input))["input_ids"]
 
     def generate(self, requests: Sequence[Request], decoding: Decoding, *, request_ids: Sequence[int] | None = None,
@@ -90,12 +126,19 @@ class Generator:
                 gens = self._decode([ids[i] for i in chunk], [rids[i] for i in chunk], decoding, rows, pad)
                 done = []
                 for i, g in zip(chunk, gens):
-                    text = tok.decode(g.tokens, skip_special_tokens=True)
-                    answers[i] = Answer(text=text, finish=g.finish, new_tokens=len(g.tokens))
+                    answers[i] = self.answer(g)
                     done.append((i, answers[i]))
                 if on_batch is not None:
                     on_batch(done)
         return answers  # type: ignore[return-value]
+
+    def answer(self, g: decode.Generation) -> Answer:
+        """A decoded answer's text, without the token that ended it (EOS or end-of-turn) and special tokens."""
+        tokens, stopped = self.end.finish(g.tokens)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if not stopped and self.chat_template is not None and self.end.text and self.end.text in text:
+            text, stopped = text[: text.index(self.end.text)], True  # a closing text of several tokens
+        return Answer(text=text, finish=decode.EOS if stopped else g.finish, new_tokens=len(g.tokens))
 
     def _decode(self, prompts, rids, d: Decoding, rows: int, pad: int) -> list[decode.Generation]:
         kwargs = dict(max_new_tokens=d.max_new_tokens, max_len=self.max_len, eos_ids=self.eos_ids,
@@ -127,7 +170,7 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
                 from transformers import AutoTokenizer
 
                 tok = AutoTokenizer.from_pretrained(local)
-                templates = _templates_from_export(local, run)
+                templates, chat = _templates_from_export(local, run, tok)
                 max_len = _exact_length(model_folder, model_folder.context_length or 2048)
                 lev_config = model_folder.lev_config(max_len)
                 model = model_folder.converter(tok).load_pretrained(
@@ -139,7 +182,7 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
 
             assert run is not None
             tok = run.load_tokenizer()
-            templates = run.require_prepare().config.prompts
+            templates, chat = run.require_prepare().config.prompts, run.require_prepare().chat_template
             train = run.require_train()
             with open_base_model(train.inputs.model) as model_folder:
                 max_len = _exact_length(model_folder, train.plan.seq_len)
@@ -151,9 +194,9 @@ def load_generator(run: RunDir | None, *, from_export: str | None = None, step: 
             tok = run.load_tokenizer()
             model, lev_config, _ = load_model(run, find_checkpoint(run, step), tokenizer=tok, axis_mapping=FSDP,
                                               mesh=mesh)
-            templates = run.require_prepare().config.prompts
+            templates, chat = run.require_prepare().config.prompts, run.require_prepare().chat_template
             max_len = lev_config.max_seq_len
-    return Generator(model=model, tokenizer=tok, templates=templates, max_len=max_len, mesh=mesh)
+    return Generator(model=model, tokenizer=tok, templates=templates, max_len=max_len, mesh=mesh, chat_template=chat)
 
 
 def _exact_length(model_folder, length: int) -> int:
@@ -164,15 +207,19 @@ def _exact_length(model_folder, length: int) -> int:
     return min(length, window) if window else length
 
 
-def _templates_from_export(folder: str, run: RunDir | None) -> PromptTemplates:
+def _templates_from_export(folder: str, run: RunDir | None, tok) -> tuple[PromptTemplates, Optional[str]]:
+    """The prompts and chat template an export is served with: an export of Alpaca records carries its prompts
+    (PROMPTS_FILE); one of a conversation run carries only its chat template (the one it trained with)."""
     path = os.path.join(folder, PROMPTS_FILE)
     if os.path.exists(path):
         with open(path) as f:
-            return PromptTemplates(**json.load(f))
+            return PromptTemplates(**json.load(f)), None
     if run is not None and run.is_complete("prepare"):
-        return run.require_prepare().config.prompts
+        return run.require_prepare().config.prompts, run.require_prepare().chat_template
+    if getattr(tok, "chat_template", None):
+        return PromptTemplates(), tok.chat_template
     logger.warning("%s has no %s; using Stanford's templates", folder, PROMPTS_FILE)
-    return PromptTemplates()
+    return PromptTemplates(), None
 
 
 # -- files of requests -----------------------------------------------------------------------------------------------
@@ -197,8 +244,23 @@ def read_requests(path: str) -> list[Request]:
     return out
 
 
+def read_message_requests(path: str) -> list[Request]:
+    """--messages: one conversation or a file of them (served_template.read_conversations), each a request whose
+    answer is the next assistant turn; a final assistant message is its reference (kept in the output)."""
+    out = []
+    for messages in served.read_conversations(path):
+        prompt, reference = served.split_reference(messages)
+        if not prompt:
+            raise DataError(f"--messages {path}: a conversation holds only an assistant message; nothing to answer")
+        out.append(Request("", messages=prompt, extra={"reference": reference} if reference is not None else {}))
+    return out
+
+
 def output_record(r: Request, a: Answer, generator: str) -> dict:
-    """AlpacaEval's model-output format: the instruction verbatim, the output, the generator's name."""
+    """AlpacaEval's model-output format: the instruction verbatim, the output, the generator's name (a
+    conversation's request: its messages in place of the instruction)."""
+    if r.messages is not None:
+        return {"messages": r.messages, "output": a.text, "generator": generator, **r.extra}
     rec = {"instruction": r.instruction}
     if r.input:
         rec["input"] = r.input
@@ -240,8 +302,15 @@ def _is_output_of(text: str, output: str, generator: str) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(records, list) and all(
-        isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("output"), str)
-        and r.get("generator") == generator for r in records)
+        isinstance(r, dict) and (isinstance(r.get("instruction"), str) or isinstance(r.get("messages"), list))
+        and isinstance(r.get("output"), str) and r.get("generator") == generator for r in records)
+
+
+def _same_request(rec: dict, r: Request) -> bool:
+    """Whether a progress line answered this request (its instruction, or its conversation)."""
+    if r.messages is not None:
+        return rec.get("messages") == r.messages
+    return rec.get("instruction") == r.instruction
 
 
 def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, output: str, generator: str,
@@ -269,7 +338,7 @@ def answer_file(gen: Generator, requests: list[Request], decoding: Decoding, out
             except json.JSONDecodeError:  # the line a kill cut short
                 continue
             if rec.get("key") == key and 0 <= rec.get("index", -1) < len(requests) and \
-                    rec.get("instruction") == requests[rec["index"]].instruction:
+                    _same_request(rec, requests[rec["index"]]):
                 done[rec["index"]] = rec
     # what process 0 found, on every process: they must decode the same requests
     done = {int(i): rec for i, rec in distributed.broadcast({str(i): rec for i, rec in done.items()}).items()}

@@ -52,13 +52,14 @@ def _adapter_card(run: RunDir, step: int, summary: Optional[ExportSummary], adap
 
 
 def _render(template: str, card_data, run: RunDir, summary: Optional[ExportSummary], **facts):
-    """The card from its template, with what every card shows: the run's name, its prompts, --verify's figures."""
+    """The card from its template, with what every card shows: the run's name, its prompts (or the chat template a
+    conversation run trained with), --verify's figures."""
     from huggingface_hub import ModelCard
 
     prompts = run.require_prepare().config.prompts
     return ModelCard.from_template(
         card_data, template_path=os.path.join(TEMPLATES, template), name=run.name, version=__version__,
-        prompts=prompts,
+        prompts=prompts, chat_template=run.require_prepare().chat_template,
         instruction=INSTRUCTION, example=repr(prompts.prompt_no_input.format(instruction=INSTRUCTION)),
         summary=summary, verified=summary is not None and summary.verify_max_abs_diff is not None, **facts,
     )
