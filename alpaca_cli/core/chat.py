@@ -333,7 +333,9 @@ def conversation_pieces(render: Renderer | Callable, messages: Sequence[Mapping]
             raise DataError(
                 f"{where}: the chat template renders assistant message {i} differently from its generation prompt, "
                 "so the characters the assistant wrote cannot be found",
-                hint="use a template whose add_generation_prompt text is how it renders an assistant turn's start",
+                hint="use a template whose add_generation_prompt text is how it renders an assistant turn's start (a "
+                "template that shows a message only while it is last, as Mistral-Instruct-v0.3 does the system "
+                "prompt, cannot: leave those messages out, or pass --chat-template FILE)",
             )
         spans.append((len(p), len(r.rstrip())))
         turns.append(r)
