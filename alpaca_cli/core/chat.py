@@ -393,16 +393,11 @@ class _Encoder:
             raise ConfigError("conversations need a fast tokenizer (a tokenizer.json): the labels come from "
                               "character offsets", hint="save the tokenizer with a recent transformers")
         self.tok = tok
-        self.backend = tok.backend_tokenizer
 
     def __call__(self, texts: list[str]) -> list:
-        b = self.backend
-        b.no_truncation()
-        b.no_padding()
-        split = bool(getattr(self.tok, "split_special_tokens", False))
-        if b.encode_special_tokens != split:
-            b.encode_special_tokens = split
-        return b.encode_batch(texts, add_special_tokens=False)
+        from alpaca_cli.core.tokenize import encode_batch
+
+        return encode_batch(self.tok, texts, add_special_tokens=False)
 
 
 def tokenize_conversations(

@@ -184,9 +184,28 @@ def _differences(old: dict, new: dict) -> str:
     return "differs in " + ", ".join(diff) if diff else "different fingerprint"
 
 
-def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress) -> dict[str, Any]:
+def _fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
+    """The run's cache written from scratch by write(cache_dir, advance, metadata) (a killed earlier attempt may have
+    left a partial one, without its ledger), then sealed, and the tokenizer saved beside it; returns what write
+    returns."""
     from levanter.store.cache import CacheMetadata
 
+    if run.writer:
+        io.rm_tree(run.cache_dir)
+        io.rm_tree(run.tokenizer_dir)
+    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.prepare.fingerprint})
+    progress.start("Tokenizing", n)
+    try:
+        out = write(run.cache_dir, progress.advance, metadata)
+    finally:
+        progress.stop()
+    if run.writer:
+        cachemod.seal_cache(run.cache_dir, run.prepare.fingerprint)
+    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
+    return out
+
+
+def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress) -> dict[str, Any]:
     tok = loaded.tokenizer
     t_tok = time.time()
     prompts = [
@@ -195,21 +214,9 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
     fast, why = prefix_stable(tok)
     logger.debug("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
 
-    # The cache is rewritten from scratch: a killed earlier attempt may have left a partial one (no ledger).
-    if run.writer:
-        io.rm_tree(run.cache_dir)
-        io.rm_tree(run.tokenizer_dir)
-    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.prepare.fingerprint})
-    progress.start("Tokenizing", len(prompts))
-    try:
-        tokenized = write_cache(run.cache_dir, prompts, records.outputs, tok, cfg, fast, progress.advance, metadata)
-    finally:
-        progress.stop()
-    if run.writer:
-        cachemod.seal_cache(run.cache_dir, run.prepare.fingerprint)
+    tokenized = _fill_run_cache(run, loaded, progress, len(prompts), lambda cache_dir, advance, metadata: write_cache(
+        cache_dir, prompts, records.outputs, tok, cfg, fast, advance, metadata))
     seconds_tokenize = time.time() - t_tok
-
-    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
     stats = compute_stats(tokenized, zip(prompts, records.outputs), tok, loaded.added)
     stats["records_read"] = len(records)
     stats["fast_prompt_lengths"] = fast
@@ -218,27 +225,28 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
 
 
 def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool, advance, metadata) -> Tokenized:
-    """Tokenize in chunks and write Levanter's cache (SerialCacheWriter: in-process, no Ray). The ledger that
-    marks the cache complete is written only when every row is in."""
+    """Alpaca records (prompts and outputs) tokenized with Stanford's labels into Levanter's cache (_write_rows)."""
+
+    def chunk(start: int, stop: int, into: Tokenized) -> None:
+        tokenize_examples(tok, prompts[start:stop], outputs[start:stop], max_length=cfg.max_length,
+                          on_overflow=cfg.on_overflow, mask_inputs=cfg.mask_inputs, fast_path=fast, progress=advance,
+                          source_offset=start, into=into)
+
+    return _write_rows(cache_dir, len(prompts), "records", chunk, metadata)
+
+
+def _write_rows(cache_dir, n: int, what: str, tokenize_chunk, metadata) -> Tokenized:
+    """Tokenize n records in chunks (tokenize_chunk(start, stop, into) appends their examples) and write Levanter's
+    cache (SerialCacheWriter: in-process, no Ray). The ledger that marks the cache complete is written only when
+    every row is in."""
     from levanter.store.cache import SerialCacheWriter
 
     chunk = 8192
     tokenized = Tokenized()
     with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
-        for start in range(0, len(prompts), chunk):
+        for start in range(0, n, chunk):
             before = len(tokenized.input_ids)
-            tokenize_examples(
-                tok,
-                prompts[start : start + chunk],
-                outputs[start : start + chunk],
-                max_length=cfg.max_length,
-                on_overflow=cfg.on_overflow,
-                mask_inputs=cfg.mask_inputs,
-                fast_path=fast,
-                progress=advance,
-                source_offset=start,
-                into=tokenized,
-            )
+            tokenize_chunk(start, min(start + chunk, n), tokenized)
             new = slice(before, len(tokenized.input_ids))
             if new.stop > new.start:
                 writer.write_batch(
@@ -250,8 +258,7 @@ def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool
                 )
         if not tokenized.input_ids:
             raise DataError(
-                f"no example is left to train on: all {len(prompts)} records were dropped "
-                f"({_reason_text(tokenized.dropped)})",
+                f"no example is left to train on: all {n} {what} were dropped ({_reason_text(tokenized.dropped)})",
                 hint="raise --max-length or use --on-overflow truncate",
             )
     return tokenized
@@ -259,28 +266,15 @@ def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool
 
 def _build_conversations(cfg: PrepareConfig, run: RunDir, records, loaded, template, progress: Progress) -> dict:
     """The conversation path of _build: the same cache (input_ids, targets, source_index), labels by core.chat."""
-    from levanter.store.cache import CacheMetadata
-
     tok = loaded.tokenizer
     if template.missing_tokens:
         logger.warning("The tokenizer has no token %s: the %s template's markers are tokenized as plain text",
                        " or ".join(template.missing_tokens), template.name)
     t_tok = time.time()
-    if run.writer:
-        io.rm_tree(run.cache_dir)
-        io.rm_tree(run.tokenizer_dir)
-    metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": run.prepare.fingerprint})
-    progress.start("Tokenizing", len(records))
-    try:
-        tokenized, chat_stats = write_conversation_cache(run.cache_dir, records.conversations, tok, template.text,
-                                                         cfg, progress.advance, metadata)
-    finally:
-        progress.stop()
-    if run.writer:
-        cachemod.seal_cache(run.cache_dir, run.prepare.fingerprint)
+    tokenized, chat_stats = _fill_run_cache(
+        run, loaded, progress, len(records), lambda cache_dir, advance, metadata: write_conversation_cache(
+            cache_dir, records.conversations, tok, template.text, cfg, advance, metadata))
     seconds_tokenize = time.time() - t_tok
-
-    io.upload_dir(loaded.local_dir, run.tokenizer_dir)
     texts = ([m["content"] for m in conversation] for conversation in records.conversations)
     stats = compute_stats(tokenized, texts, tok, loaded.added)
     stats.update(conversation_stats(chat_stats, records.format, template, cfg.train_on))
@@ -308,38 +302,18 @@ def conversation_stats(chat_stats, fmt: str, template, train_on: str) -> dict[st
 
 def write_conversation_cache(cache_dir, conversations, tok, template_text: str, cfg: PrepareConfig, advance,
                              metadata):
-    """write_cache for conversations: (Tokenized, core.chat.ChatStats) through core.chat.tokenize_conversations,
-    in chunks; the ledger that marks the cache complete is written only when every row is in."""
-    from levanter.store.cache import SerialCacheWriter
-
+    """Conversations tokenized with assistant-only labels (core.chat.tokenize_conversations) into Levanter's cache
+    (_write_rows); returns (Tokenized, core.chat.ChatStats)."""
     from alpaca_cli.core import chat
 
-    chunk = 8192
-    tokenized, totals = Tokenized(), chat.ChatStats()
-    with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
-        for start in range(0, len(conversations), chunk):
-            before = len(tokenized.input_ids)
-            chat.tokenize_conversations(
-                tok, template_text, conversations[start : start + chunk], max_length=cfg.max_length,
-                on_overflow=cfg.on_overflow, train_on=cfg.train_on, source_offset=start, into=tokenized,
-                progress=advance, stats=totals,
-            )
-            new = slice(before, len(tokenized.input_ids))
-            if new.stop > new.start:
-                writer.write_batch(
-                    {
-                        "input_ids": tokenized.input_ids[new],
-                        "targets": tokenized.targets[new],
-                        "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
-                    }
-                )
-        if not tokenized.input_ids:
-            raise DataError(
-                f"no example is left to train on: all {len(conversations)} conversations were dropped "
-                f"({_reason_text(tokenized.dropped)})",
-                hint="raise --max-length or use --on-overflow truncate",
-            )
-    return tokenized, totals
+    totals = chat.ChatStats()
+
+    def chunk(start: int, stop: int, into: Tokenized) -> None:
+        chat.tokenize_conversations(tok, template_text, conversations[start:stop], max_length=cfg.max_length,
+                                    on_overflow=cfg.on_overflow, train_on=cfg.train_on, source_offset=start,
+                                    into=into, progress=advance, stats=totals)
+
+    return _write_rows(cache_dir, len(conversations), "conversations", chunk, metadata), totals
 
 
 def prepare_validation(run: RunDir, data: str) -> str:

@@ -148,6 +148,18 @@ def prefix_stable(tok) -> tuple[bool, str]:
     return True, "BPE over one unsplit word"
 
 
+def encode_batch(tok, texts: list[str], *, add_special_tokens: bool) -> list:
+    """The Rust encodings of a fast tokenizer's texts, whole (no truncation or padding left set on the backend by
+    an earlier call), special-token text read as the tokenizer reads it (split_special_tokens)."""
+    b = tok.backend_tokenizer
+    b.no_truncation()
+    b.no_padding()
+    split = bool(getattr(tok, "split_special_tokens", False))
+    if b.encode_special_tokens != split:
+        b.encode_special_tokens = split
+    return b.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+
 class _Encoder:
     """Batch encoding straight through the Rust tokenizer when there is one (what PreTrainedTokenizerFast.__call__
     does, without building its Python dicts); anything else goes through the tokenizer's own __call__."""
@@ -163,13 +175,7 @@ class _Encoder:
         characters and tokens."""
         if self.backend is None:
             return self.tok(texts, add_special_tokens=True, return_attention_mask=False)["input_ids"], None
-        b = self.backend
-        b.no_truncation()
-        b.no_padding()
-        split = bool(getattr(self.tok, "split_special_tokens", False))
-        if b.encode_special_tokens != split:
-            b.encode_special_tokens = split
-        encodings = b.encode_batch(texts, add_special_tokens=True)
+        encodings = encode_batch(self.tok, texts, add_special_tokens=True)
         return [e.ids for e in encodings], (encodings if offsets else None)
 
     def truncate(self, ids: list[int], text: str, max_length: int) -> list[int]:
