@@ -150,7 +150,7 @@ def test_messages_files_one_conversation_or_many(tmp_path):
                                         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                                          {"role": "user", "content": "?"}]]
     bad = write_jsonl(str(tmp_path / "bad.jsonl"), [[{"role": "robot", "content": "x"}]])
-    with pytest.raises(DataError, match="line 1 message 0: needs a `role`"):
+    with pytest.raises(DataError, match=r"line 1: `messages\[0\].role` is 'robot'; known: system, user"):
         read_message_requests(bad)
 
 

@@ -84,10 +84,12 @@ def detect_format(row: Mapping, *, where: str = "record") -> str:
     )
 
 
-def to_messages(row: Mapping, fmt: str, *, where: str, field: str | None = None) -> list[dict]:
+def to_messages(row: Mapping, fmt: str, *, where: str, field: str | None = None,
+                need_assistant: bool = True) -> list[dict]:
     """The record's conversation as [{"role", "content"}] with roles system / user / assistant / tool, checked:
-    known roles, string contents, at least one assistant turn. `where` names the record in errors; `field` is the
-    record's field holding the turns when it is not `messages` / `conversations`."""
+    known roles, string contents, at least one assistant turn (to train; a conversation to answer, need_assistant
+    False, at least one message). `where` names the record in errors; `field` is the record's field holding the
+    turns when it is not `messages` / `conversations`."""
     if not isinstance(row, Mapping):
         raise DataError(f"{where}: a record must be a JSON object, found {type(row).__name__}")
     if fmt == "messages":
@@ -125,8 +127,10 @@ def to_messages(row: Mapping, fmt: str, *, where: str, field: str | None = None)
         if fmt == "messages":  # what the templates that render tools and reasoning read
             message.update((k, turn[k]) for k in PASSED_KEYS if turn.get(k) is not None)
         messages.append(message)
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
+    if not messages:
+        raise DataError(f"{where}: the conversation is empty")
     return messages
 
 

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from alpaca_cli.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 _PROBE_USER, _PROBE_ANSWER = "Q7probe", "A7probe"
 """The probe conversation end_of_turn renders: words no template rewrites (no whitespace to strip)."""
 
@@ -107,44 +104,26 @@ def instruction_message(instruction: str, input: str = "") -> dict:
 
 def read_conversations(path: str, flag: str = "--messages") -> list[list[dict]]:
     """A JSON file of one conversation (a list of {role, content}), or a .json/.jsonl of conversations (each a list
-    of messages, {"messages": [...]}, or ShareGPT's {"conversations": [{from, value}]}); local or remote."""
+    of messages, {"messages": [...]}, or ShareGPT's {"conversations": [{from, value}]}); local or remote. Read and
+    checked as prepare reads conversations (core.chat), without needing an assistant turn."""
+    from alpaca_cli.core import chat
     from alpaca_cli.core.data import read_rows
 
     rows = read_rows(path, flag)
-    if rows and all(isinstance(r, dict) and "role" in r for _, r in rows):
-        return [check_messages([r for _, r in rows], f"{flag} {path}")]
-    out = [check_messages(conversation_of(row, f"{flag} {path} {where}"), f"{flag} {path} {where}")
-           for where, row in rows]
+    if rows and all(isinstance(r, dict) and "role" in r for _, r in rows):  # one conversation, a message a row
+        rows = [("", {"messages": [r for _, r in rows]})]
+    out = []
+    for where, row in rows:
+        where = f"{flag} {path} {where}".rstrip()
+        record = {"messages": row} if isinstance(row, list) else row
+        fmt = chat.detect_format(record, where=where)
+        if fmt == "alpaca":
+            raise DataError(f"{where}: not a conversation; give a list of {{role, content}}, or an object with "
+                            "`messages` or ShareGPT's `conversations`")
+        out.append(chat.to_messages(record, fmt, where=where, need_assistant=False))
     if not out:
         raise DataError(f"{flag} {path}: holds no conversation")
     return out
-
-
-def conversation_of(row: Any, where: str) -> list:
-    """The messages of one record: a list of messages, `messages`, or ShareGPT's `conversations`."""
-    if isinstance(row, list):
-        return row
-    if isinstance(row, dict) and isinstance(row.get("messages"), list):
-        return row["messages"]
-    if isinstance(row, dict) and isinstance(row.get("conversations"), list):
-        turns = row["conversations"]
-        if not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES for t in turns):
-            raise DataError(f"{where}: a ShareGPT turn needs `from` ({', '.join(SHAREGPT_ROLES)}) and `value`")
-        return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
-    raise DataError(f"{where}: not a conversation; give a list of {{role, content}}, or an object with `messages` "
-                    "or ShareGPT's `conversations`")
-
-
-def check_messages(messages: list, where: str) -> list[dict]:
-    """Messages with a known role and string content (other keys kept: a template may read them)."""
-    if not messages:
-        raise DataError(f"{where}: the conversation is empty")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise DataError(f"{where} message {i}: needs a `role` of {', '.join(ROLES)}")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{where} message {i}: `content` must be a string")
-    return [dict(m) for m in messages]
 
 
 def split_reference(messages: list[dict]) -> tuple[list[dict], Optional[str]]:
