@@ -231,6 +231,16 @@ def checkpoint_saved(checkpoint_url: str) -> bool:
     return seal.read(checkpoint_url.rstrip("/")) is not None
 
 
+def table_rows(text: str) -> dict:
+    """The label -> value rows of a two-column rich table printed on stdout."""
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("│┃").split("│")]
+        if len(cells) == 2 and cells[0]:
+            rows[cells[0]] = cells[1]
+    return rows
+
+
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `Error: ...` line a handled failure prints on stderr (asserts there is exactly one, no traceback)."""
     lines = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from helpers import cli_env, error_line, read_records, run_cli
+from helpers import cli_env, error_line, read_records, run_cli, table_rows
 from typer.testing import CliRunner
 
 from alpaca_cli import __version__
@@ -66,7 +66,7 @@ def test_prepare_inspect_status_through_the_cli(tmp_path, fixture_data, tokenize
 
     run = str(tmp_path / "run")
     out = run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128"])
-    table = _table_rows(out.stdout)
+    table = table_rows(out.stdout)
     assert table["records read"] == str(len(read_records(fixture_data)))
     assert table["examples kept"] == str(open_run(run).prepare.summary.examples)
     again = run_cli(["prepare", "--data", fixture_data, "--tokenizer", tokenizer_dir, "--run-dir", run, "--max-length", "128"])
@@ -100,13 +100,3 @@ def test_bad_flag_values_are_clear(tmp_path, fixture_data, tokenizer_dir):
     assert proc.returncode == 1
     assert error_line(proc) == "Error: on_overflow (--on-overflow) must be one of truncate, drop, error, got 'chop'"
     assert not (tmp_path / "r").exists()
-
-
-def _table_rows(text: str) -> dict:
-    """The label -> value rows of a rich table printed on stdout."""
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("│┃").split("│")]
-        if len(cells) == 2 and cells[0]:
-            rows[cells[0]] = cells[1]
-    return rows

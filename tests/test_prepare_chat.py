@@ -9,7 +9,7 @@ import os
 from collections import Counter
 
 import pytest
-from helpers import prepared_examples, read_records, run_cli, write_jsonl
+from helpers import prepared_examples, read_records, run_cli, table_rows, write_jsonl
 
 from alpaca_cli.config import PrepareConfig
 from alpaca_cli.core import chat
@@ -387,7 +387,7 @@ def test_stats_count_turns_roles_and_trained_tokens_and_the_cli_table_shows_them
     assert stats["roles"] == {r: roles.get(r, 0) for r in ("system", "user", "assistant", "tool")}
     assert stats["trained_tokens"] == sum(sum(1 for x in lab if x != -100) for _, lab in expected.values())
     assert stats["assistant_turns"] == roles["assistant"]
-    rows = _table_rows(out.stdout)
+    rows = table_rows(out.stdout)
     assert rows["conversations read"] == str(len(CONVERSATIONS))
     assert rows["turns (system / user / assistant / tool)"] == (
         f"{stats['turns']} ({roles['system']} / {roles['user']} / {roles['assistant']} / {roles['tool']})")
@@ -397,15 +397,6 @@ def test_stats_count_turns_roles_and_trained_tokens_and_the_cli_table_shows_them
 
     shown = run_cli(["inspect", "--run-dir", run, "--index", "0", "--count", "1"])
     assert "conversation 0:" in shown.stdout and "trained in 2 assistant spans" in shown.stdout
-
-
-def _table_rows(text: str) -> dict:
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip("│┃").split("│")]
-        if len(cells) == 2 and cells[0]:
-            rows[cells[0]] = cells[1]
-    return rows
 
 
 def test_inspect_sets_the_trained_tokens_apart(tmp_path, chatml_tokenizer_dir):
