@@ -13,6 +13,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+import pytest
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ASSETS = os.path.join(HERE, "assets")
 REPO = os.path.dirname(HERE)
@@ -216,6 +218,14 @@ def wait_all(procs, timeout=600):
         out, err = p.communicate(timeout=timeout)
         outs.append((p.returncode, without_gloo_lines(out), without_gloo_lines(err)))
     return outs
+
+
+def all_succeeded(outs) -> None:
+    """Fail with every process's exit code and the end of its stderr (not pytest's cut of the list) unless all exited
+    0: a process that aborts (gloo's fixed 30 s, a coordination-service timeout) says why at its last lines."""
+    if any(rc != 0 for rc, _, _ in outs):
+        tails = [f"process {i}: exit {rc}\n" + "\n".join(err.splitlines()[-40:]) for i, (rc, _, err) in enumerate(outs)]
+        pytest.fail("\n\n".join(tails), pytrace=False)
 
 
 def copy_tree(src: str, dst: str) -> str:

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, cli_env, run_cli, write_jsonl
+from helpers import ALPACA, all_succeeded, cli_env, run_cli, write_jsonl
 
 from alpaca_cli.rundir import open_run
 
@@ -136,7 +136,7 @@ def test_generate_and_eval_on_every_host_of_a_pod_decode_together(trained, tmp_p
                            [{"instruction": r["instruction"], "input": r.get("input", "")} for r in records])
     two, one = str(tmp_path / "two.json"), str(tmp_path / "one.json")
     outs = wait_all(launch(["generate", "--file", requests, "--output", two, "--run-dir", run, "-q"], free_port()))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     assert all("sharded over 4 devices of 2 processes" in err for _, _, err in outs), outs
     assert "3 answers in" in outs[0][2] and "answers in" not in outs[1][2] and outs[1][1] == ""
     run_cli(["generate", "--file", requests, "--output", one, "--run-dir", run, "-q"])
@@ -151,7 +151,7 @@ def test_generate_and_eval_on_every_host_of_a_pod_decode_together(trained, tmp_p
     with open(resumed + ".partial.jsonl", "w") as f:
         f.write(json.dumps({"index": 0, "key": key, **answers[0], "output": "(from the partial file)"}) + "\n")
     outs = wait_all(launch(["generate", "--file", requests, "--output", resumed, "--run-dir", run, "-q"], free_port()))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     said = " ".join(outs[0][2].split())  # the console wraps long lines
     assert "3 answers in" in said and "(1 from an earlier, interrupted run)" in said
     with open(resumed) as f:
@@ -163,7 +163,7 @@ def test_generate_and_eval_on_every_host_of_a_pod_decode_together(trained, tmp_p
     assert all(rc != 0 and "held_out.jsonl" in err for rc, _, err in outs), outs
     write_jsonl(held_out, records)
     outs = wait_all(launch(args, free_port()))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     assert outs[1][1] == ""
     st = open_run(run).eval
     assert st.complete and (st.writer.process_index, st.writer.process_count) == (0, 2)

@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from helpers import checkpoint_saved, cli_env, free_port, launch, run_cli, wait_all
+from helpers import all_succeeded, checkpoint_saved, cli_env, free_port, launch, run_cli, wait_all
 
 from alpaca_cli.rundir import open_run
 
@@ -40,10 +40,10 @@ def test_two_processes_equal_one_process_with_four_devices(where, tmp_path, requ
     train = ["train", *TRAIN, "--epochs", "3"]
 
     outs = wait_all(launch(["prepare", "--data", "demo", "--tokenizer", "demo", "--run-dir", two], free_port(), extra=extra))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     assert "records read" in outs[0][1] and outs[1][1] == ""  # one process reports, the other only waited
     outs = wait_all(launch([*train, "--run-dir", two], free_port(), extra=extra))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     assert "trained 9 steps" in outs[0][1] and outs[1][1] == ""
 
     run_cli(["prepare", "--data", "demo", "--tokenizer", "demo", "--run-dir", one, "-q"], env=cli_env(devices=4, **extra))
@@ -67,7 +67,7 @@ def test_two_processes_equal_one_process_with_four_devices(where, tmp_path, requ
     # export on both hosts, as the README's GPU-cluster section runs it (flags, not environment variables):
     # one process writes it, the other waits for it
     outs = wait_all(launch(["export", "--run-dir", two], free_port(), extra=extra, flags=True))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     assert "exported step-8" in outs[0][2] and outs[0][1].strip().endswith("/hf")
     assert outs[1][1] == "" and "exported" not in outs[1][2]
     st = open_run(two).export
@@ -97,7 +97,7 @@ def test_a_dead_host_stops_the_other_and_both_resume(tmp_path):
             or "JAX distributed service detected fatal errors" in err), err[-2000:]
 
     outs = wait_all(launch(train, free_port()))
-    assert [rc for rc, _, _ in outs] == [0, 0], outs
+    all_succeeded(outs)
     assert "Resuming from the checkpoint after step" in outs[0][2]
     assert "trained 36 steps" in outs[0][1]
     steps = [r["step"] for r in metrics(run)]

@@ -83,10 +83,11 @@ def identity(run: RunDir, step: int) -> dict:
     return {"run_id": run.run_id, "step": int(step)}
 
 
-def seal_every_save(checkpointer, run: RunDir) -> None:
+def seal_every_save(checkpointer, run: RunDir, on_sealed=None) -> None:
     """Seal (alpaca_cli/seal.py) every checkpoint `checkpointer` saves once Levanter has committed it: process 0
     writes it in Levanter's commit callback, after every process's arrays and Levanter's metadata.json are in place,
-    so a checkpoint is sealed only when it is whole. A failure to seal fails the next save (Levanter re-raises)."""
+    so a checkpoint is sealed only when it is whole. A failure to seal fails the next save (Levanter re-raises).
+    on_sealed() is called after each seal."""
     save = checkpointer.save_checkpoint
 
     def save_checkpoint(tree, step, destination, commit_callback=None, **kwargs):
@@ -94,6 +95,8 @@ def seal_every_save(checkpointer, run: RunDir) -> None:
 
         def committed():
             seal.write(path, identity(run, int(step)))
+            if on_sealed is not None:
+                on_sealed()
             if commit_callback is not None:
                 commit_callback()
 

@@ -162,14 +162,21 @@ class CheckpointRetention(Callback):
     """Deletes this run's checkpoints beyond the newest `keep` (0 keeps all), on the writer. Only sealed checkpoints
     count (core/checkpoints.py: sealed once whole), so the newest whole one is never the one being deleted and an
     interrupted save always leaves an older whole checkpoint behind; each deletion unseals first, so one cut short
-    never looks whole. (A 7B checkpoint with Adam state is ~81 GB.)"""
+    never looks whole. (A 7B checkpoint with Adam state is ~81 GB.) It looks at the run directory only after a
+    checkpoint was sealed (`sealed`), and once at the start and the end: a listing on every step would put the
+    writer's object-store latency between every two steps of the other hosts."""
 
     def __init__(self, run: RunDir, keep: int):
         self.run, self.keep = run, keep
+        self._new_seal = True
+
+    def sealed(self) -> None:
+        self._new_seal = True
 
     def on_step(self, info: StepInfo, force: bool = False):
-        if self.keep <= 0 or not distributed.is_writer():
+        if self.keep <= 0 or not distributed.is_writer() or not (self._new_seal or force):
             return
+        self._new_seal = False
         sealed = sealed_checkpoints(self.run)
         for old in sealed[: max(0, len(sealed) - self.keep)]:
             logger.debug("Deleting checkpoint %s (keeping the newest %d)", old.path, self.keep)

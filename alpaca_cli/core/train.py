@@ -300,11 +300,11 @@ def _add_hooks(setup: TrainSetup, trainer, start_step: int) -> _Hooks:
 
     cfg, run, plan = setup.cfg, setup.run, setup.plan
     checkpointer = trainer.config.checkpointer.create(trainer.run_id)
-    seal_every_save(checkpointer, run)
+    retention = CheckpointRetention(run, cfg.keep_checkpoints)
+    seal_every_save(checkpointer, run, on_sealed=retention.sealed)
     metrics = MetricsHook(run, plan, cfg.optimizer.lr_scheduler(plan.steps), start_step, setup.progress_factory)
     metrics.before_checkpoints_of(checkpointer)
     manifest_hook = ManifestHook(run, plan, metrics, every_seconds=HEARTBEAT_SECONDS)
-    retention = CheckpointRetention(run, cfg.keep_checkpoints)
     trainer.add_hook(metrics, every=1)
     trainer.add_hook(levanter.callbacks.log_step_info(plan.steps), every=1)
     trainer.add_hook(save_hook(checkpointer), every=1)
