@@ -172,6 +172,9 @@ class PlanRecord:
     pack: bool = True
     batch_size_examples: int = 0
     rows_per_step: int = 0
+    """The plan's rows per step, the same on every machine."""
+    rows_per_batch: int = 0
+    """Rows of a step's batch on this mesh: rows_per_step, then empty rows up to a multiple of the row slots."""
     examples_per_step: float = 0.0
     steps: int = 0
     epochs: float = 0.0
@@ -192,6 +195,9 @@ class PlanRecord:
     memory_per_device_gib: MemoryEstimate = field(default_factory=MemoryEstimate)
     compiled: Optional[CompiledPlan] = None
     """With --target: the compiled step's memory, FLOPs and times on that machine."""
+    resumes: Optional[str] = None
+    """Where the run directory holds a checkpoint this plan resumes from: which step, and the machine it was written
+    on against this one."""
 
 
 @dataclass
@@ -221,6 +227,22 @@ class TrainProgress:
 
 
 @dataclass
+class TrainSegment:
+    """Steps a run trained on one machine: a resume on another device count, host count or tensor-parallel size (or
+    the same again) starts a new segment."""
+
+    start_step: int = 0
+    """Updates done when the segment started (0, or the resumed checkpoint's)."""
+    end_step: int = 0
+    """Updates done when it last reported (the run's progress while it runs)."""
+    devices: int = 1
+    hosts: int = 1
+    tensor_parallel: int = 1
+    platform: str = ""
+    started: str = ""
+
+
+@dataclass
 class TrainSummary:
     steps: int = 0
     final_loss: Optional[float] = None
@@ -233,6 +255,10 @@ class TrainRecord(StageRecord):
     inputs: TrainInputs = field(default_factory=TrainInputs)
     plan: Optional[PlanRecord] = None
     plan_fingerprint: Optional[str] = None
+    plan_inputs: Optional[dict[str, Any]] = None
+    """What decided the plan (core/train_setup.plan_inputs): a resume that changes one is refused, naming it."""
+    segments: list[TrainSegment] = field(default_factory=list)
+    """The machines the run trained on, in order (alpaca status shows them)."""
     vocab_trained: Optional[int] = None
     """Rows of the trained embedding matrix (the tokenizer's size, padded for sharding)."""
     lora: Optional[LoraRecord] = None

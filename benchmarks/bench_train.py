@@ -483,7 +483,7 @@ def stream_order(prepared_dir: str, examples: int, batch_size: int, seed: int = 
     train_ids, val_ids = split_validation(len(lengths), defaults.val_fraction, seed)
     plan = make_plan(
         lengths, trained, seq_len=int(lengths.max()), pack=False, batch_size=batch_size, epochs=1.0,
-        steps=examples // batch_size, row_multiple=1, seed=seed, max_segments=defaults.max_segments_per_row,
+        steps=examples // batch_size, seed=seed, max_segments=defaults.max_segments_per_row,
         train_ids=train_ids, val_ids=val_ids,
     )
     stream = np.concatenate(plan.rows)

@@ -243,4 +243,7 @@ def test_a_train_that_failed_before_its_first_checkpoint_can_be_run_again_with_a
     run_cli(["train", "--run-dir", run_dir, "--model", tiny_model_dir, *args])  # the corrected model trains
     assert open_run(run_dir).train.complete
     out = run_cli(["train", "--run-dir", run_dir, "--model", broken, *args], check=False)
-    assert out.returncode == 1 and "trained with a different plan" in error_line(out)  # now a checkpoint follows it
+    # now a checkpoint follows it: the one line names the setting and both values
+    assert out.returncode == 1
+    assert error_line(out) == (f"Error: run {run_dir} was trained with model_name_or_path (--model) {tiny_model_dir}, "
+                               f"now {broken}")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from alpaca_cli.core.batches import build_row
-from alpaca_cli.core.plan import make_plan, split_validation
+from alpaca_cli.core.plan import make_plan, rows_per_batch, split_validation
 from alpaca_cli.errors import ConfigError
 
 rng = np.random.default_rng(0)
@@ -13,7 +13,7 @@ TRAINED = (LENGTHS * 0.6).astype(int)
 
 
 def plan(**kw):
-    args = dict(seq_len=2048, pack=True, batch_size=64, epochs=3, steps=None, row_multiple=4, seed=0)
+    args = dict(seq_len=2048, pack=True, batch_size=64, epochs=3, steps=None, seed=0)
     args.update(kw)
     return make_plan(LENGTHS, TRAINED, **args)
 
@@ -22,24 +22,21 @@ def step_examples(p, s):
     return np.concatenate(p.rows[s * p.rows_per_step:(s + 1) * p.rows_per_step])
 
 
-@pytest.mark.parametrize("dp", [1, 4, 32])
-def test_packed_steps_see_about_batch_size_examples_in_dense_rows(dp):
-    p = plan(row_multiple=dp)
-    assert p.rows_per_step % dp == 0
+def test_packed_steps_see_about_batch_size_examples_in_dense_rows():
+    p = plan()
     per_step = [len(step_examples(p, s)) for s in range(p.steps)]
     assert max(per_step) <= 64  # never more than asked: packing does not grow the batch
     assert np.mean(per_step[:-1]) >= 0.9 * 64  # about batch_size, not 10x fewer either
     for r in p.rows:
         assert LENGTHS[r].sum() <= 2048 and len(r) <= 64
-    if dp == 1:  # rows sized for the batch: little padding
-        assert p.padding_fraction < 0.2
+    assert p.padding_fraction < 0.2  # rows sized for the batch: little padding
     # the stream is consumed in order, each example of each epoch exactly once
     flat = np.concatenate([np.sort(step_examples(p, s)) for s in range(p.steps)])
     assert len(flat) == 3 * len(LENGTHS)
 
 
 def test_every_example_once_per_epoch_in_a_new_order():
-    p = plan(epochs=3, batch_size=50, pack=False, row_multiple=1)  # unpacked: exactly 50 per step, 10 per epoch
+    p = plan(epochs=3, batch_size=50, pack=False)  # unpacked: exactly 50 per step, 10 per epoch
     steps_per_epoch = 10
     assert p.steps == 30 and p.epochs == 3
     epochs = [np.concatenate([step_examples(p, s) for s in range(e * steps_per_epoch, (e + 1) * steps_per_epoch)])
@@ -76,11 +73,12 @@ def test_steps_override_epochs_and_fractional_epochs():
     assert len(flat) == 250 and len(set(flat.tolist())) == 250 and half.epochs == 0.5
 
 
-def test_no_pack_is_one_example_per_row_and_must_divide():
-    p = plan(pack=False, batch_size=8)
-    assert p.rows_per_step == 8 and all(len(r) <= 1 for r in p.rows)
-    with pytest.raises(ConfigError, match="batch size 6 does not divide over the 4"):
-        plan(pack=False, batch_size=6)
+def test_no_pack_is_one_example_per_row_on_any_mesh():
+    p = plan(pack=False, batch_size=6)
+    assert p.rows_per_step == 6 and all(len(r) <= 1 for r in p.rows)
+    # on 4 data-parallel devices each batch gets two empty rows; on 3 or 6, none
+    assert [rows_per_batch(6, slots) for slots in (1, 3, 4, 6, 8)] == [6, 6, 8, 6, 8]
+    assert p.padding_on(8) > p.padding_on(6) == p.padding_fraction
 
 
 def test_examples_longer_than_rows_are_refused():

@@ -218,8 +218,6 @@ BAD = [
     (lambda r, m: ["train", "--run-dir", r, "--model", m, "--set", "trainer.nope=1"], "unknown config key: .*nope"),
     (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "1024"], "longer than the model's context"),
     (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "64"], "longer than --seq-len 64"),
-    (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--no-pack", "--batch-size", "6"],
-     "batch size 6 does not divide over the 4"),
     (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--tensor-parallel", "3"],
      "--tensor-parallel 3 does not divide the 4 devices"),
     (lambda r, m: ["train", "--run-dir", r, "--model", m, "--seq-len", "256", "--tensorboard-dir", r + "/tb"],

@@ -41,11 +41,28 @@ def status(
         shown = state if not st.error or state == "complete" else f"{state}: {st.error[:80]}"
         t.add_row(name, f"[{style}]{shown}[/{style}]", st.started or "", st.finished or "", key_figures(run, name))
     console.stdout.print(t)
+    if run.train is not None and len(run.train.segments) > 1:
+        console.stdout.print(segments_table(run.train.segments))
     holder = run.holder()
     if holder is not None:
         why = holder.dead()
         console.stdout.print(f"in use by {holder.describe()}" + (f"; dead ({why}): the next command takes over"
                                                                   if why else ""), markup=False, highlight=False)
+
+
+def segments_table(segments):
+    """The machines training ran on, one row per start or resume."""
+    from rich.table import Table
+
+    from alpaca_cli.core.resume import describe
+
+    t = Table(title="training segments (each start or resume)")
+    for col in ("steps", "machine", "platform", "started"):
+        t.add_column(col)
+    for seg in segments:
+        t.add_row(f"{seg.start_step + 1}-{seg.end_step}" if seg.end_step > seg.start_step else f"after {seg.start_step}",
+                  describe(seg), seg.platform, seg.started)
+    return t
 
 
 def key_figures(run, name: str) -> str:

@@ -84,6 +84,13 @@ def train(
     typer.echo(f"trained {result.plan.steps} steps, final loss {loss}: {result.final_checkpoint}")
 
 
+def _empty_rows(plan) -> str:
+    extra = plan.rows_per_batch - plan.rows_per_step
+    if extra <= 0:
+        return ""
+    return f", and {extra} empty row{'s' * (extra != 1)} per batch to divide over this mesh"
+
+
 def plan_table(plan):
     from rich.table import Table
 
@@ -103,7 +110,7 @@ def plan_table(plan):
         ("attention", f"{plan.attention}" + (f", {plan.attention_block}-token blocks" if plan.attention_block else "")
                       + f"; gradient checkpointing {'on' if plan.remat else 'off'}"),
         ("rows per step", f"{plan.rows_per_step} x {plan.seq_len} tokens "
-                          f"({'packed' if plan.pack else 'one example per row'})"),
+                          f"({'packed' if plan.pack else 'one example per row'})" + _empty_rows(plan)),
         ("examples per step", f"{plan.examples_per_step:.1f} (asked {plan.batch_size_examples})"),
         ("steps", f"{plan.steps:,} ({plan.epochs} epochs of {plan.train_examples:,} examples)"),
         ("held-out examples", f"{plan.val_examples:,}"),
@@ -114,6 +121,8 @@ def plan_table(plan):
         ("memory per device", f"~{mem.model_and_optimizer:.2f} GiB model+optimizer, "
                               f"~{mem.activations_estimate:.2f} GiB activations (estimate)"),
     ]
+    if plan.resumes:
+        rows.append(("resumes", plan.resumes))
     c = plan.compiled
     if c is not None:
         m = c.memory_per_device_gib

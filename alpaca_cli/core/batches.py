@@ -56,8 +56,14 @@ def build_row(
     return tokens, weights, segments, positions
 
 
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
 class PackedRows(AsyncDataset[PackedRow]):
-    """The plan's rows as a Levanter AsyncDataset (read from the token cache on demand)."""
+    """The plan's rows as a Levanter AsyncDataset (read from the token cache on demand).
+
+    With steps (step_tokens): batch b holds step b's rows_per_step rows, then rows_per_batch - rows_per_step empty
+    rows, so a batch divides over the mesh's row slots while the plan stays the one of every machine."""
 
     def __init__(
         self,
@@ -67,14 +73,21 @@ class PackedRows(AsyncDataset[PackedRow]):
         pad_id: int,
         step_tokens: Optional[np.ndarray] = None,
         rows_per_step: int = 1,
+        rows_per_batch: Optional[int] = None,
     ):
         super().__init__()
         self.cache = cache
-        self.rows = list(rows)
         self.Pos = Pos
         self.pad_id = int(pad_id)
         self.step_tokens = step_tokens
         self.rows_per_step = rows_per_step
+        self.rows_per_batch = rows_per_batch or rows_per_step
+        rows = list(rows)
+        if self.rows_per_batch == rows_per_step:
+            self.rows = rows
+        else:
+            blank = [_EMPTY] * (self.rows_per_batch - rows_per_step)
+            self.rows = [r for s in range(0, len(rows), rows_per_step) for r in rows[s : s + rows_per_step] + blank]
 
     async def async_len(self) -> int:
         return len(self.rows)
@@ -91,7 +104,7 @@ class PackedRows(AsyncDataset[PackedRow]):
     def scale_for_row(self, index: int) -> float:
         if self.step_tokens is None:
             return 1.0
-        n = int(self.step_tokens[index // self.rows_per_step])
+        n = int(self.step_tokens[index // self.rows_per_batch])
         return 1.0 / n if n else 0.0
 
     async def get_batch(self, indices: Sequence[int]) -> Sequence[PackedRow]:

@@ -15,6 +15,7 @@ from alpaca_cli import distributed, interrupts
 from alpaca_cli.core.checkpoints import delete_checkpoint, latest_checkpoint, save_now, sealed_checkpoints
 from alpaca_cli.core.logits import for_inference
 from alpaca_cli.core.plan import Plan
+from alpaca_cli.core.resume import report
 from alpaca_cli.records import TrainProgress
 from alpaca_cli.rundir import RunDir
 
@@ -206,6 +207,7 @@ class ManifestHook(Callback):
             loss=float(info.loss),
             last_checkpoint=self.run.relative(last) if last else None,
         )
+        report(self.run.train, info.step + 1)
         self.run.touch("train")
 
 

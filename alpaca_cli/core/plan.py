@@ -5,6 +5,11 @@ epoch), and every optimizer step takes about `batch_size` examples (at most that
 step's examples are laid out in rows, not the batch the optimizer sees, so Stanford's 128 examples per step do not
 become 1,000 at the same learning rate. Empty rows (to give every step the same shape) weigh nothing.
 
+The plan depends on the data, the seed, the batch size, the row length and the steps, never on the machine: a mesh
+whose data-parallel slots do not divide the plan's rows per step gets empty rows added to each batch
+(`rows_per_batch`), which carry no trained token and so change no loss. That is what lets a run resume on another
+device count, host count or tensor-parallel size with the same examples in the same steps.
+
 Everything here is numpy over example lengths, so a plan can be printed (`--dry-run`) before JAX starts, and every
 host of a pod computes the same one.
 """
@@ -47,8 +52,18 @@ class Plan:
 
     @property
     def padding_fraction(self) -> float:
-        total = self.steps * self.rows_per_step * self.seq_len
+        return self.padding_on(self.rows_per_step)
+
+    def padding_on(self, rows_per_batch: int) -> float:
+        """The fraction of row tokens that are padding when each step is a batch of rows_per_batch rows."""
+        total = self.steps * rows_per_batch * self.seq_len
         return 1.0 - self.real_tokens / total if total else 0.0
+
+
+def rows_per_batch(rows_per_step: int, slots: int) -> int:
+    """The rows of a batch on a mesh with `slots` data-parallel row slots (devices / tensor parallel, times the rows
+    per device of a microbatch): the plan's rows per step, then empty rows up to a multiple of the slots."""
+    return -(-rows_per_step // slots) * slots
 
 
 def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -106,35 +121,32 @@ def make_plan(
     batch_size: int,
     epochs: float,
     steps: int | None,
-    row_multiple: int,
     seed: int,
     max_segments: int = 64,
     train_ids: np.ndarray | None = None,
     val_ids: np.ndarray | None = None,
 ) -> Plan:
-    """Plan the whole run. row_multiple: rows per step must divide over the data-parallel devices (x microbatch).
+    """Plan the whole run, for any machine (rows_per_batch fits it to a mesh).
 
     The examples of all epochs form one stream (each epoch a fresh permutation), consumed in order. Without packing
     every step takes the next batch_size examples. With packing, every step has the same number of rows (enough for
-    batch_size examples of average length, a multiple of row_multiple) and takes the next examples, first-fit into
-    its rows, until it holds batch_size of them or the next one does not fit: about batch_size examples per step,
-    in rows with little padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on
-    many devices.
+    batch_size examples of average length) and takes the next examples, first-fit into its rows, until it holds
+    batch_size of them or the next one does not fit: about batch_size examples per step, in rows with little
+    padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on many devices.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
     trained = np.asarray(trained, dtype=np.int64)
     ids_all = np.arange(len(lengths), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
     n = len(ids_all)
-    _check(lengths[ids_all], seq_len, pack, batch_size, row_multiple)
+    _check(lengths[ids_all], seq_len)
 
     # A step never takes more than batch_size examples, so steps * batch_size examples are enough for --steps;
     # packed steps may take fewer and leave the tail unused.
     total = steps * batch_size if steps else max(1, int(round(epochs * n)))
     stream = _stream(ids_all, total, seed)
     if pack:
-        # enough rows for a batch of average examples with 5% to spare, and a multiple of the data-parallel slots
-        need = batch_size * float(lengths[ids_all].mean()) / (0.95 * seq_len)
-        rows_per_step = max(row_multiple, math.ceil(need / row_multiple) * row_multiple)
+        # enough rows for a batch of average examples with 5% to spare
+        rows_per_step = max(1, math.ceil(batch_size * float(lengths[ids_all].mean()) / (0.95 * seq_len)))
         take = functools.partial(_packed_step, lengths=lengths, rows=rows_per_step, seq_len=seq_len,
                                  batch_size=batch_size, max_segments=max_segments)
     else:
@@ -176,8 +188,8 @@ def _stream(ids: np.ndarray, total: int, seed: int) -> np.ndarray:
     return np.concatenate(epochs)[:total]
 
 
-def _check(lengths: np.ndarray, seq_len: int, pack: bool, batch_size: int, row_multiple: int) -> None:
-    """Refuse a plan that cannot be made: no example, one longer than a row, or rows that do not divide."""
+def _check(lengths: np.ndarray, seq_len: int) -> None:
+    """Refuse a plan that cannot be made: no example, or one longer than a row."""
     if len(lengths) == 0:
         raise ConfigError("there is no training example (the prepared data is empty or all held out)")
     too_long = int((lengths > seq_len).sum())
@@ -185,12 +197,6 @@ def _check(lengths: np.ndarray, seq_len: int, pack: bool, batch_size: int, row_m
         raise ConfigError(
             f"{too_long} prepared example(s) are longer than --seq-len {seq_len} (longest {int(lengths.max())})",
             hint="raise --seq-len, or prepare with a --max-length no larger than it",
-        )
-    if not pack and batch_size % row_multiple:
-        raise ConfigError(
-            f"batch size {batch_size} does not divide over the {row_multiple} data-parallel slots "
-            f"(devices / tensor parallel x per-device rows) with --no-pack",
-            hint=f"use a multiple of {row_multiple}",
         )
 
 

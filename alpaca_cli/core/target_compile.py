@@ -103,7 +103,7 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
     trainer_config._initialize_jax_config()
     trainer_config._validate_and_set_defaults()
     pdp = trainer_config.per_device_parallelism
-    accum = max(1, plan.rows_per_step // (pdp * trainer_config.data_axis_size))
+    accum = max(1, trainer_config.train_batch_size // (pdp * trainer_config.data_axis_size))
     optimizer = cfg.optimizer.build(plan.steps)
     _, model_key, training_key = jrandom.split(jrandom.PRNGKey(0), 3)
     t0 = time.time()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from alpaca_cli import config as cfgmod
 from alpaca_cli import distributed, logs
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
+from alpaca_cli.core import resume as resume_mod
 from alpaca_cli.core.checkpoints import (checkpoint_step, is_whole, latest_checkpoint, resume_point, save_base_files,
                                         save_hook, save_now, seal_every_save)
 from alpaca_cli.core.models import load_base_weights, open_base_model
@@ -100,6 +102,10 @@ def _start(cfg: TrainConfig, target: str | None, dry_run: bool):
 
 def _dry_run(setup: TrainSetup, machine) -> TrainResult:
     summary = setup.summary
+    last = latest_checkpoint(setup.run)
+    # a checkpoint named step-N holds the state after N + 1 updates (Levanter saves after step index N)
+    summary.resumes = resume_mod.note(setup.run.train, setup.inputs, checkpoint_step(last) + 1 if last else None,
+                                      summary)
     if machine is not None:
         summary.platform = machine.name
         summary.hosts = machine.hosts
@@ -140,10 +146,7 @@ def _already_trained(setup: TrainSetup, previous: TrainRecord | None) -> TrainRe
     # the plan is locked once a checkpoint of this run follows it: before that, a failed start (a wrong --model)
     # is corrected by running again with other settings
     if previous is not None and previous.plan_fingerprint not in (None, setup.fingerprint) and latest_checkpoint(run):
-        raise StageError(
-            f"run {run.url} was trained with a different plan (model, data, batch size, steps, seq len, "
-            "seed or device count changed); resume it with the same settings and devices, or use a new --run-dir"
-        )
+        resume_mod.check_same_plan(run.url, previous.plan_inputs, setup.inputs)
     if previous is not None and previous.complete:
         final = previous.final_checkpoint
         if final and is_whole(run, run.resolve(final)):
@@ -162,7 +165,9 @@ def _stage_record(setup: TrainSetup, previous: TrainRecord | None) -> TrainRecor
             inputs=TrainInputs(prepared=setup.prepared.fingerprint, model=cfg.model_name_or_path),
             lora=setup.lora,
         )
-    record.plan, record.plan_fingerprint = setup.summary, setup.fingerprint
+    if not fresh:
+        record.segments = previous.segments  # the machines it trained on so far (_run_training adds this one)
+    record.plan, record.plan_fingerprint, record.plan_inputs = setup.summary, setup.fingerprint, setup.inputs
     return record
 
 
@@ -174,11 +179,11 @@ def _compile_for_target(setup: TrainSetup, machine):
     from alpaca_cli.records import CompiledMemory, CompiledPlan
 
     cfg, plan, lev_config = setup.cfg, setup.plan, setup.lev_config
-    levanter_config = dataclasses.replace(trainer_config(cfg, setup.run, plan, cp.scratch_dir(), NoopConfig()),
+    levanter_config = dataclasses.replace(trainer_config(cfg, setup.run, setup.layout, cp.scratch_dir(), NoopConfig()),
                                          id="dry-run")
     step = cp.compile_step(cfg, plan, lev_config, setup.vocab, machine, levanter_config, setup.lora)
     verdict, text = cp.verdict(step, machine)
-    tokens = plan.rows_per_step * cfg.seq_len
+    tokens = setup.layout.rows_per_batch * cfg.seq_len
     model_flops = cp.model_flops_per_step(setup.summary.parameters, lev_config, tokens)
     peak = machine.peak_tflops * 1e12 * machine.devices
     steps_per_epoch = plan.steps / plan.epochs if plan.epochs else plan.steps
@@ -223,14 +228,17 @@ def _run_training(setup: TrainSetup) -> TrainResult:
     levanter_config, optimizer, loss_fn = _trainer_parts(setup)
     with Trainer(levanter_config, optimizer, loss_fn, add_default_hooks=False) as trainer:
         fire_from_the_first_step(trainer)
+        t0 = time.time()
         state = _initial_state(setup, trainer)
         start_step = int(state.step)
-        if start_step:
-            logger.info("Resuming from the checkpoint after step %d of %d", start_step, plan.steps)
         if start_step >= plan.steps:
             final = latest_checkpoint(run)
             _finish(run, plan, final, None)
             return TrainResult("already_trained", run.train, final_checkpoint=final)
+        line = resume_mod.start_segment(run.train, run.train.segments, start_step, setup.summary)
+        run.save()
+        if line:
+            logger.info("%s (state restored in %.1f s)", line, time.time() - t0)
         hooks = _add_hooks(setup, trainer, start_step)
         info = _loop(setup, trainer, state, hooks, start_step)
         final = _final_checkpoint(setup, hooks, info)
@@ -248,14 +256,14 @@ def _trainer_parts(setup: TrainSetup):
 
     cfg, run, plan = setup.cfg, setup.run, setup.plan
     log_dir = run.local_logs_dir()
-    levanter_config = trainer_config(cfg, run, plan, log_dir, trackers(cfg, run), setup.resume)
+    levanter_config = trainer_config(cfg, run, setup.layout, log_dir, trackers(cfg, run), setup.resume)
     with logs.keep_console_handlers():
         levanter_config.initialize()
     levanter.tracker.log_configuration(cfg)
     accum = 1
     pdp = levanter_config.per_device_parallelism
     if pdp and pdp > 0:
-        accum = plan.rows_per_step // (pdp * levanter_config.data_axis_size)
+        accum = setup.layout.rows_per_batch // (pdp * levanter_config.data_axis_size)
     optimizer = cfg.optimizer.build(plan.steps)
     return levanter_config, optimizer, make_loss_fn(setup.vocab, accum_steps=max(1, accum))
 
@@ -340,7 +348,8 @@ def _loop(setup: TrainSetup, trainer, state, hooks: _Hooks, start_step: int):
 
     plan = setup.plan
     dataset = PackedRows(setup.prepared.cache, plan.rows, setup.lev_config.max_Pos, setup.pad_id,
-                         step_tokens=plan.step_tokens, rows_per_step=plan.rows_per_step)
+                         step_tokens=plan.step_tokens, rows_per_step=plan.rows_per_step,
+                         rows_per_batch=setup.layout.rows_per_batch)
     loader = trainer.data_loader(dataset).iter_from_step(start_step)
     distributed.barrier("before-training")  # every host compiles the first step at the same time
     hooks.metrics.start()
@@ -390,3 +399,4 @@ def _finish(run: RunDir, plan: Plan, final: str | None, loss) -> None:
     record.final_checkpoint = rel
     record.summary = TrainSummary(steps=plan.steps, final_loss=loss)
     record.progress = TrainProgress(step=plan.steps, total_steps=plan.steps, loss=loss, last_checkpoint=rel)
+    resume_mod.report(record, plan.steps)

@@ -15,7 +15,7 @@ from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
 from alpaca_cli.core.models import COPY_WEIGHTS, check_vocab, check_weights
-from alpaca_cli.core.plan import Plan, make_plan, split_validation
+from alpaca_cli.core.plan import Plan, make_plan, rows_per_batch, split_validation
 from alpaca_cli.errors import ConfigError
 from alpaca_cli.records import LoraRecord, MemoryEstimate, MeshShape, OptimizerSummary, PlanRecord
 from alpaca_cli.rundir import RunDir
@@ -54,11 +54,14 @@ class Layout:
     """The plan and how it spreads over the devices: decided from the prepared data before the model is opened."""
 
     plan: Plan
+    """The same on every machine (core/plan.py)."""
     dp: int
     """Data-parallel (FSDP) devices."""
     tp: int
     """Tensor-parallel devices."""
     attention: attention_mod.AttentionChoice
+    rows_per_batch: int
+    """Rows of each step's batch on this mesh: the plan's, then empty ones up to a multiple of the row slots."""
 
 
 @dataclass
@@ -73,8 +76,8 @@ class TrainSetup:
     lev_config: object
     lora: LoraRecord | None
     summary: PlanRecord
-    fingerprint: str
-    """The plan's fingerprint (plan_fingerprint): a resume must follow the same plan."""
+    inputs: dict
+    """What decides the plan (plan_inputs): a resume must have the same."""
     progress_factory: object = None
     resume: str | None = None
     """The checkpoint to resume from (resume_point); None: start from the base model."""
@@ -82,6 +85,10 @@ class TrainSetup:
     @property
     def plan(self) -> Plan:
         return self.layout.plan
+
+    @property
+    def fingerprint(self) -> str:
+        return plan_fingerprint(self.inputs)
 
     @property
     def vocab(self) -> int:
@@ -103,7 +110,7 @@ def _mesh_shape(cfg, n_devices: int) -> tuple[int, int]:
     return n_devices // tp, tp
 
 
-def _row_multiple(cfg, dp: int) -> int:
+def _row_slots(cfg, dp: int) -> int:
     pdp = cfg.trainer.per_device_parallelism
     return dp * (pdp if pdp and pdp > 0 else 1)
 
@@ -183,7 +190,7 @@ def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int
     # trained parameters: the parameter, its gradient (param dtype) and Adam's two float32 moments; with LoRA the
     # frozen base is held in the compute dtype; all sharded over every device (FSDP x TP)
     state_bytes = (trainable * (2 * param_bytes + 8) + (params - trainable) * compute_bytes) / n_devices
-    act_bytes = activation_bytes(cfg, lev_config, plan.rows_per_step / dp, compute_bytes, vocab) / tp
+    act_bytes = activation_bytes(cfg, lev_config, layout.rows_per_batch / dp, compute_bytes, vocab) / tp
     return PlanRecord(
         model=cfg.model_name_or_path,
         model_type=model_type,
@@ -196,6 +203,7 @@ def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int
         pack=cfg.pack,
         batch_size_examples=cfg.batch_size,
         rows_per_step=plan.rows_per_step,
+        rows_per_batch=layout.rows_per_batch,
         examples_per_step=round(plan.examples_per_step, 2),
         steps=plan.steps,
         epochs=plan.epochs,
@@ -203,7 +211,7 @@ def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int
         val_examples=int(len(plan.val_examples)),
         trained_tokens=plan.trained_tokens,
         real_tokens=plan.real_tokens,
-        padding_fraction=round(plan.padding_fraction, 4),
+        padding_fraction=round(plan.padding_on(layout.rows_per_batch), 4),
         precision=f"params {jnp.dtype(mp.param_dtype).name}, compute {jnp.dtype(mp.compute_dtype).name}",
         attention=layout.attention.backend,
         attention_block=layout.attention.block,
@@ -223,27 +231,34 @@ def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int
     )
 
 
-def plan_fingerprint(prepared_fp: str, cfg, plan: Plan) -> str:
-    key = {
+def plan_inputs(prepared_fp: str, cfg, plan: Plan) -> dict:
+    """What decides which examples each step trains on and how (the machine does not): a resume must have the same.
+    The train record keeps it, so a refusal names what changed: by config key, the plan's own figures and the
+    prepared data aside."""
+    return {
         "prepared": prepared_fp,
-        "model": cfg.model_name_or_path,
+        "model_name_or_path": cfg.model_name_or_path,
         "seq_len": cfg.seq_len,
         "pack": cfg.pack,
-        "batch_size": cfg.batch_size,
+        "trainer.train_batch_size": cfg.batch_size,
         "epochs": cfg.epochs,
-        "steps": cfg.steps,
-        "seed": cfg.trainer.seed,
-        "max_segments": cfg.max_segments_per_row,
+        "trainer.num_train_steps": cfg.steps,
+        "trainer.seed": cfg.trainer.seed,
+        "max_segments_per_row": cfg.max_segments_per_row,
         "val_fraction": cfg.val_fraction,
         "rows_per_step": plan.rows_per_step,
         "plan_steps": plan.steps,
         "lora": dataclasses.asdict(lora_mod.record(cfg)) if cfg.lora else None,
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def plan_fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
 def layout_for(cfg: TrainConfig, prepared: Prepared, machine) -> Layout:
-    """The plan for the devices present (or the target machine's), and the attention kernel for its platform."""
+    """The plan, its batches on the devices present (or the target machine's), and the attention kernel for the
+    platform."""
     import jax
 
     dp, tp = _mesh_shape(cfg, jax.device_count())
@@ -259,13 +274,12 @@ def layout_for(cfg: TrainConfig, prepared: Prepared, machine) -> Layout:
         batch_size=cfg.batch_size,
         epochs=cfg.epochs,
         steps=cfg.steps,
-        row_multiple=_row_multiple(cfg, dp),
         seed=seed,
         max_segments=cfg.max_segments_per_row,
         train_ids=train_ids,
         val_ids=val_ids,
     )
-    return Layout(plan, dp, tp, attention)
+    return Layout(plan, dp, tp, attention, rows_per_batch(plan.rows_per_step, _row_slots(cfg, dp)))
 
 
 def set_up(cfg: TrainConfig, run: RunDir, prepared: Prepared, layout: Layout, base, *, dry_run: bool) -> TrainSetup:
@@ -284,4 +298,4 @@ def set_up(cfg: TrainConfig, run: RunDir, prepared: Prepared, layout: Layout, ba
     summary = plan_record(cfg, layout, params=params, trainable=trained, lev_config=lev_config, vocab=vocab,
                            model_type=base.model_type)
     return TrainSetup(cfg, run, prepared, layout, base, lev_config, lora_record, summary,
-                      fingerprint=plan_fingerprint(prepared.fingerprint, cfg, layout.plan))
+                      inputs=plan_inputs(prepared.fingerprint, cfg, layout.plan))

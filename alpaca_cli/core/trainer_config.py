@@ -1,4 +1,4 @@
-"""Levanter's TrainerConfig for a run: the plan's rows and steps, the mesh (tensor parallelism on the "model" axis),
+"""Levanter's TrainerConfig for a run: the plan's batches and steps, the mesh (tensor parallelism on the "model" axis),
 checkpoints in the run directory, the resume point, and the trackers (W&B, TensorBoard)."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ import datetime
 import hashlib
 from pathlib import Path
 
-from alpaca_cli.core.plan import Plan
 from alpaca_cli.errors import ConfigError
 from alpaca_cli.rundir import RunDir
 
 TP_AXES = ["mlp", "heads", "kv_head"]  # Levanter's names: MLP hidden, attention heads, and (GQA) kv heads
 
 
-def trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume: str | None = None):
+def trainer_config(cfg, run: RunDir, layout, log_dir: str, trackers, resume: str | None = None):
+    """layout: core/train_setup.Layout (the plan and its batches on this mesh)."""
     from levanter.checkpoint import CheckpointerConfig
     from levanter.distributed import DistributedConfig
 
@@ -28,10 +28,10 @@ def trainer_config(cfg, run: RunDir, plan: Plan, log_dir: str, trackers, resume:
     return dataclasses.replace(
         tc,
         id=run.name,
-        # Levanter's train_batch_size counts what it stacks into a batch: our packed rows. Ours (the config key, in
-        # the tutorial's meaning) counted examples; the plan turned it into rows.
-        train_batch_size=plan.rows_per_step,
-        num_train_steps=plan.steps,
+        # Levanter's train_batch_size counts what it stacks into a batch: our packed rows (the plan's, and the empty
+        # ones this mesh needs). Ours (the config key, in the tutorial's meaning) counted examples.
+        train_batch_size=layout.rows_per_batch,
+        num_train_steps=layout.plan.steps,
         mesh=mesh,
         checkpointer=CheckpointerConfig(
             base_path=run.checkpoints_dir,
