@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import ALPACA, checkpoint_saved, cli_env, error_line, free_port, launch, run_cli, wait_all
+from helpers import ALPACA, all_succeeded, checkpoint_saved, cli_env, error_line, free_port, launch, run_cli, wait_all
 
 from alpaca_cli.core.batches import PackedRows
 from alpaca_cli.core.plan import make_plan, rows_per_batch
@@ -154,18 +154,22 @@ def test_killed_on_4_devices_resumed_on_2_then_on_8_with_tensor_parallel_2(prepa
 
 
 @pytest.mark.exclusive  # two processes joined by gloo's fixed 30 s
-def test_two_hosts_killed_resume_on_one_host_with_four_devices(prepared_run, straight, tiny_model_dir, tmp_path):
+def test_two_hosts_killed_resume_on_one_host_with_four_devices_and_back(prepared_run, straight, tiny_model_dir, tmp_path):
     run = str(tmp_path / "pod")
     shutil.copytree(prepared_run, run)
     args = ["--model", tiny_model_dir, *EPOCHS, *F32]
     procs = launch(["train", "--run-dir", run, *args], free_port(), n=2, devices=2)
     kill_after(procs, run, "step-4")
     wait_all(procs)
-    out = run_cli(["train", "--run-dir", run, *args], env=cli_env(devices=4))
-    assert "written on 4 devices x 2 hosts, now 4 devices x 1 host" in out.stderr
+    proc = start(run, args, devices=4)
+    kill_after([proc], run, "step-8")
+    # and back to the pod
+    outs = wait_all(launch(["train", "--run-dir", run, *args], free_port(), n=2, devices=2))
+    all_succeeded(outs)
+    assert "written on 4 devices x 1 host, now 4 devices x 2 hosts" in outs[0][2]
     same_losses(run, straight)
     segments = open_run(run).train.segments
-    assert [(s.devices, s.hosts) for s in segments] == [(4, 2), (4, 1)]
+    assert [(s.devices, s.hosts, s.start_step) for s in segments] == [(4, 2, 0), (4, 1, 5), (4, 2, 9)]
 
 
 def test_lora_killed_on_4_devices_resumes_on_2(prepared_run, tiny_model_dir, tmp_path):
