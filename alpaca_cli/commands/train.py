@@ -118,7 +118,8 @@ def plan_table(plan):
     if c is not None:
         m = c.memory_per_device_gib
         rows += [
-            ("compiled step", f"{m.total:.2f} GiB per device on XLA:CPU: arguments {m.arguments:.2f}, outputs "
+            ("compiled by", c.compiled_by),
+            ("compiled step", f"{m.total:.2f} GiB per device on {c.compiler}: arguments {m.arguments:.2f}, outputs "
                               f"{m.outputs:.2f} (reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}"
                               + (f" (of which {m.cpu_upcast:.2f} float32 copies of bfloat16 weights, CPU only)"
                                  if m.cpu_upcast else "") + f"; compiled in {c.compile_seconds:.0f} s"),
