@@ -104,6 +104,12 @@ def tpu_compiler_available() -> bool:
 
 
 def uses_tpu_compiler(target: Target) -> bool:
+    """XLA:TPU for a TPU target when libtpu is installed, unless ALPACA_PLAN_COMPILER=cpu asks for the (faster)
+    XLA:CPU estimate."""
+    import os
+
+    if os.environ.get("ALPACA_PLAN_COMPILER", "").lower() == "cpu":
+        return False
     return target.platform.kind == "tpu" and bool(target.topology) and tpu_compiler_available()
 
 
@@ -112,7 +118,7 @@ def compiler_line(target: Target, compiler: str) -> str:
     if compiler == XLA_TPU:
         return f"compiled by XLA:TPU for {target.name} ({target.topology.split(':', 1)[1]}), deviceless"
     line = f"estimated with XLA:CPU on {target.devices} simulated devices"
-    if target.platform.kind == "tpu":
+    if target.platform.kind == "tpu" and not tpu_compiler_available():
         line += f"; for XLA:TPU's own figures (no TPU needed): {PLAN_INSTALL}"
     return line
 
@@ -221,6 +227,8 @@ _HBM_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
 
 def _tpu_refusal(e: Exception, lev_config, seconds: float) -> CompiledStep:
     """XLA:TPU's refusal as a plan (a step that does not fit the chip's HBM) or one line (a kernel it rejects)."""
+    from levanter.layers.attention import AttentionBackend
+
     from alpaca_cli.errors import ConfigError, first_line
 
     text = str(e)
@@ -229,22 +237,16 @@ def _tpu_refusal(e: Exception, lev_config, seconds: float) -> CompiledStep:
         scale = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0, "T": 2.0**10, None: 2.0**-30}
         need = float(m.group(1)) * scale[m.group(2)]
         return CompiledStep(0.0, 0.0, 0.0, 0.0, 0.0, seconds, compiler=XLA_TPU, needed_gib=need)
-    block = getattr(lev_config, "flash_attention_block_size", None)
-    row = lev_config.max_seq_len
-    if block and ("splash" in text.lower() or "block" in text.lower()):
-        low = (row // block) * block
-        near = " or ".join(str(x) for x in (low, low + block) if x > 0 and x != row)
+    kernel = any(w in text.lower() for w in ("splash", "mosaic", "pallas"))
+    if kernel and lev_config.attn_backend == AttentionBackend.SPLASH:
+        from alpaca_cli.core.attention import LANES, SPLASH_BLOCKS, _largest_dividing, _nearest
+
+        row, block = lev_config.max_seq_len, lev_config.flash_attention_block_size or SPLASH_BLOCKS[0]
         raise ConfigError(f"--seq-len {row} does not compile with splash attention and {block}-token blocks on "
-                          f"XLA:TPU ({first_line(e, None) or type(e).__name__}); nearest lengths that work: {near}",
-                          hint=f"or --attention-block {_dividing_block(row)}") from e
+                          f"XLA:TPU ({first_line(e, 200) or type(e).__name__}); nearest lengths that work: "
+                          f"{_nearest(row, LANES if row % LANES else block)}",
+                          hint=f"or --attention-block {_largest_dividing(row, SPLASH_BLOCKS) or 'N'}") from e
     raise e
-
-
-def _dividing_block(row: int) -> str:
-    for b in (512, 256, 128):
-        if row % b == 0:
-            return str(b)
-    return "N"
 
 
 class _mesh_of:
@@ -306,8 +308,9 @@ def _tpu_verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
     where = f"{target.name} ({target.memory_gib:g} GiB per device, {usable:.1f} usable)"
     if step.needed_gib is None and step.total_gib <= usable:
         return FITS, f"fits {where}: {step.total_gib:.1f} GiB per device (XLA:TPU)"
-    how = "XLA:TPU refused to compile it for the chip's HBM" if step.needed_gib is not None else "XLA:TPU"
-    return DOES_NOT_FIT, (f"does not fit {where}: {step.total_gib:.1f} GiB per device ({how}); use fewer rows per "
+    need = (f"at least {step.total_gib:.1f} GiB per device (XLA:TPU refused to compile it for the chip's HBM)"
+            if step.needed_gib is not None else f"{step.total_gib:.1f} GiB per device (XLA:TPU)")
+    return DOES_NOT_FIT, (f"does not fit {where}: {need}; use fewer rows per "
                           f"device (--per-device-rows), more devices, --remat, or a shorter --seq-len")
 
 
@@ -371,7 +374,8 @@ _REDUCERS = ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort",
 
 def hlo_matmul_flops(text: str) -> float:
     """FLOPs of the dot products (and convolutions) of an optimized HLO module, one device's program: fusions and
-    calls followed, while-loop bodies counted `known_trip_count` times, a conditional's costliest branch."""
+    calls followed, while-loop bodies counted `known_trip_count` times (XLA:CPU) or as many times as the condition's
+    bound says (XLA:TPU), a conditional's costliest branch."""
     comps: dict[str, list] = {}
     entry = current = None
     for line in text.splitlines():
@@ -403,6 +407,17 @@ def hlo_matmul_flops(text: str) -> float:
                 break
         return re.findall(r"%([\w.\-]+)", rest[:end])
 
+    def bound(cond: str) -> int:
+        """XLA:TPU leaves no known_trip_count: a counter from 0 compared `LT` with a constant in the condition."""
+        insts = comps.get(cond, [])
+        consts = {name: re.match(r"\s*(\d+)\)", rest) for name, _, op, rest in insts if op == "constant"}
+        for _, _, op, rest in insts:
+            if op == "compare" and "direction=LT" in rest:
+                found = [consts[o] for o in operands(rest) if consts.get(o)]
+                if found:
+                    return int(found[0].group(1))
+        return 1
+
     @lru_cache(maxsize=None)
     def flops(comp: str) -> float:
         total = 0.0
@@ -423,8 +438,10 @@ def hlo_matmul_flops(text: str) -> float:
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                cond = re.search(r"condition=%?([\w.\-]+)", rest)
+                n = int(trip.group(1)) if trip else (bound(cond.group(1)) if cond else 1)
                 if body:
-                    total += (int(trip.group(1)) if trip else 1) * flops(body.group(1))
+                    total += n * flops(body.group(1))
             elif op == "conditional":
                 mb = re.search(r"branch_computations=\{([^}]*)\}", rest)
                 if mb:
