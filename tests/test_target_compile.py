@@ -90,5 +90,7 @@ def test_compiled_flops_count_every_iteration_of_a_loop():
         return jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0]
 
     x, ws = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
-    compiled = jax.jit(f).lower(x, ws).compile()
-    assert hlo_matmul_flops(compiled.as_text()) == 5 * 2 * 8 * 16 * 16
+    lowered = jax.jit(f).lower(x, ws)
+    assert hlo_matmul_flops(lowered.compile().as_text()) == 5 * 2 * 8 * 16 * 16
+    # the program as lowered (what an XLA:TPU plan counts): no known_trip_count, the bound in the loop's condition
+    assert hlo_matmul_flops(lowered.as_text(dialect="hlo")) == 5 * 2 * 8 * 16 * 16
