@@ -108,8 +108,9 @@ def test_lora_on_a_v5e_8_compiles(run, models):
     c, mem = p["compiled"], p["compiled"]["memory_per_device_gib"]
     assert c["compiler"] == "XLA:TPU" and p["attention"] == "splash" and p["lora_r"] == 16
     assert p["trainable_parameters"] < 0.01 * p["parameters"]
-    # the frozen base in bfloat16 over 8 chips; no float32 copies of it (those are XLA:CPU's)
-    assert mem["arguments"] == pytest.approx(2 * PARAMS_7B / 8 / 2**30, rel=0.05)
+    # the frozen base in bfloat16 over 8 chips (plus the adapters and their Adam state); no float32 copies of the
+    # base in the temporaries (those are XLA:CPU's)
+    assert 1.0 < mem["arguments"] / (2 * PARAMS_7B / 8 / 2**30) < 1.25
     assert mem["cpu_upcast"] == 0 and mem["verdict"] == "fits" and mem["total"] <= 15.5
 
 
