@@ -242,13 +242,13 @@ def _tpu_refusal(e: Exception, lev_config, seconds: float) -> CompiledStep:
         return CompiledStep(0.0, 0.0, 0.0, 0.0, 0.0, seconds, compiler=XLA_TPU, needed_gib=need)
     kernel = any(w in text.lower() for w in ("splash", "mosaic", "pallas"))
     if kernel and lev_config.attn_backend == AttentionBackend.SPLASH:
-        from alpaca_cli.core.attention import LANES, SPLASH_BLOCKS, _largest_dividing, _nearest
+        from alpaca_cli.core.attention import LANES, SPLASH_BLOCKS, largest_dividing, nearest_lengths
 
         row, block = lev_config.max_seq_len, lev_config.flash_attention_block_size or SPLASH_BLOCKS[0]
         raise ConfigError(f"--seq-len {row} does not compile with splash attention and {block}-token blocks on "
                           f"XLA:TPU ({first_line(e, 200) or type(e).__name__}); nearest lengths that work: "
-                          f"{_nearest(row, LANES if row % LANES else block)}",
-                          hint=f"or --attention-block {_largest_dividing(row, SPLASH_BLOCKS) or 'N'}") from e
+                          f"{nearest_lengths(row, LANES if row % LANES else block)}",
+                          hint=f"or --attention-block {largest_dividing(row, SPLASH_BLOCKS) or 'N'}") from e
     raise e
 
 
@@ -377,45 +377,13 @@ _REDUCERS = ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort",
 
 def hlo_matmul_flops(text: str) -> float:
     """FLOPs of the dot products (and convolutions) of an HLO module (optimized: one device's program; as lowered:
-    all devices'), fusions and
-    calls followed, while-loop bodies counted `known_trip_count` times (XLA:CPU) or as many times as the condition's
-    bound says (XLA:TPU), a conditional's costliest branch."""
-    comps: dict[str, list] = {}
-    entry = current = None
-    for line in text.splitlines():
-        m = _COMP.match(line)
-        if m and not line.startswith(" "):
-            current = m.group(2)
-            comps[current] = []
-            entry = current if m.group(1) else entry
-            continue
-        if current is None:
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        mi = _INST.match(line)
-        if mi:
-            comps[current].append((mi.group(2), mi.group(3), mi.group(4), mi.group(5)))
-
-    def dims(shape: str):
-        m = _SHAPE.match(shape.strip())
-        return [int(d) for d in m.group(2).split(",") if d] if m else None
-
-    def operands(rest: str):
-        depth, end = 1, len(rest)
-        for i, ch in enumerate(rest):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                end = i
-                break
-        names = rest[:end]
-        if "%" in names:  # optimized HLO: %name (with or without its shape)
-            return re.findall(r"%([\w.\-]+)", names)
-        return [n.strip() for n in names.split(",") if n.strip()]  # as lowered: bare names
+    all devices'), fusions and calls followed, while-loop bodies counted `known_trip_count` times (XLA:CPU) or as
+    many times as the condition's bound says (as lowered), a conditional's costliest branch."""
+    comps, entry = _hlo_computations(text)
+    dims, operands = _hlo_dims, _hlo_operands
 
     def bound(cond: str) -> int:
-        """XLA:TPU leaves no known_trip_count: a counter from 0 compared `LT` with a constant in the condition."""
+        """No known_trip_count: a counter from 0 compared `LT` with a constant in the condition."""
         insts = comps.get(cond, [])
         consts = {name: re.match(r"\s*(\d+)\)", rest) for name, _, op, rest in insts if op == "constant"}
         for _, _, op, rest in insts:
@@ -460,6 +428,46 @@ def hlo_matmul_flops(text: str) -> float:
         return total
 
     return flops(entry) if entry else 0.0
+
+
+def _hlo_computations(text: str) -> tuple[dict[str, list], str | None]:
+    """{computation: [(name, shape, op, rest of the line)]} and the entry computation's name."""
+    comps: dict[str, list] = {}
+    entry = current = None
+    for line in text.splitlines():
+        m = _COMP.match(line)
+        if m and not line.startswith(" "):
+            current = m.group(2)
+            comps[current] = []
+            entry = current if m.group(1) else entry
+            continue
+        if current is None:
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        mi = _INST.match(line)
+        if mi:
+            comps[current].append((mi.group(2), mi.group(3), mi.group(4), mi.group(5)))
+    return comps, entry
+
+
+def _hlo_dims(shape: str):
+    m = _SHAPE.match(shape.strip())
+    return [int(d) for d in m.group(2).split(",") if d] if m else None
+
+
+def _hlo_operands(rest: str) -> list[str]:
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            end = i
+            break
+    names = rest[:end]
+    if "%" in names:  # optimized HLO: %name (with or without its shape)
+        return re.findall(r"%([\w.\-]+)", names)
+    return [n.strip() for n in names.split(",") if n.strip()]  # as lowered: bare names
 
 
 def scratch_dir() -> str:
