@@ -125,7 +125,13 @@ def compiler_line(target: Target, compiler: str) -> str:
 
 def tpu_devices(target: Target) -> list:
     """The devices of the target's slice as libtpu describes them (deviceless: nothing is attached)."""
+    import os
+
     from jax.experimental import topologies
+
+    # libtpu takes /tmp/libtpu_lockfile, so that one process owns a TPU; a deviceless compile owns none, and two
+    # plans at once (tests on two workers, a benchmark's parts) would otherwise fail on the lock
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
     gen, grid = target.topology.split(":", 1)
     dims = [int(d) for d in grid.split("x")]
