@@ -312,15 +312,18 @@ def verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
 
 
 def _tpu_verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
-    """XLA:TPU's figures are the chip's own: no margin. The runtime's share (core/machines.py) is left out."""
+    """XLA:TPU's answer is the chip's own, no margin: it refuses a program that does not fit the chip's HBM. Its
+    buffers' sum (arguments + outputs - aliased + temporaries) can exceed what the chip can use while the program,
+    whose buffers do not all live at once, is placed: it fits, with little room, and says so."""
     usable = target.usable_gib
     where = f"{target.name} ({target.memory_gib:g} GiB per device, {usable:.1f} usable)"
-    if step.needed_gib is None and step.total_gib <= usable:
-        return FITS, f"fits {where}: {step.total_gib:.1f} GiB per device (XLA:TPU)"
-    need = (f"at least {step.total_gib:.1f} GiB per device (XLA:TPU refused to compile it for the chip's HBM)"
-            if step.needed_gib is not None else f"{step.total_gib:.1f} GiB per device (XLA:TPU)")
-    return DOES_NOT_FIT, (f"does not fit {where}: {need}; use fewer rows per "
-                          f"device (--per-device-rows), more devices, --remat, or a shorter --seq-len")
+    if step.needed_gib is None:
+        room = "" if step.total_gib <= usable else (
+            "; the buffers add up to more than the usable memory and XLA:TPU still placed them: little room")
+        return FITS, f"fits {where}: {step.total_gib:.1f} GiB per device (XLA:TPU{room})"
+    return DOES_NOT_FIT, (f"does not fit {where}: at least {step.total_gib:.1f} GiB per device (XLA:TPU refused to "
+                          f"compile it for the chip's HBM); use fewer rows per device (--per-device-rows), more "
+                          f"devices, --remat, or a shorter --seq-len")
 
 
 def _per_device_bytes(x) -> int:
