@@ -145,6 +145,10 @@ class CompiledMemory:
 @dataclass
 class CompiledPlan:
     target: str = ""
+    compiler: str = "XLA:CPU"
+    """XLA:TPU (the TPU's own compiler, deviceless: exact figures) or XLA:CPU (simulated devices: an estimate)."""
+    compiled_by: str = ""
+    """The same in words: "compiled by XLA:TPU for v4-8 (2x2x1), deviceless" or "estimated with XLA:CPU ..."."""
     memory_per_device_gib: CompiledMemory = field(default_factory=CompiledMemory)
     compiled_flops_per_step: float = 0.0
     """Matrix-product FLOPs of the compiled step, all devices (recomputation for remat included)."""

@@ -68,7 +68,9 @@ PARTS = [  # (name, argument, seconds allowed on the GPU, on CPU)
     ("torch", "off", 90, 120),
     ("torch", "on", 90, 120),
 ]
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0}  # dense bf16, per GPU
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "4090": 165.0,  # dense bf16, per device
+               "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+               "TPU v6 lite": 918.0}  # a TPU v3 device is one core; v4/v5p one megacore chip (tpu_check.sh)
 
 
 # -- shared by the parts ----------------------------------------------------------------------------------------------
@@ -124,9 +126,12 @@ def vocab_size(s, d) -> int:
 
 
 def trainer_config(s, work: str, steps: int):
-    """The recipe's TrainerConfig (train_config.TrainConfig's defaults) for s['rows'] rows per step on one device."""
+    """The recipe's TrainerConfig (train_config.TrainConfig's defaults) for s['rows'] rows per step over the devices
+    (one GPU; a TPU host's chips, tpu_check.sh)."""
     import dataclasses
     from pathlib import Path
+
+    import jax
 
     from levanter.checkpoint import CheckpointerConfig
     from levanter.distributed import DistributedConfig
@@ -136,7 +141,8 @@ def trainer_config(s, work: str, steps: int):
 
     base = TrainConfig().trainer
     return dataclasses.replace(
-        base, id="gpu-check", train_batch_size=s["rows"], per_device_parallelism=s["rows"], num_train_steps=steps,
+        base, id="gpu-check", train_batch_size=s["rows"],
+        per_device_parallelism=max(1, s["rows"] // jax.device_count()), num_train_steps=steps,
         tracker=NoopConfig(), require_accelerator=False,
         distributed=DistributedConfig(initialize_jax_distributed=False), log_dir=Path(work) / "logs",
         checkpointer=CheckpointerConfig(base_path=os.path.join(work, "checkpoints")), log_jaxprs=False,
@@ -368,6 +374,7 @@ def part_train(a, remat: str) -> dict:
     params, _ = parameter_count(lev, vocab)
     tps = sum(reals) / sum(times)
     peak = device_peak_tflops(device)
+    peak = peak and peak * jax.device_count()  # tokens/s of every device (a TPU host's chips)
     analysis = None
     if compiled is not None:
         analysis = gib(compiled.argument_size_in_bytes + compiled.output_size_in_bytes
@@ -393,7 +400,7 @@ def part_plan(a, remat: str) -> dict:
     from alpaca_cli.train_config import TrainConfig
 
     s, d = sizes(a), load_data(a)
-    target = machines.TARGETS.get(a.target) if a.target else machines.cpu_target(1)
+    target = machines.get(a.target) if a.target else machines.cpu_target(1)
     platform = target.platform if a.target else attention.platform_of(jax.devices()[0])
     choice = attention.choose("auto", None, s["seq_len"], platform)
     lev = llama_config(s, s, s["seq_len"], remat == "on", choice)
@@ -402,7 +409,8 @@ def part_plan(a, remat: str) -> dict:
     plan = SimpleNamespace(rows_per_step=s["rows"], steps=total)
     step = compile_step(cfg, plan, lev, vocab_size(s, d), target, trainer_config(s, a.work, total))
     v, text = verdict(step, target)
-    return dict(remat=remat, target=target.name, predicted_gib=round(step.accelerator_total_gib, 3),
+    return dict(remat=remat, target=target.name, compiler=step.compiler,
+                predicted_gib=round(step.accelerator_total_gib, 3),
                 arguments_gib=round(step.arguments_gib, 3), temporaries_gib=round(step.temporaries_gib, 3),
                 verdict=v, verdict_text=text, compile_seconds=round(step.compile_seconds, 1))
 
@@ -505,8 +513,13 @@ def run_part(a, name: str, arg: str | None, limit: float) -> dict:
     if a.cpu or name in ("plan", "torch", "data"):
         # the plan compiles on one simulated CPU device; the others must not make JAX take the GPU's memory
         env["JAX_PLATFORMS"] = "cpu"
-    # one device: the check is about one GPU (and an inherited device count, a test's say, would change the mesh)
+    # one device: the check is about one GPU (and an inherited device count, a test's say, would change the mesh);
+    # the plan for a TPU slice (tpu_check.sh) simulates the slice's devices
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    if name == "plan" and a.target:
+        from alpaca_cli.core import machines
+
+        flags.append(f"--xla_force_host_platform_device_count={machines.get(a.target).devices}")
     env["XLA_FLAGS"] = " ".join(flags)
     t0 = time.time()
     log = os.path.join(a.work, f"{key}.log")

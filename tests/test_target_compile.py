@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from helpers import ASSETS, REPO, run_cli
+from helpers import ASSETS, REPO, cli_env, run_cli
 
 pytestmark = pytest.mark.entry
 
@@ -31,7 +31,9 @@ def llama_vocab_run(tmp_path_factory, tokenizer_dir):
 
 
 def plan(run, *args):
-    out = run_cli(["train", "--run-dir", run, "--model", LLAMA_2_7B, "--dry-run", "--json", *args], timeout=900)
+    """The XLA:CPU estimate (also where libtpu is installed: tests/test_tpu_compile.py plans with XLA:TPU)."""
+    out = run_cli(["train", "--run-dir", run, "--model", LLAMA_2_7B, "--dry-run", "--json", *args], timeout=900,
+                  env=cli_env(ALPACA_PLAN_COMPILER="cpu"))
     return json.loads(out.stdout)
 
 
@@ -55,6 +57,11 @@ def test_long_rows_on_a_v3_8_do_not_fit_and_it_says_so(llama_vocab_run):
     p = plan(llama_vocab_run, "--target", "v3-8", "--seq-len", "4096", "--per-device-rows", "16")
     mem = p["compiled"]["memory_per_device_gib"]
     assert (p["attention"], p["attention_block"]) == ("flash", 1024)  # TPU v3: never splash
+    from alpaca_cli.core.target_compile import tpu_compiler_available
+
+    by = p["compiled"]["compiled_by"]
+    assert p["compiled"]["compiler"] == "XLA:CPU" and by.startswith("estimated with XLA:CPU on 8 simulated devices")
+    assert ("pip install 'alpaca[plan]'" in by) == (not tpu_compiler_available())  # the way to XLA:TPU's figures
     assert mem["verdict"] == "does not fit"
     assert mem["verdict_text"].startswith("does not fit v3-8 (16 GiB per device, 15.5 usable)")
     assert "--per-device-rows" in mem["verdict_text"]
@@ -83,5 +90,7 @@ def test_compiled_flops_count_every_iteration_of_a_loop():
         return jax.lax.scan(lambda h, w: (h @ w, None), x, ws)[0]
 
     x, ws = jnp.ones((8, 16)), jnp.ones((5, 16, 16))
-    compiled = jax.jit(f).lower(x, ws).compile()
-    assert hlo_matmul_flops(compiled.as_text()) == 5 * 2 * 8 * 16 * 16
+    lowered = jax.jit(f).lower(x, ws)
+    assert hlo_matmul_flops(lowered.compile().as_text()) == 5 * 2 * 8 * 16 * 16
+    # the program as lowered (what an XLA:TPU plan counts): no known_trip_count, the bound in the loop's condition
+    assert hlo_matmul_flops(lowered.as_text(dialect="hlo")) == 5 * 2 * 8 * 16 * 16

@@ -26,9 +26,11 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and exit (no weights are loaded).")] = False,
     target: Annotated[
         Optional[str],
-        typer.Option(help="With --dry-run: plan for this machine (e.g. 8xa100-80g, v3-32, 1xh200; see docs/planning.md): "
-                     "the training step is compiled for its devices, simulated on CPU, and its memory per device, "
-                     "FLOPs and time per epoch are reported. Only the base model's config.json is read.",
+        typer.Option(help="With --dry-run: plan for this machine (e.g. 8xa100-80g, v3-32, 1xh200, tpu:v5p:2x2x2; see "
+                     "docs/planning.md): the training step is compiled for its devices (simulated on CPU; a TPU "
+                     "slice by XLA:TPU itself, deviceless, when libtpu is installed: pip install 'alpaca[plan]'), "
+                     "and its memory per device, FLOPs and time per epoch are reported. Only the base model's "
+                     "config.json is read.",
                      show_default=False),
     ] = None,
     json_: Annotated[bool, typer.Option("--json", help="With --dry-run: print the plan as one JSON object.")] = False,
@@ -127,7 +129,8 @@ def plan_table(plan):
     if c is not None:
         m = c.memory_per_device_gib
         rows += [
-            ("compiled step", f"{m.total:.2f} GiB per device on XLA:CPU: arguments {m.arguments:.2f}, outputs "
+            ("compiled by", c.compiled_by),
+            ("compiled step", f"{m.total:.2f} GiB per device on {c.compiler}: arguments {m.arguments:.2f}, outputs "
                               f"{m.outputs:.2f} (reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}"
                               + (f" (of which {m.cpu_upcast:.2f} float32 copies of bfloat16 weights, CPU only)"
                                  if m.cpu_upcast else "") + f"; compiled in {c.compile_seconds:.0f} s"),

@@ -93,28 +93,28 @@ def choose(requested: str, block: int | None, seq_len: int, platform: Platform) 
         if seq_len % min(block, seq_len) or seq_len % LANES:
             raise ConfigError(
                 f"--seq-len {seq_len} does not compile with {what} and {block}-token blocks (rows must be a "
-                f"multiple of the block); nearest lengths that work: {_nearest(seq_len, block)}",
-                hint=f"or --attention-block {_largest_dividing(seq_len, sizes) or 'N'}",
+                f"multiple of the block); nearest lengths that work: {nearest_lengths(seq_len, block)}",
+                hint=f"or --attention-block {largest_dividing(seq_len, sizes) or 'N'}",
             )
         return AttentionChoice(backend, block)
-    chosen = _largest_dividing(seq_len, sizes)
+    chosen = largest_dividing(seq_len, sizes)
     if chosen is None:
         raise ConfigError(
             f"--seq-len {seq_len} does not compile with {what} (rows must be a multiple of {LANES}); "
-            f"nearest lengths that work: {_nearest(seq_len, LANES)}",
+            f"nearest lengths that work: {nearest_lengths(seq_len, LANES)}",
             hint="or --attention vanilla (memory grows with the square of the row)" if backend == "flash" else None,
         )
     return AttentionChoice(backend, chosen)
 
 
-def _largest_dividing(seq_len: int, sizes: tuple[int, ...]) -> int | None:
+def largest_dividing(seq_len: int, sizes: tuple[int, ...]) -> int | None:
     for b in sizes:
         if seq_len % b == 0:
             return b
     return None
 
 
-def _nearest(seq_len: int, multiple: int) -> str:
+def nearest_lengths(seq_len: int, multiple: int) -> str:
     low = (seq_len // multiple) * multiple
     options = [x for x in (low, low + multiple) if x > 0 and x != seq_len]
     return " or ".join(str(x) for x in options)

@@ -14,6 +14,12 @@ memory is tight; CPU totals were 1.3-1.6x what TPU compiles of the same step nee
 verdict keeps a margin: `fits` when the CPU figure is within 90% of what the target can use; `does not fit` when
 even the arguments plus 40% of the temporaries (the lowest TPU/CPU ratio seen: 0.42) exceed it; `borderline`
 between, with the numbers.
+
+With libtpu installed (`pip install 'alpaca[plan]'`), a TPU target's step is compiled by XLA:TPU itself,
+deviceless: the same step, on a mesh of the slice's devices as `jax.experimental.topologies` describes them (no TPU
+needed, as MaxText's train_compile.py does), so the memory figures are the TPU's own and the verdict has no margin;
+splash attention is lowered for real (Pallas/Mosaic), so a block the kernel rejects fails here. XLA:TPU refuses to
+compile a program that does not fit the chip's HBM; its message says how much the step needs.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from functools import lru_cache
 from alpaca_cli.core.machines import Target
 
 FITS, BORDERLINE, DOES_NOT_FIT = "fits", "borderline", "does not fit"
+XLA_CPU, XLA_TPU = "XLA:CPU", "XLA:TPU"
+PLAN_INSTALL = "pip install 'alpaca[plan]'"
 FIT_MARGIN = 0.9
 TEMP_FLOOR = 0.4
 
@@ -46,9 +54,15 @@ class CompiledStep:
     upcast_gib: float = 0.0
     """Float32 copies XLA:CPU makes of the 16-bit arguments (LoRA's frozen bfloat16 base) to multiply them: CPUs
     have no bfloat16 matrix unit; TPUs and GPUs multiply bfloat16 as it is, so these are not on an accelerator."""
+    compiler: str = XLA_CPU
+    """XLA:TPU (deviceless, for the target's topology) or XLA:CPU (simulated devices: an estimate)."""
+    needed_gib: float | None = None
+    """XLA:TPU only, when it refused the program for the chip's HBM: what its message says the step needs."""
 
     @property
     def total_gib(self) -> float:
+        if self.needed_gib is not None:
+            return self.needed_gib
         return self.arguments_gib + self.outputs_gib - self.aliased_gib + self.temporaries_gib
 
     @property
@@ -82,21 +96,65 @@ def check_devices(target: Target) -> None:
         )
 
 
+def tpu_compiler_available() -> bool:
+    """Whether XLA:TPU can compile here: libtpu installed (the `plan` extra); no TPU is needed."""
+    import importlib.util
+
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def uses_tpu_compiler(target: Target) -> bool:
+    """XLA:TPU for a TPU target when libtpu is installed, unless ALPACA_PLAN_COMPILER=cpu asks for the (faster)
+    XLA:CPU estimate."""
+    import os
+
+    if os.environ.get("ALPACA_PLAN_COMPILER", "").lower() == "cpu":
+        return False
+    return target.platform.kind == "tpu" and bool(target.topology) and tpu_compiler_available()
+
+
+def compiler_line(target: Target, compiler: str) -> str:
+    """Which compiler produced the plan, in one line (the plan's "compiled by" row)."""
+    if compiler == XLA_TPU:
+        return f"compiled by XLA:TPU for {target.name} ({target.topology.split(':', 1)[1]}), deviceless"
+    line = f"estimated with XLA:CPU on {target.devices} simulated devices"
+    if target.platform.kind == "tpu" and not tpu_compiler_available():
+        line += f"; for XLA:TPU's own figures (no TPU needed): {PLAN_INSTALL}"
+    return line
+
+
+def tpu_devices(target: Target) -> list:
+    """The devices of the target's slice as libtpu describes them (deviceless: nothing is attached)."""
+    import os
+
+    from jax.experimental import topologies
+
+    # libtpu takes /tmp/libtpu_lockfile, so that one process owns a TPU; a deviceless compile owns none, and two
+    # plans at once (tests on two workers, a benchmark's parts) would otherwise fail on the lock
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    gen, grid = target.topology.split(":", 1)
+    dims = [int(d) for d in grid.split("x")]
+    dims += [1] * (3 - len(dims))
+    one_host = gen in ("v5e", "v6e") and math.prod(dims) <= 8  # these hosts hold up to 8 chips
+    bounds = tuple(dims) if one_host else tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
+    desc = topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
+                                        chip_config_name="megacore" if gen in ("v4", "v5") else "default",
+                                        chips_per_host_bounds=bounds, num_slices=1, wrap=(False, False, False))
+    devices = list(desc.devices)
+    if len(devices) != target.devices:
+        raise RuntimeError(f"libtpu describes {target.topology} with {len(devices)} devices, the target table "
+                           f"{target.devices}: fix alpaca_cli/core/machines.py")
+    return devices
+
+
 def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_config, lora_record=None) -> CompiledStep:
-    """Lower and compile the sharded training step for `plan`'s rows on the (simulated) devices."""
-    import equinox as eqx
-    import haliax as hax
-    import haliax.partitioning as hpart
-    import jax
-    import jax.numpy as jnp
-    import jax.random as jrandom
+    """Lower and compile the sharded training step for `plan`'s rows on the target's devices: the slice's own
+    (XLA:TPU, deviceless) when libtpu is installed and the target is a TPU, else simulated CPU devices."""
     from levanter.layers.attention import AttentionBackend
-    from levanter.trainer import Trainer
-    from levanter.trainer_state import TrainerState
 
-    from alpaca_cli.core.batches import PackedRow, make_loss_fn
-
-    if lev_config.attn_backend == AttentionBackend.SPLASH:
+    tpu = uses_tpu_compiler(target)
+    if lev_config.attn_backend == AttentionBackend.SPLASH and not tpu:
         # a TPU Pallas kernel cannot be compiled for CPU; Levanter's JAX flash attention with the same blocks is
         # the stand-in (both blockwise: neither materialises [row, row] scores)
         lev_config = dataclasses.replace(lev_config, attn_backend=AttentionBackend.JAX_FLASH)
@@ -104,9 +162,47 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
     trainer_config._validate_and_set_defaults()
     pdp = trainer_config.per_device_parallelism
     accum = max(1, trainer_config.train_batch_size // (pdp * trainer_config.data_axis_size))
+    t0 = time.time()
+    try:
+        with _mesh_of(tpu_devices(target) if tpu else None):
+            lowered, half = _lower(cfg, plan, lev_config, vocab, trainer_config, lora_record, accum)
+            compiled = lowered.compile()
+    except Exception as e:
+        if not tpu:
+            raise
+        return _tpu_refusal(e, lev_config, time.time() - t0)
+    mem = compiled.memory_analysis()
+    gib = 2.0**30
+    return CompiledStep(
+        arguments_gib=mem.argument_size_in_bytes / gib,
+        outputs_gib=mem.output_size_in_bytes / gib,
+        aliased_gib=mem.alias_size_in_bytes / gib,
+        temporaries_gib=mem.temp_size_in_bytes / gib,
+        # XLA:TPU writes its matrix products as convolutions with windows this count does not read: on TPU it
+        # counts the program as lowered for the slice, before partitioning (all devices), over the devices
+        flops_per_device=(hlo_matmul_flops(lowered.as_text(dialect="hlo")) / target.devices if tpu
+                          else hlo_matmul_flops(compiled.as_text())),
+        compile_seconds=time.time() - t0,
+        upcast_gib=(2 * half / gib) if target.platform.kind != "cpu" and not tpu else 0.0,
+        compiler=XLA_TPU if tpu else XLA_CPU,
+    )
+
+
+def _lower(cfg, plan, lev_config, vocab, trainer_config, lora_record, accum):
+    """The lowered step, and the per-device bytes of the state's 16-bit leaves."""
+    import equinox as eqx
+    import haliax as hax
+    import haliax.partitioning as hpart
+    import jax
+    import jax.numpy as jnp
+    import jax.random as jrandom
+    from levanter.trainer import Trainer
+    from levanter.trainer_state import TrainerState
+
+    from alpaca_cli.core.batches import PackedRow, make_loss_fn
+
     optimizer = cfg.optimizer.build(plan.steps)
     _, model_key, training_key = jrandom.split(jrandom.PRNGKey(0), 3)
-    t0 = time.time()
     with Trainer(trainer_config, optimizer, make_loss_fn(vocab, accum_steps=accum), add_default_hooks=False) as trainer:
         mesh, params, compute = trainer.device_mesh, trainer.parameter_axis_mapping, trainer.compute_axis_mapping
         Vocab = hpart.round_axis_for_partitioning(hax.Axis("vocab", vocab), params)
@@ -132,25 +228,75 @@ def compile_step(cfg, plan, lev_config, vocab: int, target: Target, trainer_conf
                           for dt in (jnp.int32, jnp.float32, jnp.int32, jnp.int32)))
         row = _with_shardings(row, hpart.infer_resource_partitions(row, compute, mesh=mesh))
         with _shapes_count_as_arrays(hpart):
-            lowered = trainer._jit_train_step_fn_no_hook.lower(state, (row,), {})
-        compiled = lowered.compile()
-    mem = compiled.memory_analysis()
-    gib = 2.0**30
-    return CompiledStep(
-        arguments_gib=mem.argument_size_in_bytes / gib,
-        outputs_gib=mem.output_size_in_bytes / gib,
-        aliased_gib=mem.alias_size_in_bytes / gib,
-        temporaries_gib=mem.temp_size_in_bytes / gib,
-        flops_per_device=hlo_matmul_flops(compiled.as_text()),
-        compile_seconds=time.time() - t0,
-        upcast_gib=(2 * half / gib) if target.platform.kind != "cpu" else 0.0,
-    )
+            return trainer._jit_train_step_fn_no_hook.lower(state, (row,), {}), half
+
+
+_HBM_OOM = re.compile(r"Used ([\d.]+)([KMGT])? of ([\d.]+)([KMGT])? hbm")
+
+
+def _tpu_refusal(e: Exception, lev_config, seconds: float) -> CompiledStep:
+    """XLA:TPU's refusal as a plan (a step that does not fit the chip's HBM) or one line (a kernel it rejects)."""
+    from levanter.layers.attention import AttentionBackend
+
+    from alpaca_cli.errors import ConfigError, first_line
+
+    text = str(e)
+    m = _HBM_OOM.search(text)
+    if m:
+        scale = {"K": 2.0**-20, "M": 2.0**-10, "G": 1.0, "T": 2.0**10, None: 2.0**-30}
+        need = float(m.group(1)) * scale[m.group(2)]
+        return CompiledStep(0.0, 0.0, 0.0, 0.0, 0.0, seconds, compiler=XLA_TPU, needed_gib=need)
+    kernel = any(w in text.lower() for w in ("splash", "mosaic", "pallas"))
+    if kernel and lev_config.attn_backend == AttentionBackend.SPLASH:
+        from alpaca_cli.core.attention import LANES, SPLASH_BLOCKS, largest_dividing, nearest_lengths
+
+        row, block = lev_config.max_seq_len, lev_config.flash_attention_block_size or SPLASH_BLOCKS[0]
+        raise ConfigError(f"--seq-len {row} does not compile with splash attention and {block}-token blocks on "
+                          f"XLA:TPU ({first_line(e, 200) or type(e).__name__}); nearest lengths that work: "
+                          f"{nearest_lengths(row, LANES if row % LANES else block)}",
+                          hint=f"or --attention-block {largest_dividing(row, SPLASH_BLOCKS) or 'N'}") from e
+    raise e
+
+
+class _mesh_of:
+    """Levanter builds the trainer's mesh from jax.devices() (the simulated CPUs, as many as the target has); for a
+    deviceless XLA:TPU compile it is built from the slice's devices instead (the same axes and shape). Nothing can
+    run eagerly on those devices: haliax asks "am I in jit?" by running jnp.zeros (here: JAX's trace state), and
+    Levanter's rotary embeddings compute their constants eagerly (jax.ensure_compile_time_eval; here: in the
+    program, where XLA folds them)."""
+
+    def __init__(self, devices):
+        self.devices = devices
+
+    def __enter__(self):
+        import contextlib
+        import functools
+
+        import haliax.partitioning as hpart
+        import jax
+        import levanter.trainer as lt
+        from jax._src import core
+
+        self.saved = lt.create_mesh_from_axis_specs, hpart.is_in_jit, jax.ensure_compile_time_eval
+        if self.devices is not None:
+            lt.create_mesh_from_axis_specs = functools.partial(self.saved[0], devices=self.devices)
+            hpart.is_in_jit = lambda: not core.trace_state_clean()
+            jax.ensure_compile_time_eval = contextlib.nullcontext
+
+    def __exit__(self, *exc):
+        import haliax.partitioning as hpart
+        import jax
+        import levanter.trainer as lt
+
+        lt.create_mesh_from_axis_specs, hpart.is_in_jit, jax.ensure_compile_time_eval = self.saved
 
 
 def verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
     """(fits | borderline | does not fit, one line saying so with the numbers)."""
     usable = target.usable_gib
     need = step.accelerator_total_gib
+    if step.compiler == XLA_TPU:
+        return _tpu_verdict(step, target)
     at_least = step.arguments_gib + TEMP_FLOOR * step.accelerator_temporaries_gib
     where = f"{target.name} ({target.memory_gib:g} GiB per device, {usable:.1f} usable)"
     upcast = (f", leaving out the {step.upcast_gib:.1f} GiB of float32 copies of bfloat16 weights only XLA:CPU makes"
@@ -163,6 +309,21 @@ def verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
                               f"more devices, --remat, or a shorter --seq-len")
     return BORDERLINE, (f"borderline on {where}: {need:.1f} GiB per device on XLA:CPU{upcast}, which over-estimates "
                         f"accelerators (at least {at_least:.1f}); try --per-device-rows lower to be sure")
+
+
+def _tpu_verdict(step: CompiledStep, target: Target) -> tuple[str, str]:
+    """XLA:TPU's answer is the chip's own, no margin: it refuses a program that does not fit the chip's HBM. Its
+    buffers' sum (arguments + outputs - aliased + temporaries) can exceed what the chip can use while the program,
+    whose buffers do not all live at once, is placed: it fits, with little room, and says so."""
+    usable = target.usable_gib
+    where = f"{target.name} ({target.memory_gib:g} GiB per device, {usable:.1f} usable)"
+    if step.needed_gib is None:
+        room = "" if step.total_gib <= usable else (
+            "; the buffers add up to more than the usable memory and XLA:TPU still placed them: little room")
+        return FITS, f"fits {where}: {step.total_gib:.1f} GiB per device (XLA:TPU{room})"
+    return DOES_NOT_FIT, (f"does not fit {where}: at least {step.total_gib:.1f} GiB per device (XLA:TPU refused to "
+                          f"compile it for the chip's HBM); use fewer rows per device (--per-device-rows), more "
+                          f"devices, --remat, or a shorter --seq-len")
 
 
 def _per_device_bytes(x) -> int:
@@ -216,7 +377,7 @@ class _shapes_count_as_arrays:
 
 # -- FLOPs of a compiled program -------------------------------------------------------------------------------------
 
-_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
+_COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*\)\s*->\s*.*)?\{\s*$")
 _INST = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
 _SHAPE = re.compile(r"^([a-z]\w*)\[([\d,]*)\]")
 _REDUCERS = ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "map", "all-reduce",
@@ -224,38 +385,22 @@ _REDUCERS = ("reduce", "reduce-window", "scatter", "select-and-scatter", "sort",
 
 
 def hlo_matmul_flops(text: str) -> float:
-    """FLOPs of the dot products (and convolutions) of an optimized HLO module, one device's program: fusions and
-    calls followed, while-loop bodies counted `known_trip_count` times, a conditional's costliest branch."""
-    comps: dict[str, list] = {}
-    entry = current = None
-    for line in text.splitlines():
-        m = _COMP.match(line)
-        if m and not line.startswith(" "):
-            current = m.group(2)
-            comps[current] = []
-            entry = current if m.group(1) else entry
-            continue
-        if current is None:
-            continue
-        if line.startswith("}"):
-            current = None
-            continue
-        mi = _INST.match(line)
-        if mi:
-            comps[current].append((mi.group(2), mi.group(3), mi.group(4), mi.group(5)))
+    """FLOPs of the dot products (and convolutions) of an HLO module (optimized: one device's program; as lowered:
+    all devices'), fusions and calls followed, while-loop bodies counted `known_trip_count` times (XLA:CPU) or as
+    many times as the condition's bound says (as lowered), a conditional's costliest branch."""
+    comps, entry = _hlo_computations(text)
+    dims, operands = _hlo_dims, _hlo_operands
 
-    def dims(shape: str):
-        m = _SHAPE.match(shape.strip())
-        return [int(d) for d in m.group(2).split(",") if d] if m else None
-
-    def operands(rest: str):
-        depth, end = 1, len(rest)
-        for i, ch in enumerate(rest):
-            depth += (ch == "(") - (ch == ")")
-            if depth == 0:
-                end = i
-                break
-        return re.findall(r"%([\w.\-]+)", rest[:end])
+    def bound(cond: str) -> int:
+        """No known_trip_count: a counter from 0 compared `LT` with a constant in the condition."""
+        insts = comps.get(cond, [])
+        consts = {name: re.match(r"\s*(\d+)\)", rest) for name, _, op, rest in insts if op == "constant"}
+        for _, _, op, rest in insts:
+            if op == "compare" and "direction=LT" in rest:
+                found = [consts[o] for o in operands(rest) if consts.get(o)]
+                if found:
+                    return int(found[0].group(1))
+        return 1
 
     @lru_cache(maxsize=None)
     def flops(comp: str) -> float:
@@ -277,8 +422,10 @@ def hlo_matmul_flops(text: str) -> float:
             if op == "while":
                 body = re.search(r"body=%?([\w.\-]+)", rest)
                 trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', rest)
+                cond = re.search(r"condition=%?([\w.\-]+)", rest)
+                n = int(trip.group(1)) if trip else (bound(cond.group(1)) if cond else 1)
                 if body:
-                    total += (int(trip.group(1)) if trip else 1) * flops(body.group(1))
+                    total += n * flops(body.group(1))
             elif op == "conditional":
                 mb = re.search(r"branch_computations=\{([^}]*)\}", rest)
                 if mb:
@@ -290,6 +437,46 @@ def hlo_matmul_flops(text: str) -> float:
         return total
 
     return flops(entry) if entry else 0.0
+
+
+def _hlo_computations(text: str) -> tuple[dict[str, list], str | None]:
+    """{computation: [(name, shape, op, rest of the line)]} and the entry computation's name."""
+    comps: dict[str, list] = {}
+    entry = current = None
+    for line in text.splitlines():
+        m = _COMP.match(line)
+        if m and not line.startswith(" "):
+            current = m.group(2)
+            comps[current] = []
+            entry = current if m.group(1) else entry
+            continue
+        if current is None:
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        mi = _INST.match(line)
+        if mi:
+            comps[current].append((mi.group(2), mi.group(3), mi.group(4), mi.group(5)))
+    return comps, entry
+
+
+def _hlo_dims(shape: str):
+    m = _SHAPE.match(shape.strip())
+    return [int(d) for d in m.group(2).split(",") if d] if m else None
+
+
+def _hlo_operands(rest: str) -> list[str]:
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            end = i
+            break
+    names = rest[:end]
+    if "%" in names:  # optimized HLO: %name (with or without its shape)
+        return re.findall(r"%([\w.\-]+)", names)
+    return [n.strip() for n in names.split(",") if n.strip()]  # as lowered: bare names
 
 
 def scratch_dir() -> str:

@@ -193,7 +193,7 @@ def _compile_for_target(setup: TrainSetup, machine):
 
     r = lambda x, n=3: round(float(x), n)  # noqa: E731
     return CompiledPlan(
-        target=machine.name,
+        target=machine.name, compiler=step.compiler, compiled_by=cp.compiler_line(machine, step.compiler),
         memory_per_device_gib=CompiledMemory(
             arguments=r(step.arguments_gib), outputs=r(step.outputs_gib), aliased=r(step.aliased_gib),
             temporaries=r(step.temporaries_gib), total=r(step.total_gib), cpu_upcast=r(step.upcast_gib),
