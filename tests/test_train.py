@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from helpers import (ALPACA, checkpoint_saved, cli_env, error_line, make_tiny_llama, read_records, run_cli,
+from helpers import (ALPACA, checkpoint_saved, cli_env, error_line, make_tiny_llama, read_records, run_cli, write_jsonl,
                      torch_loss_stanford)
 from stanford_reference import stanford_tokenizer
 
@@ -290,3 +290,19 @@ def test_wandb_offline_and_nothing_in_the_working_directory(prepared, tiny_model
     assert list(cwd.iterdir()) == []  # no ./wandb, ./logs, ./checkpoints
     offline = [d for d in os.listdir(os.path.join(prepared, "logs", "wandb")) if d.startswith("offline-run")]
     assert offline, os.listdir(os.path.join(prepared, "logs"))
+
+
+def test_held_out_loss_during_training_equals_alpaca_eval_of_the_final_checkpoint(prepared, tiny_model_dir,
+                                                                                   fixture_data, tmp_path):
+    """--val-data is scored every --eval-every steps and at the end (val_loss in metrics.jsonl); the last score is
+    the one `alpaca eval` gives the final checkpoint on the same records (computed apart: its own rows and loss)."""
+    held = write_jsonl(str(tmp_path / "held.jsonl"), read_records(fixture_data)[:5])
+    run_cli(["train", "--run-dir", prepared, "--model", tiny_model_dir, "--seq-len", "256", "--batch-size", "4",
+             "--steps", "4", "--learning-rate", "3e-3", "--eval-every", "2", "--val-data", held, *F32, "-q"],
+            env=cli_env(devices=2))
+    val = {r["step"]: r["val_loss"] for r in metrics(prepared) if "val_loss" in r}
+    assert sorted(val) == [1, 3, 4] and val[4] != val[1]  # after the first update, every 2, and at the end
+    run_cli(["eval", "--data", held, "--run-dir", prepared, "--set", "max_new_tokens=2"])
+    score = open_run(prepared).eval.scores[0]
+    assert score.model == "step-3" and score.examples == 5
+    assert abs(score.loss - val[4]) < 1e-5 * score.loss, (score.loss, val[4])
