@@ -141,3 +141,40 @@ def test_a_splash_block_that_does_not_divide_the_row_fails_compiling(run, models
     assert good.returncode == 0, good.stderr
     p = json.loads(good.stdout)
     assert p["compiled"]["compiler"] == "XLA:TPU" and (p["attention"], p["attention_block"]) == ("splash", 512)
+
+
+# hosts (TPU VMs) of each slice, from Cloud TPU's documentation of the accelerator types
+PUBLISHED_HOSTS = {"v3-8": 1, "v3-32": 4, "v4-8": 1, "v4-32": 4, "v5e-8": 1, "v5e-16": 4, "v5p-8": 1,
+                   "tpu:v3:2x2": 1, "tpu:v4:2x2x4": 4, "tpu:v5p:2x2x2": 2, "tpu:v5e:2x4": 1, "tpu:v5e:4x4": 4,
+                   "tpu:v6e:2x4": 1, "tpu:v6e:4x4": 4}
+
+
+def test_every_tpu_target_has_the_devices_libtpu_describes_and_the_published_hosts():
+    """The catalogue and `tpu:GEN:CHIPS` slices: the devices libtpu describes for the topology (cores or megacore
+    chips), and the hosts Cloud TPU publishes for the slice, which is also how many processes libtpu lays it over."""
+    import subprocess
+
+    code = f"""
+import json
+from alpaca_cli.core import machines
+from alpaca_cli.core.target_compile import tpu_devices
+out = {{}}
+for n in {sorted(PUBLISHED_HOSTS)!r}:
+    t = machines.get(n)
+    d = tpu_devices(t)
+    out[n] = [t.devices, t.hosts, len(d), len({{x.process_index for x in d}})]
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    described = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert sorted(described) == sorted(PUBLISHED_HOSTS)
+    assert {t for t in machines_with_topology()} <= set(PUBLISHED_HOSTS)  # every catalogue TPU is checked
+    for name, (devices, hosts, libtpu_devices, libtpu_processes) in described.items():
+        assert (devices, hosts, libtpu_processes) == (libtpu_devices, PUBLISHED_HOSTS[name], hosts), name
+
+
+def machines_with_topology():
+    from alpaca_cli.core import machines
+
+    return [n for n, t in machines.TARGETS.items() if t.topology]

@@ -67,22 +67,23 @@ TARGETS: dict[str, Target] = {
 @dataclass(frozen=True)
 class TpuGeneration:
     """What a `tpu:GEN:AxBxC` target is made of: per chip, the JAX devices (v3: two cores; v4/v5p: one megacore;
-    v5e/v6e: one core), HBM and bf16 TFLOP/s per device, and the chips a host holds."""
+    v5e/v6e: one core), HBM and bf16 TFLOP/s per device; and the hosts: a slice of up to `one_host_chips` chips is
+    one host (v5e/v6e hosts hold 8), a larger one has 4 chips per host."""
 
     platform: Platform
     jax_name: str
     devices_per_chip: int
     memory_gib: float
     peak_tflops: float
-    chips_per_host: int = 4
+    one_host_chips: int = 4
 
 
 TPU_GENERATIONS = {
     "v3": TpuGeneration(TPU_V3, "v3", 2, 16, 61.5),
     "v4": TpuGeneration(TPU_V4, "v4", 1, 32, 275),
-    "v5e": TpuGeneration(TPU_V5, "v5e", 1, 16, 197),
+    "v5e": TpuGeneration(TPU_V5, "v5e", 1, 16, 197, one_host_chips=8),
     "v5p": TpuGeneration(TPU_V5, "v5", 1, 95, 459),
-    "v6e": TpuGeneration(TPU_V6, "v6e", 1, 32, 918),
+    "v6e": TpuGeneration(TPU_V6, "v6e", 1, 32, 918, one_host_chips=8),
 }
 
 
@@ -97,7 +98,7 @@ def tpu_slice(name: str) -> Target:
     chips = 1
     for d in dims:
         chips *= int(d)
-    hosts = max(1, chips // gen.chips_per_host) if not (gen.jax_name == "v5e" and chips <= 8) else 1
+    hosts = 1 if chips <= gen.one_host_chips else chips // 4
     return Target(name, gen.platform, chips * gen.devices_per_chip, hosts, gen.memory_gib, gen.peak_tflops,
                   f"{chips} chips", f"{gen.jax_name}:{parts[2]}")
 

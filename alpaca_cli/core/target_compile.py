@@ -136,8 +136,8 @@ def tpu_devices(target: Target) -> list:
     gen, grid = target.topology.split(":", 1)
     dims = [int(d) for d in grid.split("x")]
     dims += [1] * (3 - len(dims))
-    one_host = gen in ("v5e", "v6e") and math.prod(dims) <= 8  # these hosts hold up to 8 chips
-    bounds = tuple(dims) if one_host else tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
+    # one host holds the whole slice, or 2x2x1 chips of it (machines.TpuGeneration.one_host_chips)
+    bounds = tuple(dims) if target.hosts == 1 else tuple(min(d, b) for d, b in zip(dims, (2, 2, 1)))
     desc = topologies.get_topology_desc(topology_name=target.topology, platform="tpu",
                                         chip_config_name="megacore" if gen in ("v4", "v5") else "default",
                                         chips_per_host_bounds=bounds, num_slices=1, wrap=(False, False, False))
