@@ -299,6 +299,7 @@ class ProcessPool:
         self._restart()
 
     def map_ordered(self, fn: Callable, job: Job, chunks: Iterable[Chunk], where: str) -> Iterator[Any]:
+        from concurrent.futures import Future
         from concurrent.futures.process import BrokenProcessPool
 
         chunks = iter(chunks)
@@ -306,7 +307,12 @@ class ProcessPool:
 
         def fill() -> None:
             while len(pending) < 2 * self.workers and (chunk := next(chunks, None)) is not None:
-                pending.append((chunk, self._start().submit(fn, job, chunk)))
+                try:
+                    future = self._start().submit(fn, job, chunk)
+                except BrokenProcessPool as e:  # a worker died since the last result: retried in order
+                    future = Future()
+                    future.set_exception(e)
+                pending.append((chunk, future))
 
         fill()
         while pending:
