@@ -24,8 +24,8 @@ from alpaca_cli.errors import DataError, StageError
 from alpaca_cli.rundir import open_run
 
 CHUNKS = 6  # about this many chunks per file (the chunk size is shrunk to the file's size / CHUNKS)
-WORDS = ["alpha", "beta", "gamma", "héllo", "東京", "😀", "{braces}", "\"quoted\"", "new\nline", "tab\there", "x" * 30,
-         "</s>", "Response:", "a\u2028b"]
+WORDS = ["alpha", "beta", "gamma", "héllo", "東京", "😀", "{braces}", "\"quoted\"", "new\nline", "tab\there",
+         "x" * 30, "</s>", "Response:", "a\u2028b"]  # U+2028 is written raw: lines end at \n only
 
 
 def synthetic_records(n: int, seed: int = 0) -> list[dict]:
@@ -231,7 +231,7 @@ def test_a_worker_that_always_dies_fails_in_one_line_and_the_rerun_restarts(tmp_
     _, one = run_prepare(tmp_path, "one", path, tokenizer_dir, workers=0)
     shrink_chunks(monkeypatch, path)
     monkeypatch.setenv(parallel.FAULT_ENV, "kill:2:always")
-    with pytest.raises(StageError, match=r"a tokenizing worker died 3 times on records \d+-\d+ of .*alpaca.jsonl "
+    with pytest.raises(StageError, match=r"a prepare worker died 3 times on records \d+-\d+ of .*alpaca.jsonl "
                                          r"\(killed or out of memory\).*rerun restarts") as e:
         run_prepare(tmp_path, "run", path, tokenizer_dir, workers=2)
     assert "\n" not in str(e.value)
@@ -244,3 +244,23 @@ def test_a_worker_that_always_dies_fails_in_one_line_and_the_rerun_restarts(tmp_
     result, run = run_prepare(tmp_path, "run", path, tokenizer_dir, workers=2)
     assert not result.reused and run.is_complete("prepare")
     assert cache_digest(run) == cache_digest(one)
+
+
+def test_a_file_that_changes_between_the_passes_is_refused(tmp_path, alpaca_file, tokenizer_dir, monkeypatch):
+    path, _ = alpaca_file
+    real, calls = parallel.block_chunks, []
+
+    def append_before_the_second_pass(stream, counts=None):
+        calls.append(counts)
+        if counts is not None:
+            with open(path, "a") as f:
+                f.write(json.dumps({"instruction": "late", "output": "x"}) + "\n")
+        return real(stream, counts)
+
+    monkeypatch.setattr(parallel, "block_chunks", append_before_the_second_pass)
+    with pytest.raises(DataError, match="alpaca.jsonl changed while it was being prepared"):
+        run_prepare(tmp_path, "run", path, tokenizer_dir, workers=0)
+    assert len(calls) == 2
+    run = open_run(str(tmp_path / "run"))
+    assert run.prepare.status == "failed"
+    assert not os.path.exists(os.path.join(run.cache_dir, "shard_ledger.json"))

@@ -60,7 +60,9 @@ class Chunk:
     def describe(self, where: str) -> str:
         if self.records:
             return f"records {self.first_record}-{self.first_record + self.records - 1} of {where}"
-        return f"lines {self.first_line}- of {where}" if self.first_line else f"chunk {self.index} of {where}"
+        if self.first_line:
+            return f"the lines from {self.first_line} on of {where}"
+        return f"chunk {self.index} of {where}"
 
 
 @dataclass
@@ -345,7 +347,7 @@ class ProcessPool:
                 except BrokenProcessPool:
                     self._restart()
             else:
-                raise StageError(f"a tokenizing worker died {MAX_ATTEMPTS} times on {chunk.describe(where)} (killed "
+                raise StageError(f"a prepare worker died {MAX_ATTEMPTS} times on {chunk.describe(where)} (killed "
                                  "or out of memory); the cache is left incomplete: rerun restarts the prepare")
             yield result
 

@@ -166,12 +166,7 @@ def read_input(cfg: PrepareConfig) -> Input:
     stream = JsonlStream(cfg.data)
     engine, chunks = parallel.engine_for(cfg.workers, parallel.block_chunks(stream))
     try:
-        head = []
-        for chunk in chunks:  # up to the first block that holds more than blank lines
-            head.append(chunk)
-            if chunk.payload.strip():
-                break
-        fmt, first_where, errors = _first_record(cfg, head[-1] if head else None)
+        head, fmt, first_where, errors = _first_record(cfg, chunks)
         job = parallel.Job(cfg, cfg.data, fmt, first_where)
         counts = []
         for i, checked in enumerate(engine.map_ordered(parallel.validate_chunk, job, chain(head, chunks), cfg.data)):
@@ -191,29 +186,33 @@ def read_input(cfg: PrepareConfig) -> Input:
         raise
 
 
-def _first_record(cfg: PrepareConfig, chunk) -> tuple[str | None, str | None, list]:
-    """From the first block with a non-blank byte: the records' format (--format, or auto: the first record's;
-    None when it cannot be known: an error is found later), the first record's place, and the errors found here as
-    (class, chunk, DataError)."""
+def _first_record(cfg: PrepareConfig, chunks: Iterator[parallel.Chunk]) -> tuple[list, str | None, str | None, list]:
+    """The chunks read up to the first one that holds more than blank lines (kept for the first pass), and from it:
+    the records' format (--format, or auto: the first record's; None when it cannot be known: the first pass finds
+    an error), the first record's place, and the errors found here as (class, chunk, DataError)."""
     fmt = cfg.format if cfg.format != "auto" else None
-    if chunk is None:
-        return fmt or "alpaca", None, []
-    try:
-        text = decode_block(chunk.payload, chunk.first_line, cfg.data, first=chunk.index == 0)
-    except DataError:
-        return fmt, None, []  # the first pass finds it
-    errors = []
+    head, errors = [], []
+    for chunk in chunks:
+        head.append(chunk)
+        try:
+            text = decode_block(chunk.payload, chunk.first_line, cfg.data, first=chunk.index == 0)
+        except DataError:
+            return head, fmt, None, errors  # the first pass finds it
+        if text.strip():
+            break
+    else:
+        return head, fmt or "alpaca", None, errors  # no record: the file is empty
     if (list_error := not_json_lines(text, cfg.data)) is not None:
         errors.append((parallel.NOT_JSON_LINES, chunk.index, list_error))
     first = first_record(text, chunk.first_line)
     if first is None:
-        return fmt or ("alpaca" if not text.strip() else None), None, errors
+        return head, fmt, None, errors  # not JSON: the first pass finds it
     if fmt is None:
         try:
             fmt = detect(first[1], cfg, where=f"{cfg.data} {first[0]}")
         except DataError as e:
             errors.append((parallel.INVALID, chunk.index, e))
-    return fmt, first[0], errors
+    return head, fmt, first[0], errors
 
 
 def chat_template(cfg: PrepareConfig, records, tok):
