@@ -264,3 +264,61 @@ def test_a_file_that_changes_between_the_passes_is_refused(tmp_path, alpaca_file
     run = open_run(str(tmp_path / "run"))
     assert run.prepare.status == "failed"
     assert not os.path.exists(os.path.join(run.cache_dir, "shard_ledger.json"))
+
+
+def _plain_lines(n: int = 30) -> list[str]:
+    return [json.dumps(r, ensure_ascii=False) for r in synthetic_records(n, seed=2)]
+
+
+ODD_FILES = {  # a stream's own cases: the same records as the plain file, written differently
+    "bom-then-blank-lines": lambda lines: "\ufeff\n \n\u3000\n" + "\n".join(lines) + "\n",
+    "crlf": lambda lines: "\r\n".join(lines) + "\r\n",
+    "no-final-newline": lambda lines: "\n".join(lines),
+    "a-first-chunk-of-blank-lines": lambda lines: "\n" * 2000 + "\n".join(lines) + "\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ODD_FILES))
+def test_odd_but_valid_files_stream_to_the_plain_files_cache(tmp_path, tokenizer_dir, monkeypatch, case):
+    lines = _plain_lines()
+    plain = write_lines(tmp_path / "plain.jsonl", lines, blank_every=1000)
+    _, a = run_prepare(tmp_path, "plain", plain, tokenizer_dir, workers=0)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_bytes(ODD_FILES[case](lines).encode())
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 500)  # blocks in which a BOM, \r or a blank line may end
+    result, b = run_prepare(tmp_path, "odd", str(odd), tokenizer_dir, workers=0)
+    assert cache_digest(b, arrays_only=True) == cache_digest(a, arrays_only=True)
+    assert result.stats["records_read"] == len(lines)
+    assert b.prepare.inputs.data == load_records(PrepareConfig(data=str(odd), tokenizer=tokenizer_dir)).source
+
+
+def test_conversations_after_a_chunk_of_blank_lines_are_detected(tmp_path, chatml_tokenizer_dir, monkeypatch):
+    lines = [json.dumps(r, ensure_ascii=False) for r in as_messages(CONVERSATIONS)]
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text("\n" * 300 + "\n".join(lines) + "\n", encoding="utf-8")
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 100)
+    result, _ = run_prepare(tmp_path, "odd", str(odd), chatml_tokenizer_dir, workers=0, chat_template="chatml")
+    assert result.stats["format"] == "messages" and result.stats["conversations"] == len(CONVERSATIONS)
+
+
+BAD_FILES = {
+    "json-list": (lambda lines: "[\n" + ",\n".join(lines) + "\n]\n", r"line 1: malformed JSON Lines"),
+    "blank-only": (lambda lines: "\n \n\u3000\n" * 50, r"the file is empty"),
+    "bom-only": (lambda lines: "\ufeff", r"the file is empty"),
+    "formats-mixed": (lambda lines: '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", '
+                      '"content": "b"}]}\n' + "\n".join(lines) + "\n", r"line 2: a alpaca record, but line 1 is"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_odd_bad_files_give_the_whole_file_readers_error(tmp_path, tokenizer_dir, monkeypatch, case):
+    make, message = BAD_FILES[case]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(make(_plain_lines()).encode())
+    with pytest.raises(DataError, match=message) as whole:
+        load_records(PrepareConfig(data=str(bad), tokenizer=tokenizer_dir))
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 300)
+    with pytest.raises(DataError) as got:
+        run_prepare(tmp_path, "run", str(bad), tokenizer_dir, workers=0)
+    assert str(got.value) == str(whole.value)
+    assert not (tmp_path / "run" / "manifest.json").exists()
