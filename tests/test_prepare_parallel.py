@@ -322,3 +322,17 @@ def test_odd_bad_files_give_the_whole_file_readers_error(tmp_path, tokenizer_dir
         run_prepare(tmp_path, "run", str(bad), tokenizer_dir, workers=0)
     assert str(got.value) == str(whole.value)
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("case", ["not-gzip", "truncated"])
+def test_a_bad_gzip_stream_is_the_whole_file_readers_error(tmp_path, tokenizer_dir, monkeypatch, case):
+    text = ("\n".join(_plain_lines(200)) + "\n").encode()
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes(text if case == "not-gzip" else gzip.compress(text)[:-200])
+    with pytest.raises(DataError, match="not a valid gzip file") as whole:
+        load_records(PrepareConfig(data=str(bad), tokenizer=tokenizer_dir))
+    monkeypatch.setattr(parallel, "CHUNK_BYTES", 1000)
+    with pytest.raises(DataError) as got:
+        run_prepare(tmp_path, "run", str(bad), tokenizer_dir, workers=0)
+    assert str(got.value) == str(whole.value)
+    assert not (tmp_path / "run" / "manifest.json").exists()
