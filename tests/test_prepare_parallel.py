@@ -336,3 +336,14 @@ def test_a_bad_gzip_stream_is_the_whole_file_readers_error(tmp_path, tokenizer_d
         run_prepare(tmp_path, "run", str(bad), tokenizer_dir, workers=0)
     assert str(got.value) == str(whole.value)
     assert not (tmp_path / "run" / "manifest.json").exists()
+
+
+def test_workers_is_not_part_of_the_fingerprint_and_is_checked(tmp_path, alpaca_file, tokenizer_dir):
+    from alpaca_cli.errors import ConfigError
+
+    path, _ = alpaca_file
+    first, run = run_prepare(tmp_path, "run", path, tokenizer_dir, workers=0)
+    again, _ = run_prepare(tmp_path, "run", path, tokenizer_dir, workers=3)  # two chunks at most: in this process
+    assert again.reused and again.fingerprint == first.fingerprint
+    with pytest.raises(ConfigError, match=r"workers \(--workers\) must be 0 \(this process only\) or more, got -1"):
+        PrepareConfig(data=path, tokenizer=tokenizer_dir, workers=-1)
