@@ -347,3 +347,16 @@ def test_workers_is_not_part_of_the_fingerprint_and_is_checked(tmp_path, alpaca_
     assert again.reused and again.fingerprint == first.fingerprint
     with pytest.raises(ConfigError, match=r"workers \(--workers\) must be 0 \(this process only\) or more, got -1"):
         PrepareConfig(data=path, tokenizer=tokenizer_dir, workers=-1)
+
+
+def test_a_workers_error_reaches_the_command_whole(tmp_path, alpaca_file, tokenizer_dir, monkeypatch):
+    """--on-overflow error raised in a worker process: the same line and hint as in one process."""
+    path, _ = alpaca_file
+    with pytest.raises(DataError) as one:
+        run_prepare(tmp_path, "one", path, tokenizer_dir, workers=0, max_length=40, on_overflow="error")
+    assert one.value.hint and "record" in str(one.value)
+    shrink_chunks(monkeypatch, path)
+    with pytest.raises(DataError) as got:
+        run_prepare(tmp_path, "two", path, tokenizer_dir, workers=2, max_length=40, on_overflow="error")
+    assert (str(got.value), got.value.hint) == (str(one.value), one.value.hint)
+    assert open_run(str(tmp_path / "two")).prepare.status == "failed"
