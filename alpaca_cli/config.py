@@ -187,9 +187,14 @@ class PrepareConfig:
     """Record field holding a conversation as a list of {role, content} messages."""
     conversations_field: str = "conversations"
     """Record field holding a ShareGPT conversation (a list of {from, value})."""
+    workers: Optional[int] = None
+    """Processes that read and tokenize (the cache is the same for any number); 0: this process only. Default: the
+    available cores."""
 
     def __post_init__(self):
         problems, named = [], PREPARE_FLAGS.named
+        if self.workers is not None and self.workers < 0:
+            problems.append(f"{named('workers')} must be 0 (this process only) or more, got {self.workers}")
         if self.format not in RECORD_FORMATS:
             problems.append(f"{named('format')} must be one of {', '.join(RECORD_FORMATS)}, got {self.format!r}")
         if self.train_on not in TRAIN_ON:
@@ -262,7 +267,7 @@ class ExportConfig:
 
 PREPARE_FLAGS = Flags(
     PrepareConfig, "data", "split", "revision", "format", "instruction_field", "input_field", "output_field",
-    "tokenizer", "chat_template", "train_on", "max_length", "on_overflow", "mask_inputs",
+    "tokenizer", "chat_template", "train_on", "max_length", "on_overflow", "mask_inputs", "workers",
     set_example="messages_field=dialog",
 )
 EXPORT_FLAGS = Flags(

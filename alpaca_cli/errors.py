@@ -12,6 +12,17 @@ class AlpacaError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
 
+    def __reduce__(self):
+        # pickled whole (a worker process's error reaches the parent with its hint; Exception's default keeps args)
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls, args, state):
+    e = Exception.__new__(cls)
+    e.args = args
+    e.__dict__.update(state)
+    return e
+
 
 class ConfigError(AlpacaError):
     """A configuration value, file or flag combination is invalid."""

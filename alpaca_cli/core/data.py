@@ -3,6 +3,7 @@ conversations (`messages` lists of {role, content}, ShareGPT `conversations` lis
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import json
@@ -10,9 +11,10 @@ import itertools
 import logging
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig
@@ -22,6 +24,7 @@ from alpaca_cli.records import DataSource
 logger = logging.getLogger(__name__)
 
 FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
@@ -75,34 +78,46 @@ def _load_file(cfg: PrepareConfig) -> Records:
     return records
 
 
-def _read_file(spec: str, flag: str) -> tuple[list[tuple[str, Any]], str, int]:
-    """(rows, sha256 of the file's bytes, byte count)."""
+def _check_file(spec: str, flag: str) -> str:
+    """The URL of a --data file (a local path expanded), refused in one line when it is a directory or not a
+    JSON (Lines) file."""
     url = spec if io.is_remote(spec) else os.path.expanduser(spec)
-    name = url.lower()
     if not io.is_remote(url) and os.path.isdir(url):
         inside = sorted(f for f in os.listdir(url) if f.lower().endswith(FILE_SUFFIXES))[:5]
         raise DataError(
             f"{flag} {spec} is a directory; give one .json/.jsonl/.jsonl.gz file"
             + (f" (in it: {', '.join(inside)})" if inside else "")
         )
-    if not name.endswith(FILE_SUFFIXES):
+    if not url.lower().endswith(FILE_SUFFIXES):
         raise DataError(f"{flag} {spec}: unsupported file type; use .json, .jsonl or .jsonl.gz (or .json.gz)")
+    return url
+
+
+def _read_error(e: Exception, spec: str, flag: str) -> AlpacaError:
+    """The one-line error for a file that cannot be read (any fsspec backend, or gzip)."""
+    if isinstance(e, AlpacaError):
+        return e
+    if isinstance(e, FileNotFoundError):
+        return DataError(f"{flag} {spec}: no such file")
+    if isinstance(e, IsADirectoryError):
+        return DataError(f"{flag} {spec}: is a directory, not a .json/.jsonl file")
+    return DataError(f"{flag} {spec}: cannot read ({type(e).__name__}: {e})")
+
+
+def _read_file(spec: str, flag: str) -> tuple[list[tuple[str, Any]], str, int]:
+    """(rows, sha256 of the file's bytes, byte count)."""
+    url = _check_file(spec, flag)
+    name = url.lower()
     try:
         raw = io.read_bytes(url)
-    except FileNotFoundError:
-        raise DataError(f"{flag} {spec}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{flag} {spec}: is a directory, not a .json/.jsonl file") from None
-    except AlpacaError:
-        raise
     except Exception as e:  # noqa: BLE001 - any fsspec backend error is a user-facing "cannot read"
-        raise DataError(f"{flag} {spec}: cannot read ({type(e).__name__}: {e})") from None
+        raise _read_error(e, spec, flag) from None
 
     digest = hashlib.sha256(raw).hexdigest()
     if name.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{flag} {spec}: not a valid gzip file ({e})") from None
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark (spreadsheet tools write one) is not part of the data
@@ -112,18 +127,137 @@ def _read_file(spec: str, flag: str) -> tuple[list[tuple[str, Any]], str, int]:
     if not text.strip():
         raise DataError(f"{flag} {spec}: the file is empty")
 
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        if text.lstrip().startswith("[") and not _first_line_is_json(text):
-            raise DataError(
-                f"{spec} line 1: malformed JSON Lines (the file looks like one JSON list, not one record per line)",
-                hint="name it .json, or write one record per line",
-            )
-        rows = _parse_jsonl(text, spec)
+    if name.endswith(JSONL_SUFFIXES):
+        if list_error := not_json_lines(text, spec):
+            raise list_error
+        rows = parse_lines(text, 1, spec)
     else:
         rows = _parse_json(text, spec)
     if not rows:
         raise DataError(f"{flag} {spec}: holds no records")
     return rows, digest, len(raw)
+
+
+# -- JSON Lines as a stream ---------------------------------------------------------------------------------------
+
+
+def streams(spec: str) -> bool:
+    """Whether --data is a JSON Lines file (.jsonl, .jsonl.gz), which prepare reads as a stream of byte blocks
+    (JsonlStream); other sources are read whole (load_records)."""
+    return is_file_source(spec) and spec.lower().endswith(JSONL_SUFFIXES)
+
+
+class _Hashing:
+    """A binary file whose bytes read are hashed and counted."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.sha.update(b)
+        self.n += len(b)
+        return b
+
+
+class JsonlStream:
+    """A .jsonl or .jsonl.gz file (local or any fsspec URL) read as blocks of whole lines, never whole: `blocks`
+    yields (the block's first line number, its bytes) and, once the file is read to its end, sets `source` (what
+    load_records's DataSource would be: sha256 of the file's bytes, the decompressed byte count). A block ends at
+    the first newline at or after `size` bytes from its start (or at the end of the file), so the blocks depend on
+    the file and `size` only."""
+
+    def __init__(self, spec: str, flag: str = "--data"):
+        self.spec, self.flag = spec, flag
+        self.url = _check_file(spec, flag)
+        self.source: DataSource | None = None
+
+    def blocks(self, size: int) -> Iterator[tuple[int, bytes]]:
+        self.source = None
+        try:
+            fs, path = io.fs_and_path(self.url)
+            raw = fs.open(path, "rb")
+        except Exception as e:  # noqa: BLE001
+            raise _read_error(e, self.spec, self.flag) from None
+        with raw:
+            hashed = _Hashing(raw)
+            f = gzip.GzipFile(fileobj=hashed, mode="rb") if self.url.lower().endswith(".gz") else hashed
+            n, line = 0, 1
+            for block in self._cut(f, size):
+                n += len(block)
+                yield line, block
+                line += block.count(b"\n")
+            while hashed.read(1 << 20):  # whatever follows the last gzip member is part of the file's hash
+                pass
+        self.source = DataSource(kind="file", sha256=hashed.sha.hexdigest(), bytes=n)
+
+    def _cut(self, f, size: int) -> Iterator[bytes]:
+        buf, scanned, eof = bytearray(), 0, False
+        while True:
+            cut = buf.find(b"\n", max(scanned, size - 1))
+            if cut < 0 and not eof:
+                scanned = max(len(buf), size - 1)
+                piece = self._read(f, max(size, 1 << 16))
+                eof = not piece
+                buf += piece
+                continue
+            if cut < 0:
+                if buf:
+                    yield bytes(buf)
+                return
+            yield bytes(buf[: cut + 1])
+            del buf[: cut + 1]
+            scanned = 0
+
+    def _read(self, f, n: int) -> bytes:
+        try:
+            return f.read(n)
+        except (OSError, EOFError, zlib.error) as e:
+            if self.url.lower().endswith(".gz") and not isinstance(e, FileNotFoundError):
+                raise DataError(f"{self.flag} {self.spec}: not a valid gzip file ({e})") from None
+            raise _read_error(e, self.spec, self.flag) from None
+
+
+def decode_block(block: bytes, first_line: int, spec: str, first: bool) -> str:
+    """A block's text (the file's first block without its byte-order mark); DataError naming the line of a byte
+    that is not UTF-8."""
+    if first and block.startswith(codecs.BOM_UTF8):
+        block = block[len(codecs.BOM_UTF8):]
+    try:
+        return block.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + block[: e.start].count(b"\n")
+        raise DataError(f"{spec} line {line}: not valid UTF-8") from None
+
+
+def not_json_lines(text: str, spec: str) -> DataError | None:
+    """The error for a JSON list in a .jsonl file (text: from the file's first non-blank character on)."""
+    if text.lstrip().startswith("[") and not _first_line_is_json(text):
+        return DataError(
+            f"{spec} line 1: malformed JSON Lines (the file looks like one JSON list, not one record per line)",
+            hint="name it .json, or write one record per line",
+        )
+    return None
+
+
+def first_record(text: str, first_line: int) -> tuple[str, Any] | None:
+    """(where, record) of the first non-blank line of a block; None when the block has none or it is not JSON."""
+    for k, line in enumerate(text.split("\n")):
+        if line.strip():
+            try:
+                return f"line {first_line + k}", _loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+def parse_rows(rows: list[tuple[str, Any]], cfg: PrepareConfig, fmt: str, source: str,
+               first_where: str | None) -> Records:
+    """Validated records of a known format (a chunk of a file: first_where is the file's first record, which
+    --format auto's one-format check names)."""
+    if fmt == "alpaca":
+        return _columns(rows, cfg, source)
+    return _conversations(rows, cfg, fmt, source, False, first_where=first_where)
 
 
 class _Duplicated(dict):
@@ -172,17 +306,19 @@ def _parse_json(text: str, source: str) -> list[tuple[str, Any]]:
 
 def _first_line_is_json(text: str) -> bool:
     try:
-        json.loads(text.lstrip().splitlines()[0])
+        json.loads(text.lstrip().split("\n")[0])
         return True
     except (json.JSONDecodeError, IndexError):
         return False
 
 
-def _parse_jsonl(text: str, source: str) -> list[tuple[str, Any]]:
+def parse_lines(text: str, first_line: int, source: str) -> list[tuple[str, Any]]:
+    """(where, record) of each non-blank line (lines end at \\n only: JSON strings may hold U+2028 raw)."""
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for k, line in enumerate(text.split("\n")):
         if not line.strip():
             continue
+        lineno = first_line + k
         try:
             rows.append((f"line {lineno}", _loads(line)))
         except json.JSONDecodeError as e:
@@ -268,14 +404,14 @@ def detect(row: Any, cfg: PrepareConfig, null_is_missing: bool = False, *, where
 
 
 def _conversations(rows: Iterable[tuple[str, Any]], cfg: PrepareConfig, fmt: str, source: str,
-                   null_is_missing: bool) -> Records:
+                   null_is_missing: bool, first_where: str | None = None) -> Records:
     """Each record's messages, checked by core.chat.to_messages (roles, contents, an assistant turn); with --format
     auto every record must be of the first one's format."""
     from alpaca_cli.core import chat
 
     keys = ("messages",) if fmt == "messages" else ("conversations", "messages")  # ShareGPT turns under `messages`
     names = {"messages": cfg.messages_field, "conversations": cfg.conversations_field}
-    conversations, first_where = [], None
+    conversations = []
     for where, row in rows:
         if not isinstance(row, dict):
             raise DataError(f"{source} {where}: a record must be a JSON object, found {type(row).__name__}")

@@ -9,8 +9,9 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from itertools import chain
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -18,11 +19,13 @@ from alpaca_cli import config as cfgmod
 from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig
 from alpaca_cli.core import cache as cachemod
+from alpaca_cli.core import parallel
 from alpaca_cli.core import prompts as promptsmod
-from alpaca_cli.core.data import load_records
-from alpaca_cli.core.tokenize import Tokenized, load_tokenizer, prefix_stable, tokenize_examples
+from alpaca_cli.core.data import (JsonlStream, Records, decode_block, detect, first_record, load_records,
+                                  not_json_lines, streams)
+from alpaca_cli.core.tokenize import load_tokenizer, prefix_stable
 from alpaca_cli.errors import ConfigError, DataError, StageError
-from alpaca_cli.records import PrepareInputs, PrepareRecord, PrepareSummary
+from alpaca_cli.records import DataSource, PrepareInputs, PrepareRecord, PrepareSummary
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -65,9 +68,10 @@ def prepare(
 
     # Everything that can be wrong with the inputs is found before anything is written.
     promptsmod.validate(cfg.prompts)
-    records = load_records(cfg)
-    loaded = load_tokenizer(cfg.tokenizer)
+    records = read_input(cfg)
+    loaded = None
     try:
+        loaded = load_tokenizer(cfg.tokenizer)
         template = chat_template(cfg, records, loaded.tokenizer)
         components = _components(cfg, records, loaded, template)
         fingerprint = fingerprint_inputs(components)
@@ -104,10 +108,7 @@ def prepare(
         )
         with run.stage("prepare", record):
             run.write_config("prepare", cfgmod.dump(cfg))
-            if template is None:
-                stats = _build(cfg, run, records, loaded, progress)
-            else:
-                stats = _build_conversations(cfg, run, records, loaded, template, progress)
+            stats = _build(cfg, run, records, loaded, template, progress)
             stats["seconds"] = round(time.time() - t0, 3)
             io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
             record.summary = PrepareSummary(
@@ -116,7 +117,102 @@ def prepare(
             )
         return PrepareResult(False, stats, fingerprint)
     finally:
-        shutil.rmtree(loaded.local_dir, ignore_errors=True)
+        records.engine.close()
+        if loaded is not None:
+            shutil.rmtree(loaded.local_dir, ignore_errors=True)
+
+
+# -- the first pass: every record read and checked --------------------------------------------------------------
+
+
+@dataclass
+class Input:
+    """The training data after the first pass (every record read and checked, nothing written yet), as chunks for
+    the second: a JSON Lines file streamed (and read again), or records read whole (a .json file, the Hub)."""
+
+    where: str
+    format: str
+    source: DataSource
+    engine: Any
+    """core.parallel's InProcess or ProcessPool, kept for the second pass."""
+    count: int
+    stream: JsonlStream | None = None
+    counts: list[int] = field(default_factory=list)
+    """Records per chunk of the stream."""
+    records: Records | None = None
+    first_where: str | None = None
+
+    def __len__(self) -> int:
+        return self.count
+
+    def chunks(self) -> Iterator[parallel.Chunk]:
+        if self.stream is None:
+            yield from parallel.record_chunks(self.records)
+            return
+        yield from parallel.block_chunks(self.stream, self.counts)
+        if self.stream.source != self.source:
+            raise DataError(f"--data {self.where} changed while it was being prepared",
+                            hint="prepare it again once nothing writes to it")
+
+
+def read_input(cfg: PrepareConfig) -> Input:
+    """The first pass: a JSON Lines file read as a stream in chunks on the engine's workers (its sha256, its
+    records counted and checked), anything else read whole; DataError (one line, the error one process reading the
+    whole file finds first) before anything is written."""
+    if not streams(cfg.data):
+        records = load_records(cfg)
+        engine, _ = parallel.engine_for(cfg.workers, parallel.record_chunks(records))
+        return Input(cfg.data, records.format, records.source, engine, len(records), records=records)
+    stream = JsonlStream(cfg.data)
+    engine, chunks = parallel.engine_for(cfg.workers, parallel.block_chunks(stream))
+    try:
+        head, fmt, first_where, errors = _first_record(cfg, chunks)
+        job = parallel.Job(cfg, cfg.data, fmt, first_where)
+        counts = []
+        for i, checked in enumerate(engine.map_ordered(parallel.validate_chunk, job, chain(head, chunks), cfg.data)):
+            counts.append(checked.records)
+            if checked.error is not None:
+                errors.append((checked.error[0], i, checked.error[1]))
+                if checked.error[0] == parallel.UTF8:
+                    break  # nothing comes before it
+        if errors:
+            raise min(errors, key=lambda e: e[:2])[2]
+        if not sum(counts):
+            raise DataError(f"--data {cfg.data}: the file is empty")
+        return Input(cfg.data, fmt, stream.source, engine, sum(counts), stream=stream, counts=counts,
+                     first_where=first_where)
+    except BaseException:
+        engine.close()
+        raise
+
+
+def _first_record(cfg: PrepareConfig, chunks: Iterator[parallel.Chunk]) -> tuple[list, str | None, str | None, list]:
+    """The chunks read up to the first one that holds more than blank lines (kept for the first pass), and from it:
+    the records' format (--format, or auto: the first record's; None when it cannot be known: the first pass finds
+    an error), the first record's place, and the errors found here as (class, chunk, DataError)."""
+    fmt = cfg.format if cfg.format != "auto" else None
+    head, errors = [], []
+    for chunk in chunks:
+        head.append(chunk)
+        try:
+            text = decode_block(chunk.payload, chunk.first_line, cfg.data, first=chunk.index == 0)
+        except DataError:
+            return head, fmt, None, errors  # the first pass finds it
+        if text.strip():
+            break
+    else:
+        return head, fmt or "alpaca", None, errors  # no record: the file is empty
+    if (list_error := not_json_lines(text, cfg.data)) is not None:
+        errors.append((parallel.NOT_JSON_LINES, chunk.index, list_error))
+    first = first_record(text, chunk.first_line)
+    if first is None:
+        return head, fmt, None, errors  # not JSON: the first pass finds it
+    if fmt is None:
+        try:
+            fmt = detect(first[1], cfg, where=f"{cfg.data} {first[0]}")
+        except DataError as e:
+            errors.append((parallel.INVALID, chunk.index, e))
+    return head, fmt, first[0], errors
 
 
 def chat_template(cfg: PrepareConfig, records, tok):
@@ -205,82 +301,88 @@ def _fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
     return out
 
 
-def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress) -> dict[str, Any]:
+def _build(cfg: PrepareConfig, run: RunDir, records: Input, loaded, template, progress: Progress) -> dict:
+    """The second pass: every chunk tokenized (Stanford's labels for Alpaca records, core.chat's for
+    conversations) on the engine, in order into the run's cache; returns the statistics."""
     tok = loaded.tokenizer
-    t_tok = time.time()
-    prompts = [
-        promptsmod.render(cfg.prompts, ins, inp) for ins, inp in zip(records.instructions, records.inputs)
-    ]
-    fast, why = prefix_stable(tok)
-    logger.debug("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
-
-    tokenized = _fill_run_cache(run, loaded, progress, len(prompts), lambda cache_dir, advance, metadata: write_cache(
-        cache_dir, prompts, records.outputs, tok, cfg, fast, advance, metadata))
-    seconds_tokenize = time.time() - t_tok
-    stats = compute_stats(tokenized, zip(prompts, records.outputs), tok, loaded.added)
-    stats["records_read"] = len(records)
-    stats["fast_prompt_lengths"] = fast
-    stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
-    return stats
-
-
-def write_cache(cache_dir, prompts, outputs, tok, cfg: PrepareConfig, fast: bool, advance, metadata) -> Tokenized:
-    """Alpaca records (prompts and outputs) tokenized with Stanford's labels into Levanter's cache (_write_rows)."""
-
-    def chunk(start: int, stop: int, into: Tokenized) -> None:
-        tokenize_examples(tok, prompts[start:stop], outputs[start:stop], max_length=cfg.max_length,
-                          on_overflow=cfg.on_overflow, mask_inputs=cfg.mask_inputs, fast_path=fast, progress=advance,
-                          source_offset=start, into=into)
-
-    return _write_rows(cache_dir, len(prompts), "records", chunk, metadata)
-
-
-def _write_rows(cache_dir, n: int, what: str, tokenize_chunk, metadata) -> Tokenized:
-    """Tokenize n records in chunks (tokenize_chunk(start, stop, into) appends their examples) and write Levanter's
-    cache (SerialCacheWriter: in-process, no Ray). The ledger that marks the cache complete is written only when
-    every row is in."""
-    from levanter.store.cache import SerialCacheWriter
-
-    chunk = 8192
-    tokenized = Tokenized()
-    with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
-        for start in range(0, n, chunk):
-            before = len(tokenized.input_ids)
-            tokenize_chunk(start, min(start + chunk, n), tokenized)
-            new = slice(before, len(tokenized.input_ids))
-            if new.stop > new.start:
-                writer.write_batch(
-                    {
-                        "input_ids": tokenized.input_ids[new],
-                        "targets": tokenized.targets[new],
-                        "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
-                    }
-                )
-        if not tokenized.input_ids:
-            raise DataError(
-                f"no example is left to train on: all {n} {what} were dropped ({_reason_text(tokenized.dropped)})",
-                hint="raise --max-length or use --on-overflow truncate",
-            )
-    return tokenized
-
-
-def _build_conversations(cfg: PrepareConfig, run: RunDir, records, loaded, template, progress: Progress) -> dict:
-    """The conversation path of _build: the same cache (input_ids, targets, source_index), labels by core.chat."""
-    tok = loaded.tokenizer
-    if template.missing_tokens:
+    fast = False
+    if template is None:
+        fast, why = prefix_stable(tok)
+        logger.debug("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
+    elif template.missing_tokens:
         logger.warning("The tokenizer has no token %s: the %s template's markers are tokenized as plain text",
                        " or ".join(template.missing_tokens), template.name)
+    job = parallel.Job(cfg, cfg.data, records.format, records.first_where, template.text if template else None,
+                       fast, loaded.local_dir, loaded.fingerprint)
+    engine = records.engine
+    if isinstance(engine, parallel.InProcess):
+        engine.tok = tok
+    what = "records" if template is None else "conversations"
     t_tok = time.time()
-    tokenized, chat_stats = _fill_run_cache(
-        run, loaded, progress, len(records), lambda cache_dir, advance, metadata: write_conversation_cache(
-            cache_dir, records.conversations, tok, template.text, cfg, advance, metadata))
+    totals = _fill_run_cache(run, loaded, progress, len(records), lambda cache_dir, advance, metadata: write_cache(
+        cache_dir, engine.map_ordered(parallel.tokenize_chunk, job, records.chunks(), cfg.data), advance, metadata,
+        what))
     seconds_tokenize = time.time() - t_tok
-    texts = ([m["content"] for m in conversation] for conversation in records.conversations)
-    stats = compute_stats(tokenized, texts, tok, loaded.added)
-    stats.update(conversation_stats(chat_stats, records.format, template, cfg.train_on))
+    stats = compute_stats(totals, tok, loaded.added)
+    if template is not None:
+        stats.update(conversation_stats(totals.chat, records.format, template, cfg.train_on))
     stats["records_read"] = len(records)
+    if template is None:
+        stats["fast_prompt_lengths"] = fast
     stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
     return stats
+
+
+class Totals:
+    """What the statistics need of every chunk's result, added in order. Memory: each example's length (4 bytes),
+    and at most 1000 dropped examples."""
+
+    def __init__(self):
+        self.lengths: list[np.ndarray] = []
+        self.records = self.examples = self.trained = 0
+        self.truncated = self.truncated_tokens = self.prompts_tokenized_alone = self.special_text = 0
+        self.dropped = {"too_long": 0, "no_trained_tokens": 0}
+        self.dropped_examples: list[tuple[int, str]] = []
+        self.chat = None
+
+    def add(self, r: parallel.ChunkResult) -> None:
+        self.lengths.append(r.lengths)
+        self.records += r.records
+        self.examples += len(r.lengths)
+        self.trained += r.trained
+        self.truncated += r.truncated
+        self.truncated_tokens += r.truncated_tokens
+        self.prompts_tokenized_alone += r.prompts_tokenized_alone
+        self.special_text += r.special_text
+        for k, n in r.dropped.items():
+            self.dropped[k] = self.dropped.get(k, 0) + n
+        self.dropped_examples.extend(r.dropped_examples[: 1000 - len(self.dropped_examples)])
+        if r.chat is not None:
+            self.chat = r.chat if self.chat is None else self.chat.merge(r.chat)
+
+
+def write_cache(cache_dir, results: Iterable[parallel.ChunkResult], advance, metadata, what: str) -> Totals:
+    """Chunks' examples, in order, into Levanter's cache (one SerialCacheWriter: its ledger, which marks the cache
+    complete, is written only when every row is in and nothing failed); returns their totals."""
+    from levanter.store.cache import SerialCacheWriter
+
+    totals = Totals()
+    with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
+        for r in results:
+            totals.add(r)
+            if len(r.lengths):
+                cut = np.cumsum(r.lengths[:-1], dtype=np.int64)
+                writer.write_batch({"input_ids": np.split(r.ids, cut), "targets": np.split(r.targets, cut),
+                                    "source_index": list(r.source_index.reshape(-1, 1))})
+            if advance is not None:
+                advance(r.records)
+        if not totals.examples:
+            raise DataError(
+                f"no example is left to train on: all {totals.records} {what} were dropped "
+                f"({_reason_text(totals.dropped)})",
+                hint="raise --max-length or use --on-overflow truncate",
+            )
+    return totals
 
 
 def conversation_stats(chat_stats, fmt: str, template, train_on: str) -> dict[str, Any]:
@@ -298,22 +400,6 @@ def conversation_stats(chat_stats, fmt: str, template, train_on: str) -> dict[st
         "cut_in_turn": chat_stats.cut_in_turn,
         "turns_beyond_limit": chat_stats.turns_beyond_limit,
     }
-
-
-def write_conversation_cache(cache_dir, conversations, tok, template_text: str, cfg: PrepareConfig, advance,
-                             metadata):
-    """Conversations tokenized with assistant-only labels (core.chat.tokenize_conversations) into Levanter's cache
-    (_write_rows); returns (Tokenized, core.chat.ChatStats)."""
-    from alpaca_cli.core import chat
-
-    totals = chat.ChatStats()
-
-    def chunk(start: int, stop: int, into: Tokenized) -> None:
-        chat.tokenize_conversations(tok, template_text, conversations[start:stop], max_length=cfg.max_length,
-                                    on_overflow=cfg.on_overflow, train_on=cfg.train_on, source_offset=start,
-                                    into=into, progress=advance, stats=totals)
-
-    return _write_rows(cache_dir, len(conversations), "conversations", chunk, metadata), totals
 
 
 def prepare_validation(run: RunDir, data: str) -> str:
@@ -335,14 +421,13 @@ def prepare_validation(run: RunDir, data: str) -> str:
     tok = run.load_tokenizer()
     io.rm_tree(cache_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})
-    if records.format != "alpaca":  # the template exactly as the training data used it
-        tokenized, _ = write_conversation_cache(cache_dir, records.conversations, tok, prepared.chat_template, pcfg,
-                                                None, metadata)
-    else:
-        prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
-        tokenized = write_cache(cache_dir, prompts, records.outputs, tok, pcfg, prefix_stable(tok)[0], None, metadata)
+    alpaca = records.format == "alpaca"
+    job = parallel.Job(pcfg, data, records.format, None, None if alpaca else prepared.chat_template,
+                       prefix_stable(tok)[0] if alpaca else False)  # the template exactly as the training data used
+    results = parallel.InProcess(tok).map_ordered(parallel.tokenize_chunk, job, parallel.record_chunks(records), data)
+    totals = write_cache(cache_dir, results, None, metadata, "records" if alpaca else "conversations")
     cachemod.seal_cache(cache_dir, fingerprint)
-    logger.info("Prepared %d held-out examples from %s", len(tokenized.input_ids), data)
+    logger.info("Prepared %d held-out examples from %s", totals.examples, data)
     return cache_dir
 
 
@@ -350,28 +435,23 @@ def _reason_text(dropped: dict[str, int]) -> str:
     return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in dropped.items() if n) or "none"
 
 
-def compute_stats(tokenized, texts, tok, added: dict[str, str]) -> dict[str, Any]:
-    """The statistics of a prepared cache. texts: each record's strings (prompt and output, or the messages'
-    contents), to count records whose text holds a special token's string."""
+def compute_stats(totals: Totals, tok, added: dict[str, str]) -> dict[str, Any]:
+    """The statistics of a prepared cache, from its chunks' totals."""
     from levanter.data.packing import pack_documents
 
-    lengths = np.array([len(x) for x in tokenized.input_ids], dtype=np.int64)
-    # every target but position 0's (never predicted)
-    trained = int(np.concatenate(tokenized.targets).sum(dtype=np.int64)) - sum(int(t[0]) for t in tokenized.targets)
+    lengths = np.concatenate(totals.lengths).astype(np.int64)
     total = int(lengths.sum())
     pct = np.percentile(lengths, [50, 90, 99]).tolist()
     packed_rows = len(pack_documents(lengths, PACK_ROW, slice_strategy="right"))
     padded_rows = int(np.sum(np.ceil(lengths / PACK_ROW)))
-
-    specials = [s for s in tok.all_special_tokens if s]
-    special_text = sum(1 for parts in texts if any(s in part for s in specials for part in parts))
+    trained = totals.trained
 
     return {
         "examples": int(len(lengths)),
-        "truncated": tokenized.truncated,
-        "truncated_tokens": tokenized.truncated_tokens,
-        "dropped": dict(tokenized.dropped),
-        "dropped_examples": [[i, r] for i, r in tokenized.dropped_examples[:1000]],
+        "truncated": totals.truncated,
+        "truncated_tokens": totals.truncated_tokens,
+        "dropped": dict(totals.dropped),
+        "dropped_examples": [[i, r] for i, r in totals.dropped_examples[:1000]],
         "tokens": total,
         "trained_tokens": trained,
         "trained_fraction": round(trained / total, 6) if total else 0.0,
@@ -384,8 +464,8 @@ def compute_stats(tokenized, texts, tok, added: dict[str, str]) -> dict[str, Any
         },
         "rows_2048_packed": packed_rows,
         "rows_2048_padded": padded_rows,
-        "records_with_special_token_text": special_text,
-        "prompts_tokenized_alone": tokenized.prompts_tokenized_alone,
+        "records_with_special_token_text": totals.special_text,
+        "prompts_tokenized_alone": totals.prompts_tokenized_alone,
         "vocab_size": len(tok),
         "added_tokens": added,
         "pad_token_id": tok.pad_token_id,
