@@ -50,7 +50,7 @@ def prepare(
     from alpaca_cli.core.prompts import load_prompts_file
 
     prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None
-    cfg = settings.resolve(PrepareConfig, extra={"prompts": prompt_templates})
+    cfg = settings.resolve(PrepareConfig, extra={"prompts": prompt_templates}, adapt=cfgmod.data_list_to_sources)
     cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
     from alpaca_cli import distributed
 
