@@ -215,16 +215,11 @@ def make_plan(
     every step takes the next batch_size examples. With packing, every step has the same number of rows (enough for
     batch_size examples of average length) and takes the next examples, first-fit into its rows, until it holds
     batch_size of them or the next one does not fit: about batch_size examples per step, in rows with little
-    padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on many devices.
-
-    With a `mixture` the stream is mixture_stream's (train_ids are its groups), and --epochs counts passes over
-    the mixture (its epoch_size).
+    padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on many devices. With a
+    `mixture`, the stream is mixture_stream's (its groups are the training ids) and epochs count its epoch_size.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    trained = np.asarray(trained, dtype=np.int64)
-    ids_all = np.arange(len(lengths), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
-    if mixture is not None:
-        ids_all = np.sort(np.concatenate(mixture.groups))
+    lengths, trained = np.asarray(lengths, dtype=np.int64), np.asarray(trained, dtype=np.int64)
+    ids_all = _training_ids(len(lengths), train_ids, mixture)
     n = len(ids_all)
     _check(lengths[ids_all], seq_len)
 
@@ -232,11 +227,7 @@ def make_plan(
     # packed steps may take fewer and leave the tail unused.
     epoch_size = n if mixture is None else mixture.epoch_size
     total = steps * batch_size if steps else max(1, int(round(epochs * epoch_size)))
-    if mixture is None:
-        stream, mean_length = _stream(ids_all, total, seed), float(lengths[ids_all].mean())
-    else:
-        stream = mixture_stream(mixture.groups, mixture.weights, total, seed, batch_size)
-        mean_length = float(sum(w * lengths[g].mean() for w, g in zip(mixture.weights, mixture.groups) if len(g)))
+    stream, mean_length = _plan_stream(ids_all, lengths, total, seed, batch_size, mixture)
     if pack:
         # enough rows for a batch of average examples with 5% to spare
         rows_per_step = max(1, math.ceil(batch_size * mean_length / (0.95 * seq_len)))
@@ -273,6 +264,23 @@ def make_plan(
         val_examples=np.asarray(val_ids if val_ids is not None else np.zeros(0, np.int64), dtype=np.int64),
         **_source_totals(mixture, stream[:consumed], trained),
     )
+
+
+def _training_ids(n: int, train_ids: np.ndarray | None, mixture: Mixture | None) -> np.ndarray:
+    """The examples the plan trains on, sorted: a mixture's groups, the given ids, or all n."""
+    if mixture is not None:
+        return np.sort(np.concatenate(mixture.groups))
+    return np.arange(n, dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
+
+
+def _plan_stream(ids: np.ndarray, lengths: np.ndarray, total: int, seed: int, batch_size: int,
+                 mixture: Mixture | None) -> tuple[np.ndarray, float]:
+    """(the plan's stream of examples, their expected mean length): _stream over the training ids, or a mixture's
+    stream (blocks of batch_size)."""
+    if mixture is None:
+        return _stream(ids, total, seed), float(lengths[ids].mean())
+    stream = mixture_stream(mixture.groups, mixture.weights, total, seed, batch_size)
+    return stream, float(sum(w * lengths[g].mean() for w, g in zip(mixture.weights, mixture.groups) if len(g)))
 
 
 def _source_totals(mixture: Mixture | None, taken: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:

@@ -62,6 +62,8 @@ def prepare(
     """Prepare the run's token cache; reuse it when the fingerprint matches, refuse a stale one unless overwrite."""
     t0 = time.time()
     progress = progress or Progress()
+    if cfg.sources:
+        raise ConfigError("a config with several sources is prepared by core.prepare_sources.prepare_sources")
 
     # Everything that can be wrong with the inputs is found before anything is written.
     promptsmod.validate(cfg.prompts)
@@ -71,29 +73,9 @@ def prepare(
         template = chat_template(cfg, records, loaded.tokenizer)
         components = _components(cfg, records, loaded, template)
         fingerprint = fingerprint_inputs(components)
-
-        previous = run.prepare
-        damaged = None
-        if previous is not None and previous.complete and previous.fingerprint == fingerprint and not overwrite:
-            damaged = cachemod.problem(run.cache_dir, fingerprint)
-            if damaged is not None:
-                logger.warning("The run's cache at %s %s: preparing it again", run.cache_dir, damaged)
-        if previous is not None and previous.complete and damaged is None:
-            if previous.fingerprint == fingerprint and not overwrite:
-                logger.info("The run's cache was prepared from the same inputs: reusing it")
-                stats = json.loads(io.read_text(run.stats_path))
-                return PrepareResult(True, stats, fingerprint)
-            if not overwrite:
-                differ = _differences(previous.inputs.components, components)
-                raise StageError(
-                    f"run {run.url} was prepared from different inputs ({differ}); "
-                    f"pass --overwrite to replace its cache, or use another --run-dir"
-                )
-        if overwrite and run.train is not None and (previous.fingerprint if previous else None) != fingerprint:
-            raise StageError(
-                f"run {run.url} already has training state; preparing new data into it would orphan its "
-                "checkpoints: use a new --run-dir"
-            )
+        reused = reuse_or_refuse(run, fingerprint, components, overwrite)
+        if reused is not None:
+            return reused
 
         record = PrepareRecord(
             config=cfg,
@@ -117,6 +99,35 @@ def prepare(
         return PrepareResult(False, stats, fingerprint)
     finally:
         shutil.rmtree(loaded.local_dir, ignore_errors=True)
+
+
+def reuse_or_refuse(run: RunDir, fingerprint: str, components: dict, overwrite: bool) -> PrepareResult | None:
+    """The run's complete cache when it was prepared from the same inputs (and is undamaged); None when it is to be
+    (re)written; StageError for a cache prepared from other inputs (naming what differs) without --overwrite, or
+    new data over training state."""
+    previous = run.prepare
+    damaged = None
+    if previous is not None and previous.complete and previous.fingerprint == fingerprint and not overwrite:
+        damaged = cachemod.problem(run.cache_dir, fingerprint)
+        if damaged is not None:
+            logger.warning("The run's cache at %s %s: preparing it again", run.cache_dir, damaged)
+    if previous is not None and previous.complete and damaged is None:
+        if previous.fingerprint == fingerprint and not overwrite:
+            logger.info("The run's cache was prepared from the same inputs: reusing it")
+            stats = json.loads(io.read_text(run.stats_path))
+            return PrepareResult(True, stats, fingerprint)
+        if not overwrite:
+            differ = _differences(previous.inputs.components, components)
+            raise StageError(
+                f"run {run.url} was prepared from different inputs ({differ}); "
+                f"pass --overwrite to replace its cache, or use another --run-dir"
+            )
+    if overwrite and run.train is not None and (previous.fingerprint if previous else None) != fingerprint:
+        raise StageError(
+            f"run {run.url} already has training state; preparing new data into it would orphan its "
+            "checkpoints: use a new --run-dir"
+        )
+    return None
 
 
 def chat_template(cfg: PrepareConfig, records, tok):
@@ -180,11 +191,33 @@ def _differences(old: dict, new: dict) -> str:
         "mask_inputs": "--mask-inputs",
         "format": "cache format",
     }
-    diff = [names.get(k, k) for k in {**new, **old} if old.get(k) != new.get(k)]
+    diff = []
+    for k in {**new, **old}:
+        if old.get(k) != new.get(k):
+            if k == "sources" and old.get(k) and new.get(k):
+                diff += _source_differences(old[k], new[k])
+            else:
+                diff.append(names.get(k, k))
     return "differs in " + ", ".join(diff) if diff else "different fingerprint"
 
 
-def _fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
+def _source_differences(old: list[dict], new: list[dict]) -> list[str]:
+    """What differs between two mixtures' sources, by name: `sources[chat].weight (1.0 -> 2.0)`, or the sources
+    themselves (added, removed, reordered)."""
+    old_names, new_names = [s.get("name") for s in old], [s.get("name") for s in new]
+    if old_names != new_names:
+        return [f"sources ({', '.join(map(str, old_names))} -> {', '.join(map(str, new_names))})"]
+    out = []
+    for a, b in zip(old, new):
+        for key in {**a, **b}:
+            if a.get(key) != b.get(key):
+                shown = f" ({a.get(key)} -> {b.get(key)})" if key in ("weight", "epochs", "val_fraction",
+                                                                      "records", "train_on") else ""
+                out.append(f"sources[{b['name']}].{key}{shown}")
+    return out
+
+
+def fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
     """The run's cache written from scratch by write(cache_dir, advance, metadata) (a killed earlier attempt may have
     left a partial one, without its ledger), then sealed, and the tokenizer saved beside it; returns what write
     returns."""
@@ -214,7 +247,7 @@ def _build(cfg: PrepareConfig, run: RunDir, records, loaded, progress: Progress)
     fast, why = prefix_stable(tok)
     logger.debug("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
 
-    tokenized = _fill_run_cache(run, loaded, progress, len(prompts), lambda cache_dir, advance, metadata: write_cache(
+    tokenized = fill_run_cache(run, loaded, progress, len(prompts), lambda cache_dir, advance, metadata: write_cache(
         cache_dir, prompts, records.outputs, tok, cfg, fast, advance, metadata))
     seconds_tokenize = time.time() - t_tok
     stats = compute_stats(tokenized, zip(prompts, records.outputs), tok, loaded.added)
@@ -241,26 +274,32 @@ def _write_rows(cache_dir, n: int, what: str, tokenize_chunk, metadata) -> Token
     every row is in."""
     from levanter.store.cache import SerialCacheWriter
 
-    chunk = 8192
-    tokenized = Tokenized()
     with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
-        for start in range(0, n, chunk):
-            before = len(tokenized.input_ids)
-            tokenize_chunk(start, min(start + chunk, n), tokenized)
-            new = slice(before, len(tokenized.input_ids))
-            if new.stop > new.start:
-                writer.write_batch(
-                    {
-                        "input_ids": tokenized.input_ids[new],
-                        "targets": tokenized.targets[new],
-                        "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
-                    }
-                )
-        if not tokenized.input_ids:
-            raise DataError(
-                f"no example is left to train on: all {n} {what} were dropped ({_reason_text(tokenized.dropped)})",
-                hint="raise --max-length or use --on-overflow truncate",
+        return write_rows_into(writer, n, what, tokenize_chunk)
+
+
+def write_rows_into(writer, n: int, what: str, tokenize_chunk, tokenized: Tokenized | None = None) -> Tokenized:
+    """_write_rows into an open SerialCacheWriter (a mixture writes its sources one after the other). DataError
+    when no example is left."""
+    chunk = 8192
+    tokenized = tokenized if tokenized is not None else Tokenized()
+    for start in range(0, n, chunk):
+        before = len(tokenized.input_ids)
+        tokenize_chunk(start, min(start + chunk, n), tokenized)
+        new = slice(before, len(tokenized.input_ids))
+        if new.stop > new.start:
+            writer.write_batch(
+                {
+                    "input_ids": tokenized.input_ids[new],
+                    "targets": tokenized.targets[new],
+                    "source_index": [np.atleast_1d(np.int64(i)) for i in tokenized.source_index[new]],
+                }
             )
+    if not tokenized.input_ids:
+        raise DataError(
+            f"no example is left to train on: all {n} {what} were dropped ({_reason_text(tokenized.dropped)})",
+            hint="raise --max-length or use --on-overflow truncate",
+        )
     return tokenized
 
 
@@ -271,7 +310,7 @@ def _build_conversations(cfg: PrepareConfig, run: RunDir, records, loaded, templ
         logger.warning("The tokenizer has no token %s: the %s template's markers are tokenized as plain text",
                        " or ".join(template.missing_tokens), template.name)
     t_tok = time.time()
-    tokenized, chat_stats = _fill_run_cache(
+    tokenized, chat_stats = fill_run_cache(
         run, loaded, progress, len(records), lambda cache_dir, advance, metadata: write_conversation_cache(
             cache_dir, records.conversations, tok, template.text, cfg, advance, metadata))
     seconds_tokenize = time.time() - t_tok
