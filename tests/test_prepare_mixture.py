@@ -195,3 +195,23 @@ def test_sources_from_a_config_file_list_and_their_checks(tmp_path):
     assert "val_fraction must be in [0, 1)" in refused("a.jsonl,val_fraction=1", "b.jsonl")
     # a comma not followed by a known key stays in the file name
     assert cfgmod.parse_source_spec("odd,name.jsonl,weight=2") == {"data": "odd,name.jsonl", "weight": 2}
+
+
+def test_held_out_data_is_prepared_like_its_source(tmp_path, files, chatml_tokenizer_dir):
+    from alpaca_cli.core.prepare import prepare_validation
+    from alpaca_cli.errors import DataError
+
+    alpaca, chat = files
+    run = open_run(str(tmp_path / "mix"), create=True)
+    prepare_sources(mixture_cfg(files, chatml_tokenizer_dir), run)
+    sources = open_run(run.url).prepare.sources
+    mixed = rows(run.url)
+    for data, source in ((chat, sources[1]), (f"{chat},source=chat", sources[1]), (alpaca, sources[0])):
+        cache = cachemod.open_cache(prepare_validation(open_run(run.url), data))
+        got = [(r["input_ids"].tolist(), r["targets"].tolist(), int(r["source_index"][0]))
+               for r in cache.rows(range(len(cache)))]
+        assert got == mixed[source.rows[0]:source.rows[1]]  # the same file as its source: the same rows
+    with pytest.raises(DataError, match="field `messages` is missing"):  # the chat source reads messages
+        prepare_validation(open_run(run.url), f"{alpaca},source=chat")
+    with pytest.raises(ConfigError, match="no source nope"):
+        prepare_validation(open_run(run.url), f"{alpaca},source=nope")

@@ -358,24 +358,26 @@ def write_conversation_cache(cache_dir, conversations, tok, template_text: str, 
 def prepare_validation(run: RunDir, data: str) -> str:
     """A held-out file prepared exactly like the run's training data (its tokenizer, templates, max length and
     mask; for conversations, the chat template's text the run recorded and --train-on), into
-    RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
+    RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory. In a mixture,
+    `FILE,source=NAME` prepares it like source NAME (default: _validation_config's choice)."""
     from levanter.store.cache import CacheMetadata
 
     prepared = run.require_prepare()
-    pcfg = dataclasses.replace(prepared.config, data=data)
-    records = load_records(pcfg)
-    fingerprint = fingerprint_inputs({"val": dataclasses.asdict(records.source), "prepared": prepared.fingerprint})
+    data, _, source = data.partition(",source=")  # a mixture's held-out data: FILE,source=NAME
+    pcfg, records, template_text, fmt, named = _validation_config(prepared, data, source or None)
+    identity = {"val": dataclasses.asdict(records.source), "prepared": prepared.fingerprint}
+    fingerprint = fingerprint_inputs({**identity, "source": named} if named else identity)
     cache_dir = run.val_cache_dir(fingerprint)
     if cachemod.problem(cache_dir, fingerprint) is None:
         return cache_dir
-    if (records.format == "alpaca") != (prepared.format == "alpaca"):
-        raise DataError(f"{data} holds {records.format} records, but the run was prepared from {prepared.format} "
+    if (records.format == "alpaca") != (fmt == "alpaca"):
+        raise DataError(f"{data} holds {records.format} records, but the run was prepared from {fmt} "
                         "ones", hint="give held-out data in the training data's format")
     tok = run.load_tokenizer()
     io.rm_tree(cache_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})
     if records.format != "alpaca":  # the template exactly as the training data used it
-        tokenized, _ = write_conversation_cache(cache_dir, records.conversations, tok, prepared.chat_template, pcfg,
+        tokenized, _ = write_conversation_cache(cache_dir, records.conversations, tok, template_text, pcfg,
                                                 None, metadata)
     else:
         prompts = [promptsmod.render(pcfg.prompts, a, b) for a, b in zip(records.instructions, records.inputs)]
@@ -383,6 +385,37 @@ def prepare_validation(run: RunDir, data: str) -> str:
     cachemod.seal_cache(cache_dir, fingerprint)
     logger.info("Prepared %d held-out examples from %s", len(tokenized.input_ids), data)
     return cache_dir
+
+
+def _validation_config(prepared, data: str, source: str | None):
+    """(config, records, chat template text, format, source name or None) for held-out data: the run's settings,
+    or in a mixture the named source's (default: the first source whose records are of the held-out data's kind,
+    Alpaca or conversations), with the prompts and template exactly as it was prepared with."""
+    if not prepared.sources:
+        if source is not None:
+            raise ConfigError(f"--val-data {data},source={source}: the run was prepared from one source",
+                              hint=f"give --val-data {data}")
+        pcfg = dataclasses.replace(prepared.config, data=data)
+        return pcfg, load_records(pcfg), prepared.chat_template, prepared.format, None
+    import draccus
+
+    from alpaca_cli.config import PromptTemplates
+
+    resolved = {r.name: r for r in prepared.config.resolved_sources()}
+    if source is not None and source not in resolved:
+        raise ConfigError(f"--val-data {data},source={source}: the run has no source {source}",
+                          hint="one of " + ", ".join(resolved))
+    by_name = {s.name: (s, c) for s, c in zip(prepared.sources, prepared.inputs.components["sources"])}
+    names = [source] if source is not None else list(by_name)
+    for name in names:
+        record, components = by_name[name]
+        pcfg = dataclasses.replace(resolved[name].cfg, data=data)
+        if "prompts" in components:
+            pcfg = dataclasses.replace(pcfg, prompts=draccus.decode(PromptTemplates, components["prompts"]))
+        records = load_records(pcfg)
+        if (records.format == "alpaca") == (record.format == "alpaca") or name == names[-1]:
+            return pcfg, records, record.chat_template, record.format, name
+    raise AssertionError("unreachable")
 
 
 def _reason_text(dropped: dict[str, int]) -> str:
