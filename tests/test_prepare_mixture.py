@@ -215,3 +215,34 @@ def test_held_out_data_is_prepared_like_its_source(tmp_path, files, chatml_token
         prepare_validation(open_run(run.url), f"{alpaca},source=chat")
     with pytest.raises(ConfigError, match="no source nope"):
         prepare_validation(open_run(run.url), f"{alpaca},source=nope")
+
+
+def test_a_source_with_its_own_prompts_file(tmp_path, fixture_data, tokenizer_dir):
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("prompt_input: 'Q: {instruction} / {input}\\nA:'\nprompt_no_input: 'Q: {instruction}\\nA:'\n")
+    cfg = cfgmod.load_config(PrepareConfig, None, [], {"tokenizer": tokenizer_dir, "data": [
+        f"{fixture_data},name=stanford", f"{fixture_data},name=short,prompts={prompts}"]},
+        adapt=cfgmod.data_list_to_sources)
+    run = open_run(str(tmp_path / "r"), create=True)
+    prepare_sources(cfg, run)
+    record = open_run(run.url).prepare
+    tok = open_run(run.url).load_tokenizer()
+    mixed = rows(run.url)
+    a, b = record.sources
+    assert a.examples == b.examples and a.rows[1] == b.rows[0]
+    for ids, _, _ in mixed[a.rows[0]:a.rows[1]]:
+        assert tok.decode(ids, skip_special_tokens=True).lstrip().startswith("Below is an instruction")
+    for ids, _, _ in mixed[b.rows[0]:b.rows[1]]:
+        assert tok.decode(ids, skip_special_tokens=True).lstrip().startswith("Q:")
+    components = record.inputs.components["sources"]
+    assert components[1]["prompts"]["prompt_no_input"] == "Q: {instruction}\nA:"
+
+
+def test_epochs_per_source_weigh_by_training_examples():
+    from alpaca_cli.core.train_setup import mixture_for
+    from alpaca_cli.records import SourceRecord
+
+    sources = [SourceRecord(name="a", rows=[0, 100], epochs=1), SourceRecord(name="b", rows=[100, 120], epochs=3)]
+    mixture, val = mixture_for(sources, 0.0, seed=0)
+    assert mixture.epoch_size == 100 + 60 and np.allclose(mixture.weights, [100 / 160, 60 / 160])
+    assert len(val) == 0 and [len(g) for g in mixture.groups] == [100, 20]
