@@ -219,7 +219,7 @@ def test_held_out_data_is_prepared_like_its_source(tmp_path, files, chatml_token
 
 def test_a_source_with_its_own_prompts_file(tmp_path, fixture_data, tokenizer_dir):
     prompts = tmp_path / "p.yaml"
-    prompts.write_text("prompt_input: 'Q: {instruction} / {input}\\nA:'\nprompt_no_input: 'Q: {instruction}\\nA:'\n")
+    prompts.write_text('prompt_input: "Q: {instruction} / {input}\\nA:"\nprompt_no_input: "Q: {instruction}\\nA:"\n')
     cfg = cfgmod.load_config(PrepareConfig, None, [], {"tokenizer": tokenizer_dir, "data": [
         f"{fixture_data},name=stanford", f"{fixture_data},name=short,prompts={prompts}"]},
         adapt=cfgmod.data_list_to_sources)
