@@ -221,7 +221,7 @@ class EvalHook(Callback):
         from alpaca_cli.core.batches import row_activations, token_losses
 
         self.trainer, self.dataset, self.metrics = trainer, dataset, metrics
-        self.Batch = hax.Axis(trainer.config.batch_axis, batch_rows)
+        self.Batch = hax.Axis(trainer.config.batch_axis_name, batch_rows)
         self._done: set[int] = set()
         mp = trainer.mp
 
