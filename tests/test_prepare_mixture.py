@@ -246,3 +246,25 @@ def test_epochs_per_source_weigh_by_training_examples():
     mixture, val = mixture_for(sources, 0.0, seed=0)
     assert mixture.epoch_size == 100 + 60 and np.allclose(mixture.weights, [100 / 160, 60 / 160])
     assert len(val) == 0 and [len(g) for g in mixture.groups] == [100, 20]
+
+
+def test_a_mixture_trains_and_scores_each_sources_held_out_rows(tmp_path, fixture_data, tokenizer_dir):
+    """End to end: the plan's examples come from the sources' training rows only, and the held-out rows (source b's
+    val_fraction) are scored (the eval hook: core/hooks.py's batch axis name, fixed with this test)."""
+    from helpers import make_tiny_llama
+
+    from alpaca_cli.core.train_setup import mixture_for
+
+    run = str(tmp_path / "run")
+    run_cli(["prepare", "--data", f"{fixture_data},name=a,weight=3", "--data",
+             f"{fixture_data},name=b,weight=1,val_fraction=0.2", "--tokenizer", tokenizer_dir, "--run-dir", run, "-q"])
+    model = make_tiny_llama(str(tmp_path / "model"), tokenizer_dir, max_seq_len=512)
+    run_cli(["train", "--run-dir", run, "--model", model, "--steps", "2", "--batch-size", "4", "--seq-len", "512",
+             "--no-pack", "--eval-every", "2", "-q"])
+    record = open_run(run)
+    assert record.train.complete
+    metrics = [json.loads(x) for x in open(f"{run}/metrics.jsonl") if x.strip()]
+    assert any("val_loss" in m and np.isfinite(m["val_loss"]) for m in metrics)
+    mixture, val = mixture_for(record.prepare.sources, 0.0, seed=0)
+    b = record.prepare.sources[1]
+    assert len(val) == 3 and (val >= b.rows[0]).all() and len(mixture.groups[1]) == b.examples - 3
