@@ -53,7 +53,9 @@ def prepare(
 
     prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None
     cfg = settings.resolve(PrepareConfig, extra={"prompts": prompt_templates}, adapt=cfgmod.data_list_to_sources)
-    cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
+    sources = [cfgmod.replace(s, name=s.label, data=resolve_builtin_data(s.data)) for s in cfg.sources]
+    cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer),
+                         sources=sources)
     from alpaca_cli import distributed
     from alpaca_cli.core.prepare_sources import prepare_sources
 
