@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +150,118 @@ class PromptTemplates:
     """Used when the record's input is missing or the empty string."""
 
 
+SOURCE_KEYS = ("name", "data", "split", "revision", "format", "instruction_field", "input_field", "output_field",
+               "messages_field", "conversations_field", "chat_template", "train_on", "prompts", "weight", "epochs",
+               "val_fraction")
+"""What one source of a mixture (`--data SPEC,key=value`, or an entry of a `data:` list) may set."""
+
+
+@dataclass
+class SourceConfig:
+    """One source of a mixture. A key left out (None) takes the top-level setting of the same name."""
+
+    data: str = ""
+    """Hub dataset id or file, as --data."""
+    name: Optional[str] = None
+    """How tables and records name the source. Default: the file's stem, or the Hub id."""
+    split: Optional[str] = None
+    """Split of a Hub dataset."""
+    revision: Optional[str] = None
+    """Revision of a Hub dataset."""
+    format: Optional[str] = None
+    """alpaca, messages, sharegpt or auto."""
+    instruction_field: Optional[str] = None
+    """Record field holding the instruction."""
+    input_field: Optional[str] = None
+    """Record field holding the optional input."""
+    output_field: Optional[str] = None
+    """Record field holding the response."""
+    messages_field: Optional[str] = None
+    """Record field holding a messages conversation."""
+    conversations_field: Optional[str] = None
+    """Record field holding a ShareGPT conversation."""
+    chat_template: Optional[str] = None
+    """For conversations: the chat template (a file or a built-in name)."""
+    train_on: Optional[str] = None
+    """For conversations: all or last."""
+    prompts: Optional[str] = None
+    """For Alpaca records: a JSON or YAML file of prompt_input and prompt_no_input (default: the top-level ones)."""
+    weight: Optional[float] = None
+    """Sampling proportion: the expected share of training examples drawn from this source (weights are
+    normalised over the sources)."""
+    epochs: Optional[float] = None
+    """Instead of a weight: passes over this source per pass over the mixture (weights become epochs x examples)."""
+    val_fraction: Optional[float] = None
+    """Held-out fraction of this source's examples (default: train's --val-fraction)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or source_name(self.data)
+
+
+@dataclass
+class ResolvedSource:
+    """A source with every setting decided: `cfg` is a full single-source PrepareConfig (its prompts file, if
+    any, still to be read: `prompts_file`)."""
+
+    name: str
+    weight: Optional[float]
+    epochs: Optional[float]
+    val_fraction: Optional[float]
+    cfg: "PrepareConfig"
+    prompts_file: Optional[str] = None
+
+
+def source_name(data: str) -> str:
+    """The default name of a source: a file's stem (no directories, no .json/.jsonl/.gz), or the Hub id."""
+    base = data.rstrip("/").rsplit("/", 1)[-1] if ("://" in data or data.startswith((".", "/", "~"))
+                                                   or data.endswith((".json", ".jsonl", ".gz"))) else data
+    for suffix in (".gz", ".jsonl", ".json"):
+        base = base[: -len(suffix)] if base.endswith(suffix) else base
+    return base or data
+
+
+_SPEC_SPLIT = re.compile(r",(?=(?:%s)=)" % "|".join(SOURCE_KEYS))
+_SPEC_KEY = re.compile(r",([A-Za-z_][A-Za-z0-9_]*)=")
+
+
+def parse_source_spec(spec: str) -> dict:
+    """`--data SPEC[,key=value...]` -> a SourceConfig tree. The spec splits at a comma only where a known key
+    follows (so a file name may hold commas); values are YAML (weight=3 is a number)."""
+    head, *items = _SPEC_SPLIT.split(spec)
+    unknown = _SPEC_KEY.search(head)
+    if unknown:
+        raise ConfigError(f"--data {spec}: unknown source key {unknown.group(1)!r}",
+                          hint="a source takes " + ", ".join(SOURCE_KEYS))
+    out: dict = {"data": head}
+    for item in items:
+        key, raw = item.split("=", 1)
+        if key in out:
+            raise ConfigError(f"--data {spec}: {key} is given twice")
+        out[key] = yaml.safe_load(raw) if key in ("weight", "epochs", "val_fraction") and raw != "" else raw
+    return out
+
+
+def data_list_to_sources(tree: dict) -> dict:
+    """load_config's `adapt` for prepare: a list-valued `data` (repeated --data, or a `data:` list in the config
+    file) becomes `sources`, one per item (a `SPEC,key=value` string or a mapping). One plain spec stays today's
+    single `data`. The top-level `data` becomes the first source's."""
+    data = tree.get("data")
+    if not isinstance(data, list):
+        return tree
+    items = [parse_source_spec(d) if isinstance(d, str) else d for d in data]
+    for item in items:
+        if not isinstance(item, Mapping) or not isinstance(item.get("data"), str) or not item["data"]:
+            raise ConfigError(f"each data source needs a `data` (a file or a Hub id), got {item!r}")
+    out = dict(tree)
+    if len(items) == 1 and set(items[0]) == {"data"}:
+        out["data"] = items[0]["data"]
+        return out
+    out["data"] = items[0]["data"]
+    out["sources"] = [dict(item) for item in items]
+    return out
+
+
 @dataclass
 class PrepareConfig:
     """`alpaca prepare`: records -> prompts -> tokens -> Levanter cache."""
@@ -187,12 +300,16 @@ class PrepareConfig:
     """Record field holding a conversation as a list of {role, content} messages."""
     conversations_field: str = "conversations"
     """Record field holding a ShareGPT conversation (a list of {from, value})."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A mixture: several sources in one cache (repeat --data SPEC,key=value, or a `data:` list in the config
+    file). Empty: the one source of --data."""
     workers: Optional[int] = None
     """Processes that read and tokenize (the cache is the same for any number); 0: this process only. Default: the
     available cores."""
 
     def __post_init__(self):
         problems, named = [], PREPARE_FLAGS.named
+        problems += _source_problems(self.sources)
         if self.workers is not None and self.workers < 0:
             problems.append(f"{named('workers')} must be 0 (this process only) or more, got {self.workers}")
         if self.format not in RECORD_FORMATS:
@@ -213,6 +330,43 @@ class PrepareConfig:
                 problems.append(f"{named(name)} must not be empty")
         if problems:
             raise ConfigError(problems)
+
+    def resolved_sources(self) -> list[ResolvedSource]:
+        """The mixture's sources, each a full single-source PrepareConfig (keys left out take the top-level value);
+        empty for a single-source config."""
+        out = []
+        for s in self.sources:
+            given = {k: getattr(s, k) for k in SOURCE_KEYS
+                     if k not in ("name", "weight", "epochs", "val_fraction", "prompts") and getattr(s, k) is not None}
+            cfg = dataclasses.replace(self, sources=[], **given)
+            out.append(ResolvedSource(s.label, s.weight, s.epochs, s.val_fraction, cfg, s.prompts))
+        return out
+
+
+def _source_problems(sources: list[SourceConfig]) -> list[str]:
+    """A mixture's own checks: positive weights and epochs, one of the two (for every source or none), unique
+    names, a held-out fraction in [0, 1)."""
+    problems = []
+    for s in sources:
+        for key in ("weight", "epochs"):
+            value = getattr(s, key)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                problems.append(f"source {s.label}: {key} must be a positive number, got {value}")
+        if s.weight is not None and s.epochs is not None:
+            problems.append(f"source {s.label}: give a weight or epochs, not both")
+        if s.val_fraction is not None and not 0 <= s.val_fraction < 1:
+            problems.append(f"source {s.label}: val_fraction must be in [0, 1), got {s.val_fraction}")
+    for key in ("weight", "epochs"):
+        having = [s.label for s in sources if getattr(s, key) is not None]
+        if having and len(having) != len(sources):
+            missing = [s.label for s in sources if getattr(s, key) is None]
+            problems.append(f"source(s) {', '.join(missing)} have no {key} while {', '.join(having)} do: give "
+                            f"every source a {key}, or none")
+    names = [s.label for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        problems.append(f"source name(s) {', '.join(twice)} are used twice: give each source a distinct name=")
+    return problems
 
 
 @dataclass
@@ -266,7 +420,11 @@ class ExportConfig:
 
 
 PREPARE_FLAGS = Flags(
-    PrepareConfig, "data", "split", "revision", "format", "instruction_field", "input_field", "output_field",
+    PrepareConfig,
+    Flag("data", help="Hub dataset id, or a .json/.jsonl/.jsonl.gz file (local, gs://, any fsspec URL), or `demo`. "
+         "Repeat it for a mixture: SPEC,key=value,... with keys " + ", ".join(SOURCE_KEYS[:1] + SOURCE_KEYS[2:])
+         + " (e.g. --data chat.jsonl,format=messages,weight=1).", type=list[str]),
+    "split", "revision", "format", "instruction_field", "input_field", "output_field",
     "tokenizer", "chat_template", "train_on", "max_length", "on_overflow", "mask_inputs", "workers",
     set_example="messages_field=dialog",
 )
@@ -662,6 +820,7 @@ def load_config(
     flags: Mapping[str, Any] | None = None,
     file_adapter=None,
     derived_defaults: Callable[[dict], dict] | None = None,
+    adapt: Callable[[dict], dict] | None = None,
 ) -> T:
     """Resolve cls from defaults < config file < --set < typed flags (dotted keys; None means not given).
 
@@ -673,6 +832,7 @@ def load_config(
 
     `derived_defaults(given)` returns defaults that depend on what was given (the merged file, --set and flags):
     they replace the class's defaults and lose, like them, to anything given (LoRA's learning rate, say).
+    `adapt(tree)` reshapes the merged tree before it is decoded (prepare: a list of data sources).
     """
     import draccus
 
@@ -696,6 +856,8 @@ def load_config(
         tree = _merge(tree, derived_defaults(given))
     for layer in layers:
         tree = _merge(tree, layer)
+    if adapt is not None:
+        tree = adapt(tree)
     try:
         return draccus.decode(cls, tree)
     except ConfigError:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from alpaca_cli.config import ExportConfig, PrepareConfig
+from alpaca_cli.config import ExportConfig, PrepareConfig, source_name
 
 SCHEMA_VERSION = 2
 
@@ -83,6 +83,28 @@ class PrepareSummary:
 
 
 @dataclass
+class SourceRecord:
+    """One source of a mixture as prepared: what it was, its settings, and the cache rows it holds."""
+
+    name: str = ""
+    data: DataSource = field(default_factory=DataSource)
+    where: str = ""
+    """--data as given for it."""
+    format: str = "alpaca"
+    chat_template: Optional[str] = None
+    """For conversations: the template's Jinja text exactly as used."""
+    weight: Optional[float] = None
+    epochs: Optional[float] = None
+    val_fraction: Optional[float] = None
+    rows: list[int] = field(default_factory=lambda: [0, 0])
+    """[start, stop): its examples' rows in the cache (the sources follow each other in config order)."""
+    records_read: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+
+
+@dataclass
 class PrepareRecord(StageRecord):
     config: PrepareConfig = field(default_factory=PrepareConfig)
     inputs: PrepareInputs = field(default_factory=PrepareInputs)
@@ -93,6 +115,18 @@ class PrepareRecord(StageRecord):
     chat_template: Optional[str] = None
     """For conversations: the Jinja text of the chat template the cache was rendered with, exactly as used (what
     export ships and generate renders with). None for Alpaca records (their prompts are in the config)."""
+    sources: list[SourceRecord] = field(default_factory=list)
+    """A mixture's sources, in cache order. Empty for one source (all rows are its records)."""
+
+    def source_list(self) -> list[SourceRecord]:
+        """The sources, a single-source run's one included (named after its data, over every row)."""
+        if self.sources:
+            return list(self.sources)
+        s = self.summary
+        return [SourceRecord(name=source_name(self.config.data), data=self.inputs.data, where=self.config.data,
+                             format=self.format, chat_template=self.chat_template, rows=[0, s.examples if s else 0],
+                             records_read=s.records_read if s else 0, examples=s.examples if s else 0,
+                             tokens=s.tokens if s else 0, trained_tokens=s.trained_tokens if s else 0)]
 
 
 # -- train -----------------------------------------------------------------------------------------------------------
@@ -162,6 +196,22 @@ class CompiledPlan:
 
 
 @dataclass
+class PlanSource:
+    """What the plan draws from one source of a mixture."""
+
+    name: str = ""
+    train_examples: int = 0
+    """The source's examples that are not held out."""
+    examples: int = 0
+    """Examples the plan's steps take from it (repeats counted)."""
+    epochs: float = 0.0
+    """Passes over its training examples."""
+    share_examples: float = 0.0
+    share_trained: float = 0.0
+    """Its share of the plan's trained tokens."""
+
+
+@dataclass
 class PlanRecord:
     """The training plan as `--dry-run` prints it and the manifest keeps it."""
 
@@ -202,6 +252,8 @@ class PlanRecord:
     resumes: Optional[str] = None
     """Where the run directory holds a checkpoint this plan resumes from: which step, and the machine it was written
     on against this one."""
+    sources: list[PlanSource] = field(default_factory=list)
+    """A mixture's sources as the plan samples them (empty for one source)."""
 
 
 @dataclass

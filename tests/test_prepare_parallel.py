@@ -56,8 +56,8 @@ def engines_used(monkeypatch) -> list:
     """The engines prepare picks, as (class name, workers)."""
     used, real = [], parallel.engine_for
 
-    def spy(workers, chunks):
-        engine, chunks = real(workers, chunks)
+    def spy(workers, chunks, pool=None):
+        engine, chunks = real(workers, chunks, pool)
         used.append((type(engine).__name__, engine.workers))
         return engine, chunks
 

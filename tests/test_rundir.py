@@ -151,3 +151,19 @@ def test_a_torn_last_metrics_line_is_skipped_and_a_malformed_one_before_it_refus
                             "double quotes) (repair or delete that line, then run again)")
     (tmp_path / "r" / "metrics.jsonl").unlink()
     assert run.read_metrics() == []
+
+
+def test_a_manifest_from_before_mixtures_still_reads(tmp_path):
+    """Issue 25 added PrepareConfig.sources, PrepareRecord.sources and PlanRecord.sources (defaults, schema 2): a
+    manifest written without them reads, as one source over every row."""
+    run = open_run(str(tmp_path / "r"), create=True)
+    with run.stage("prepare", PrepareRecord(config=PrepareConfig(data="a.jsonl"), fingerprint="abc")) as record:
+        record.summary = PrepareSummary(examples=5, records_read=6)
+    path = tmp_path / "r" / "manifest.json"
+    on_disk = json.loads(path.read_text())
+    del on_disk["stages"]["prepare"]["sources"], on_disk["stages"]["prepare"]["config"]["sources"]
+    path.write_text(json.dumps(on_disk))
+    again = open_run(run.url).prepare
+    assert again.sources == [] and again.config.sources == []
+    (only,) = again.source_list()
+    assert (only.name, only.rows, only.records_read) == ("a", [0, 5], 6)

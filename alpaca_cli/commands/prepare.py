@@ -18,6 +18,8 @@ Examples:
   alpaca prepare --data demo --tokenizer demo --run-dir runs/demo      (the built-in demo, offline)
   alpaca prepare --data chat.jsonl --format messages --tokenizer ./instruct-tokenizer --run-dir runs/chat
   alpaca prepare --data sharegpt.json --chat-template chatml --train-on last --run-dir runs/chat
+  alpaca prepare --data tatsu-lab/alpaca,weight=3 --data chat.jsonl,format=messages,chat_template=chatml,weight=1
+                 --run-dir runs/mix   (a mixture: one cache, sampled 3:1 by train)
 """
 
 
@@ -50,16 +52,21 @@ def prepare(
     from alpaca_cli.core.prompts import load_prompts_file
 
     prompt_templates = cfgmod.encode(load_prompts_file(prompts)) if prompts else None
-    cfg = settings.resolve(PrepareConfig, extra={"prompts": prompt_templates})
-    cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer))
+    cfg = settings.resolve(PrepareConfig, extra={"prompts": prompt_templates}, adapt=cfgmod.data_list_to_sources)
+    sources = [cfgmod.replace(s, name=s.label, data=resolve_builtin_data(s.data)) for s in cfg.sources]
+    cfg = cfgmod.replace(cfg, data=resolve_builtin_data(cfg.data), tokenizer=resolve_builtin_tokenizer(cfg.tokenizer),
+                         sources=sources)
     from alpaca_cli import distributed
+    from alpaca_cli.core.prepare_sources import prepare_sources
+
+    prepare_any = prepare_sources if cfg.sources else core.prepare  # a mixture, or today's one source
 
     distributed.initialize(coordinator_address, num_processes, process_id)
     run = rundir.open_run(run_dir, create=True, writer=distributed.is_writer())
     # one process prepares the shared cache; the others wait for it and get its outcome (or its error)
     with run.lease("prepare"):
         result = distributed.on_writer(
-            lambda: core.prepare(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet)),
+            lambda: prepare_any(cfg, run, overwrite=overwrite, progress=console.BarProgress(quiet)),
             encode=lambda r: {"reused": r.reused, "stats": r.stats, "fingerprint": r.fingerprint},
             decode=lambda d: core.PrepareResult(**d),
         )
@@ -76,7 +83,7 @@ def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:
     t.add_column("", style="bold")
     t.add_column("", justify="right")
     dropped = stats["dropped"]
-    conversational = stats.get("format", "alpaca") != "alpaca"
+    conversational = stats.get("format", "alpaca") not in ("alpaca", "mixture")
     t.add_row("conversations read" if conversational else "records read", f"{stats['records_read']:,}")
     if conversational:
         conversation_rows(t, stats)
@@ -100,6 +107,26 @@ def print_stats(stats: dict, *, reused: bool, run_url: str) -> None:
     if stats.get("records_with_special_token_text"):
         t.add_row("records whose text contains special-token strings", f"{stats['records_with_special_token_text']:,}")
     console.stdout.print(t)
+    if stats.get("sources"):
+        console.stdout.print(sources_table(stats["sources"]))
+
+
+def sources_table(sources: list[dict]):
+    """A mixture's sources: what each held and kept, and the share of the training examples and trained tokens its
+    weight (or epochs) asks for."""
+    from rich.table import Table
+
+    t = Table(title="sources (shares: what the weights ask for, before held-out data)")
+    for col in ("source", "format", "records", "kept", "trained tokens", "weight", "share of examples",
+                "share of trained tokens"):
+        t.add_column(col, justify="left" if col in ("source", "format") else "right")
+    for s in sources:
+        weight = f"{s['weight']:g}" if s.get("weight") is not None else (
+            f"{s['epochs']:g} epochs" if s.get("epochs") is not None else "-")
+        t.add_row(s["name"], s["format"], f"{s['records_read']:,}", f"{s['examples']:,}",
+                  f"{s['trained_tokens']:,}", weight, f"{100 * s['share_examples']:.1f}%",
+                  f"{100 * s['share_trained']:.1f}%")
+    return t
 
 
 def conversation_rows(t, stats: dict) -> None:

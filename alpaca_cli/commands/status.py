@@ -69,10 +69,14 @@ def key_figures(run, name: str) -> str:
     if name == "prepare" and run.prepare is not None and run.prepare.summary is not None:
         s = run.prepare.summary
         frac = s.trained_tokens / max(1, s.tokens)
-        return (
+        text = (
             f"{s.examples:,} examples of {s.records_read:,} records, {s.tokens:,} tokens "
             f"({100 * frac:.0f}% trained), {s.truncated:,} truncated, {sum(s.dropped.values()):,} dropped"
         )
+        sources = run.prepare.sources
+        if sources:
+            text += f" from {len(sources)} sources (" + " · ".join(f"{x.name} {x.examples:,}" for x in sources) + ")"
+        return text
     if name == "train" and run.train is not None:
         t, parts = run.train, []
         if t.progress is not None:

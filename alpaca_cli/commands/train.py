@@ -125,6 +125,10 @@ def plan_table(plan):
     ]
     if plan.resumes:
         rows.append(("resumes", plan.resumes))
+    for src in plan.sources:
+        rows.append((f"source {src.name}", f"{src.examples:,} examples ({100 * src.share_examples:.1f}%, "
+                     f"{src.epochs} epochs of {src.train_examples:,}), {100 * src.share_trained:.1f}% of the trained "
+                     "tokens"))
     c = plan.compiled
     if c is not None:
         m = c.memory_per_device_gib

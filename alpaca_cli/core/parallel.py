@@ -352,10 +352,11 @@ class ProcessPool:
             yield result
 
 
-def engine_for(workers: int | None, chunks: Iterator[Chunk]) -> tuple[InProcess | ProcessPool, Iterator[Chunk]]:
-    """The engine for a source's chunks: `workers` processes (None: one per available core), or this process when
-    workers is 0 or the source has at most 2 chunks (a worker's start costs more than it saves)."""
+def engine_for(workers: int | None, chunks: Iterator[Chunk],
+               pool: ProcessPool | None = None) -> tuple[InProcess | ProcessPool, Iterator[Chunk]]:
+    """The engine for a source's chunks: `workers` processes (None: one per available core; `pool` when given), or
+    this process when workers is 0 or the source has at most 2 chunks (a worker's start costs more than it saves)."""
     head = list(islice(chunks, 3))
     n = available_cores() if workers is None else workers
-    engine = InProcess() if n == 0 or len(head) < 3 else ProcessPool(n)
+    engine = InProcess() if n == 0 or len(head) < 3 else (pool or ProcessPool(n))
     return engine, chain(head, chunks)

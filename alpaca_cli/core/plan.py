@@ -45,6 +45,10 @@ class Plan:
     real_tokens: int
     trained_tokens: int
     val_examples: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    source_examples: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """With a mixture: examples the steps take from each source (repeats counted)."""
+    source_trained: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    """With a mixture: trained tokens the steps take from each source."""
 
     @property
     def examples_per_step(self) -> float:
@@ -66,18 +70,96 @@ def rows_per_batch(rows_per_step: int, slots: int) -> int:
     return -(-rows_per_step // slots) * slots
 
 
-def split_validation(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train ids, validation ids): a seeded random `fraction` of the examples is held out."""
+def split_validation(n: int, fraction: float, seed: int, tag: tuple[int, ...] = (),
+                     what: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(train ids, validation ids): a seeded random `fraction` of the examples is held out (`tag` seeds a
+    mixture's sources apart; `what` names the source in the error)."""
     ids = np.arange(n, dtype=np.int64)
     if fraction <= 0:
         return ids, np.zeros(0, np.int64)
     k = max(1, int(round(fraction * n)))
     if k >= n:
-        raise ConfigError(f"val_fraction {fraction} leaves no training example out of {n}")
-    perm = np.random.default_rng([seed, 1_000_003]).permutation(n)
+        raise ConfigError(f"val_fraction {fraction} leaves no training example out of {n}{what}")
+    perm = np.random.default_rng([seed, 1_000_003, *tag]).permutation(n)
     val = np.sort(perm[:k])
     train = np.sort(perm[k:])
     return train, val
+
+
+@dataclass
+class Mixture:
+    """Several sources sampled at given proportions: each source's training example ids (global cache rows), the
+    normalised weights (the expected share of examples from each), and the examples in one pass over the mixture
+    (what --epochs counts)."""
+
+    groups: list[np.ndarray]
+    weights: np.ndarray
+    epoch_size: int
+    names: list[str] = field(default_factory=list)
+
+
+def split_validation_by_source(ranges: list[tuple[int, int]], fractions: list[float], seed: int,
+                               names: list[str] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """(each source's train ids, all validation ids, sorted): source s (cache rows [start, stop)) holds out its
+    own fraction, seeded apart from the others."""
+    groups, vals = [], []
+    for s, ((start, stop), fraction) in enumerate(zip(ranges, fractions)):
+        what = f" in source {names[s]}" if names else ""
+        train, val = split_validation(stop - start, fraction, seed, tag=(s,), what=what)
+        groups.append(train + start)
+        vals.append(val + start)
+    return groups, np.sort(np.concatenate(vals)) if vals else np.zeros(0, np.int64)
+
+
+def mixture_weights(examples: list[int], weights: list[float | None], epochs: list[float | None]) -> tuple[np.ndarray, int]:
+    """(normalised weights, examples per mixture epoch). Weights: as given, an epoch being every example once.
+    Epochs e_s: weights e_s * n_s, an epoch being sum e_s * n_s. Neither: weights n_s (a plain concatenation)."""
+    n = np.asarray(examples, dtype=np.float64)
+    if all(w is not None for w in weights):
+        raw, size = np.asarray(weights, dtype=np.float64), n.sum()
+    elif all(e is not None for e in epochs):
+        raw = np.asarray(epochs, dtype=np.float64) * n
+        size = raw.sum()
+    else:
+        raw, size = n, n.sum()
+    return raw / raw.sum(), max(1, int(round(size)))
+
+
+def mixture_counts(weights: np.ndarray, total: int, block: int) -> np.ndarray:
+    """[blocks, sources] examples of each source in each block of `block` consecutive stream positions (the last
+    block may be shorter): every block's counts sum to its size, and each source's cumulative count stays within
+    1 of weight x position at every block's end (the error carried from block to block is paid back)."""
+    w = np.asarray(weights, dtype=np.float64)
+    sizes = [min(block, total - start) for start in range(0, total, block)]
+    out = np.zeros((len(sizes), len(w)), dtype=np.int64)
+    error = np.zeros(len(w))  # count so far - weight x position so far
+    for b, size in enumerate(sizes):
+        want = np.maximum(w * size - error, 0.0)  # a source ahead by more than its share takes nothing
+        counts = np.floor(want).astype(np.int64)
+        rest = size - int(counts.sum())
+        if rest >= 0:  # the largest remainders get one more, ties to the lower source
+            counts[np.argsort(-(want - counts), kind="stable")[:rest]] += 1
+        else:  # (rare: sources behind by up to 1 each) the smallest remainders give one back
+            order = [i for i in np.argsort(want - counts, kind="stable") if counts[i] > 0]
+            counts[order[:-rest]] -= 1
+        out[b] = counts
+        error += counts - w * size
+    return out
+
+
+def mixture_stream(groups: list[np.ndarray], weights: np.ndarray, total: int, seed: int, block: int) -> np.ndarray:
+    """The first `total` examples of a mixture's stream. Block b (of `block` positions: a step's batch when
+    unpacked) holds mixture_counts' examples of each source at seeded positions; each source's examples come from
+    its own stream (every epoch a fresh permutation of its training ids, as _stream)."""
+    counts = mixture_counts(weights, total, block)
+    streams = [_stream(np.asarray(g, np.int64), int(counts[:, s].sum()), seed, tag=(2, s)) if counts[:, s].sum()
+               else np.zeros(0, np.int64) for s, g in enumerate(groups)]
+    slots = np.concatenate([np.random.default_rng([seed, 3, b]).permutation(np.repeat(np.arange(len(groups)), c))
+                            for b, c in enumerate(counts)])
+    out = np.empty(total, dtype=np.int64)
+    for s, stream in enumerate(streams):
+        out[slots == s] = stream
+    return out
 
 
 def pack_rows(ids: np.ndarray, lengths: np.ndarray, seq_len: int, max_segments: int) -> list[np.ndarray]:
@@ -125,6 +207,7 @@ def make_plan(
     max_segments: int = 64,
     train_ids: np.ndarray | None = None,
     val_ids: np.ndarray | None = None,
+    mixture: Mixture | None = None,
 ) -> Plan:
     """Plan the whole run, for any machine (rows_per_batch fits it to a mesh).
 
@@ -132,21 +215,22 @@ def make_plan(
     every step takes the next batch_size examples. With packing, every step has the same number of rows (enough for
     batch_size examples of average length) and takes the next examples, first-fit into its rows, until it holds
     batch_size of them or the next one does not fit: about batch_size examples per step, in rows with little
-    padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on many devices.
+    padding. The plan's padding fraction shows what remains; a shorter --seq-len lowers it on many devices. With a
+    `mixture`, the stream is mixture_stream's (its groups are the training ids) and epochs count its epoch_size.
     """
-    lengths = np.asarray(lengths, dtype=np.int64)
-    trained = np.asarray(trained, dtype=np.int64)
-    ids_all = np.arange(len(lengths), dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
+    lengths, trained = np.asarray(lengths, dtype=np.int64), np.asarray(trained, dtype=np.int64)
+    ids_all = _training_ids(len(lengths), train_ids, mixture)
     n = len(ids_all)
     _check(lengths[ids_all], seq_len)
 
     # A step never takes more than batch_size examples, so steps * batch_size examples are enough for --steps;
     # packed steps may take fewer and leave the tail unused.
-    total = steps * batch_size if steps else max(1, int(round(epochs * n)))
-    stream = _stream(ids_all, total, seed)
+    epoch_size = n if mixture is None else mixture.epoch_size
+    total = steps * batch_size if steps else max(1, int(round(epochs * epoch_size)))
+    stream, mean_length = _plan_stream(ids_all, lengths, total, seed, batch_size, mixture)
     if pack:
         # enough rows for a batch of average examples with 5% to spare
-        rows_per_step = max(1, math.ceil(batch_size * float(lengths[ids_all].mean()) / (0.95 * seq_len)))
+        rows_per_step = max(1, math.ceil(batch_size * mean_length / (0.95 * seq_len)))
         take = functools.partial(_packed_step, lengths=lengths, rows=rows_per_step, seq_len=seq_len,
                                  batch_size=batch_size, max_segments=max_segments)
     else:
@@ -173,18 +257,48 @@ def make_plan(
         rows=rows,
         step_tokens=step_tokens_a,
         step_real_tokens=step_real_a,
-        epochs=round(consumed / n, 4),
+        epochs=round(consumed / epoch_size, 4),
         train_examples=n,
         real_tokens=int(step_real_a.sum()),
         trained_tokens=int(step_tokens_a.sum()),
         val_examples=np.asarray(val_ids if val_ids is not None else np.zeros(0, np.int64), dtype=np.int64),
+        **_source_totals(mixture, stream[:consumed], trained),
     )
 
 
-def _stream(ids: np.ndarray, total: int, seed: int) -> np.ndarray:
-    """The first `total` examples of the stream: every epoch a fresh permutation, seeded by the run's seed."""
+def _training_ids(n: int, train_ids: np.ndarray | None, mixture: Mixture | None) -> np.ndarray:
+    """The examples the plan trains on, sorted: a mixture's groups, the given ids, or all n."""
+    if mixture is not None:
+        return np.sort(np.concatenate(mixture.groups))
+    return np.arange(n, dtype=np.int64) if train_ids is None else np.asarray(train_ids, np.int64)
+
+
+def _plan_stream(ids: np.ndarray, lengths: np.ndarray, total: int, seed: int, batch_size: int,
+                 mixture: Mixture | None) -> tuple[np.ndarray, float]:
+    """(the plan's stream of examples, their expected mean length): _stream over the training ids, or a mixture's
+    stream (blocks of batch_size)."""
+    if mixture is None:
+        return _stream(ids, total, seed), float(lengths[ids].mean())
+    stream = mixture_stream(mixture.groups, mixture.weights, total, seed, batch_size)
+    return stream, float(sum(w * lengths[g].mean() for w, g in zip(mixture.weights, mixture.groups) if len(g)))
+
+
+def _source_totals(mixture: Mixture | None, taken: np.ndarray, trained: np.ndarray) -> dict[str, np.ndarray]:
+    """A mixture plan's source_examples and source_trained: what its steps take from each source."""
+    if mixture is None:
+        return {}
+    member = [np.isin(taken, g) for g in mixture.groups]
+    return {"source_examples": np.asarray([int(m.sum()) for m in member], dtype=np.int64),
+            "source_trained": np.asarray([int(trained[taken[m]].sum()) for m in member], dtype=np.int64)}
+
+
+def _stream(ids: np.ndarray, total: int, seed: int, tag: tuple[int, ...] = ()) -> np.ndarray:
+    """The first `total` examples of the stream: every epoch a fresh permutation, seeded by the run's seed (and
+    `tag`: a mixture's source)."""
     n = len(ids)
-    epochs = [ids[np.random.default_rng([seed, epoch]).permutation(n)] for epoch in range(math.ceil(total / n))]
+    if n == 0:
+        raise ConfigError("a source of the mixture has no training example (all held out, or none prepared)")
+    epochs = [ids[np.random.default_rng([seed, *tag, epoch]).permutation(n)] for epoch in range(math.ceil(total / n))]
     return np.concatenate(epochs)[:total]
 
 

@@ -65,6 +65,8 @@ def prepare(
     """Prepare the run's token cache; reuse it when the fingerprint matches, refuse a stale one unless overwrite."""
     t0 = time.time()
     progress = progress or Progress()
+    if cfg.sources:
+        raise ConfigError("a config with several sources is prepared by core.prepare_sources.prepare_sources")
 
     # Everything that can be wrong with the inputs is found before anything is written.
     promptsmod.validate(cfg.prompts)
@@ -75,29 +77,9 @@ def prepare(
         template = chat_template(cfg, records, loaded.tokenizer)
         components = _components(cfg, records, loaded, template)
         fingerprint = fingerprint_inputs(components)
-
-        previous = run.prepare
-        damaged = None
-        if previous is not None and previous.complete and previous.fingerprint == fingerprint and not overwrite:
-            damaged = cachemod.problem(run.cache_dir, fingerprint)
-            if damaged is not None:
-                logger.warning("The run's cache at %s %s: preparing it again", run.cache_dir, damaged)
-        if previous is not None and previous.complete and damaged is None:
-            if previous.fingerprint == fingerprint and not overwrite:
-                logger.info("The run's cache was prepared from the same inputs: reusing it")
-                stats = json.loads(io.read_text(run.stats_path))
-                return PrepareResult(True, stats, fingerprint)
-            if not overwrite:
-                differ = _differences(previous.inputs.components, components)
-                raise StageError(
-                    f"run {run.url} was prepared from different inputs ({differ}); "
-                    f"pass --overwrite to replace its cache, or use another --run-dir"
-                )
-        if overwrite and run.train is not None and (previous.fingerprint if previous else None) != fingerprint:
-            raise StageError(
-                f"run {run.url} already has training state; preparing new data into it would orphan its "
-                "checkpoints: use a new --run-dir"
-            )
+        reused = reuse_or_refuse(run, fingerprint, components, overwrite)
+        if reused is not None:
+            return reused
 
         record = PrepareRecord(
             config=cfg,
@@ -155,16 +137,17 @@ class Input:
                             hint="prepare it again once nothing writes to it")
 
 
-def read_input(cfg: PrepareConfig) -> Input:
+def read_input(cfg: PrepareConfig, pool: parallel.ProcessPool | None = None) -> Input:
     """The first pass: a JSON Lines file read as a stream in chunks on the engine's workers (its sha256, its
     records counted and checked), anything else read whole; DataError (one line, the error one process reading the
-    whole file finds first) before anything is written."""
+    whole file finds first) before anything is written. pool: the worker processes to use (a mixture's sources
+    share one), else new ones."""
     if not streams(cfg.data):
         records = load_records(cfg)
-        engine, _ = parallel.engine_for(cfg.workers, parallel.record_chunks(records))
+        engine, _ = parallel.engine_for(cfg.workers, parallel.record_chunks(records), pool)
         return Input(cfg.data, records.format, records.source, engine, len(records), records=records)
     stream = JsonlStream(cfg.data)
-    engine, chunks = parallel.engine_for(cfg.workers, parallel.block_chunks(stream))
+    engine, chunks = parallel.engine_for(cfg.workers, parallel.block_chunks(stream), pool)
     try:
         head, fmt, first_where, errors = _first_record(cfg, chunks)
         job = parallel.Job(cfg, cfg.data, fmt, first_where)
@@ -182,7 +165,8 @@ def read_input(cfg: PrepareConfig) -> Input:
         return Input(cfg.data, fmt, stream.source, engine, sum(counts), stream=stream, counts=counts,
                      first_where=first_where)
     except BaseException:
-        engine.close()
+        if engine is not pool:
+            engine.close()
         raise
 
 
@@ -213,6 +197,35 @@ def _first_record(cfg: PrepareConfig, chunks: Iterator[parallel.Chunk]) -> tuple
         except DataError as e:
             errors.append((parallel.INVALID, chunk.index, e))
     return head, fmt, first[0], errors
+
+
+def reuse_or_refuse(run: RunDir, fingerprint: str, components: dict, overwrite: bool) -> PrepareResult | None:
+    """The run's complete cache when it was prepared from the same inputs (and is undamaged); None when it is to be
+    (re)written; StageError for a cache prepared from other inputs (naming what differs) without --overwrite, or
+    new data over training state."""
+    previous = run.prepare
+    damaged = None
+    if previous is not None and previous.complete and previous.fingerprint == fingerprint and not overwrite:
+        damaged = cachemod.problem(run.cache_dir, fingerprint)
+        if damaged is not None:
+            logger.warning("The run's cache at %s %s: preparing it again", run.cache_dir, damaged)
+    if previous is not None and previous.complete and damaged is None:
+        if previous.fingerprint == fingerprint and not overwrite:
+            logger.info("The run's cache was prepared from the same inputs: reusing it")
+            stats = json.loads(io.read_text(run.stats_path))
+            return PrepareResult(True, stats, fingerprint)
+        if not overwrite:
+            differ = _differences(previous.inputs.components, components)
+            raise StageError(
+                f"run {run.url} was prepared from different inputs ({differ}); "
+                f"pass --overwrite to replace its cache, or use another --run-dir"
+            )
+    if overwrite and run.train is not None and (previous.fingerprint if previous else None) != fingerprint:
+        raise StageError(
+            f"run {run.url} already has training state; preparing new data into it would orphan its "
+            "checkpoints: use a new --run-dir"
+        )
+    return None
 
 
 def chat_template(cfg: PrepareConfig, records, tok):
@@ -276,11 +289,33 @@ def _differences(old: dict, new: dict) -> str:
         "mask_inputs": "--mask-inputs",
         "format": "cache format",
     }
-    diff = [names.get(k, k) for k in {**new, **old} if old.get(k) != new.get(k)]
+    diff = []
+    for k in {**new, **old}:
+        if old.get(k) != new.get(k):
+            if k == "sources" and old.get(k) and new.get(k):
+                diff += _source_differences(old[k], new[k])
+            else:
+                diff.append(names.get(k, k))
     return "differs in " + ", ".join(diff) if diff else "different fingerprint"
 
 
-def _fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
+def _source_differences(old: list[dict], new: list[dict]) -> list[str]:
+    """What differs between two mixtures' sources, by name: `sources[chat].weight (1.0 -> 2.0)`, or the sources
+    themselves (added, removed, reordered)."""
+    old_names, new_names = [s.get("name") for s in old], [s.get("name") for s in new]
+    if old_names != new_names:
+        return [f"sources ({', '.join(map(str, old_names))} -> {', '.join(map(str, new_names))})"]
+    out = []
+    for a, b in zip(old, new):
+        for key in {**a, **b}:
+            if a.get(key) != b.get(key):
+                shown = f" ({a.get(key)} -> {b.get(key)})" if key in ("weight", "epochs", "val_fraction",
+                                                                      "records", "train_on") else ""
+                out.append(f"sources[{b['name']}].{key}{shown}")
+    return out
+
+
+def fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
     """The run's cache written from scratch by write(cache_dir, advance, metadata) (a killed earlier attempt may have
     left a partial one, without its ledger), then sealed, and the tokenizer saved beside it; returns what write
     returns."""
@@ -304,33 +339,42 @@ def _fill_run_cache(run: RunDir, loaded, progress: Progress, n: int, write):
 def _build(cfg: PrepareConfig, run: RunDir, records: Input, loaded, template, progress: Progress) -> dict:
     """The second pass: every chunk tokenized (Stanford's labels for Alpaca records, core.chat's for
     conversations) on the engine, in order into the run's cache; returns the statistics."""
+    if template is not None and template.missing_tokens:
+        logger.warning("The tokenizer has no token %s: the %s template's markers are tokenized as plain text",
+                       " or ".join(template.missing_tokens), template.name)
+    what = "records" if template is None else "conversations"
+    t_tok = time.time()
+    totals = fill_run_cache(run, loaded, progress, len(records), lambda cache_dir, advance, metadata: write_cache(
+        cache_dir, tokenized_chunks(cfg, records, loaded, template), advance, metadata, what))
+    stats = compute_stats(totals, loaded.tokenizer, loaded.added)
+    stats.update(source_stats(cfg, records, template, totals, loaded.tokenizer))
+    stats["seconds_tokenize_and_write"] = round(time.time() - t_tok, 3)
+    return stats
+
+
+def tokenized_chunks(cfg: PrepareConfig, records: Input, loaded, template) -> Iterator[parallel.ChunkResult]:
+    """The second pass over one source: its chunks tokenized on its engine, results in order."""
     tok = loaded.tokenizer
     fast = False
     if template is None:
         fast, why = prefix_stable(tok)
         logger.debug("Prompt lengths %s (%s)", "from offsets" if fast else "by tokenizing prompts", why)
-    elif template.missing_tokens:
-        logger.warning("The tokenizer has no token %s: the %s template's markers are tokenized as plain text",
-                       " or ".join(template.missing_tokens), template.name)
     job = parallel.Job(cfg, cfg.data, records.format, records.first_where, template.text if template else None,
                        fast, loaded.local_dir, loaded.fingerprint)
-    engine = records.engine
-    if isinstance(engine, parallel.InProcess):
-        engine.tok = tok
-    what = "records" if template is None else "conversations"
-    t_tok = time.time()
-    totals = _fill_run_cache(run, loaded, progress, len(records), lambda cache_dir, advance, metadata: write_cache(
-        cache_dir, engine.map_ordered(parallel.tokenize_chunk, job, records.chunks(), cfg.data), advance, metadata,
-        what))
-    seconds_tokenize = time.time() - t_tok
-    stats = compute_stats(totals, tok, loaded.added)
+    if isinstance(records.engine, parallel.InProcess):
+        records.engine.tok = tok
+    return records.engine.map_ordered(parallel.tokenize_chunk, job, records.chunks(), cfg.data)
+
+
+def source_stats(cfg: PrepareConfig, records: Input, template, totals: Totals, tok) -> dict[str, Any]:
+    """What the table says of one source beyond compute_stats: records read, and the conversations' counts (or
+    whether Alpaca prompts' lengths came from offsets)."""
+    out: dict[str, Any] = {"records_read": len(records)}
     if template is not None:
-        stats.update(conversation_stats(totals.chat, records.format, template, cfg.train_on))
-    stats["records_read"] = len(records)
-    if template is None:
-        stats["fast_prompt_lengths"] = fast
-    stats["seconds_tokenize_and_write"] = round(seconds_tokenize, 3)
-    return stats
+        out.update(conversation_stats(totals.chat, records.format, template, cfg.train_on))
+    else:
+        out["fast_prompt_lengths"] = prefix_stable(tok)[0]
+    return out
 
 
 class Totals:
@@ -360,28 +404,49 @@ class Totals:
         if r.chat is not None:
             self.chat = r.chat if self.chat is None else self.chat.merge(r.chat)
 
+    def merge(self, other: Totals, label: str) -> None:
+        """A mixture's source's totals added to the whole's (its dropped examples named `label:index`)."""
+        self.lengths += other.lengths
+        self.records += other.records
+        self.examples += other.examples
+        self.trained += other.trained
+        self.truncated += other.truncated
+        self.truncated_tokens += other.truncated_tokens
+        self.prompts_tokenized_alone += other.prompts_tokenized_alone
+        self.special_text += other.special_text
+        for k, n in other.dropped.items():
+            self.dropped[k] = self.dropped.get(k, 0) + n
+        named = [(f"{label}:{i}", why) for i, why in other.dropped_examples]
+        self.dropped_examples.extend(named[: 1000 - len(self.dropped_examples)])
+
 
 def write_cache(cache_dir, results: Iterable[parallel.ChunkResult], advance, metadata, what: str) -> Totals:
     """Chunks' examples, in order, into Levanter's cache (one SerialCacheWriter: its ledger, which marks the cache
     complete, is written only when every row is in and nothing failed); returns their totals."""
     from levanter.store.cache import SerialCacheWriter
 
-    totals = Totals()
     with SerialCacheWriter(cache_dir, cachemod.EXEMPLAR, metadata=metadata) as writer:
-        for r in results:
-            totals.add(r)
-            if len(r.lengths):
-                cut = np.cumsum(r.lengths[:-1], dtype=np.int64)
-                writer.write_batch({"input_ids": np.split(r.ids, cut), "targets": np.split(r.targets, cut),
-                                    "source_index": list(r.source_index.reshape(-1, 1))})
-            if advance is not None:
-                advance(r.records)
-        if not totals.examples:
-            raise DataError(
-                f"no example is left to train on: all {totals.records} {what} were dropped "
-                f"({_reason_text(totals.dropped)})",
-                hint="raise --max-length or use --on-overflow truncate",
-            )
+        return write_results_into(writer, results, advance, what)
+
+
+def write_results_into(writer, results: Iterable[parallel.ChunkResult], advance, what: str) -> Totals:
+    """write_cache into an open SerialCacheWriter (a mixture writes its sources one after the other); DataError
+    when no example is left."""
+    totals = Totals()
+    for r in results:
+        totals.add(r)
+        if len(r.lengths):
+            cut = np.cumsum(r.lengths[:-1], dtype=np.int64)
+            writer.write_batch({"input_ids": np.split(r.ids, cut), "targets": np.split(r.targets, cut),
+                                "source_index": list(r.source_index.reshape(-1, 1))})
+        if advance is not None:
+            advance(r.records)
+    if not totals.examples:
+        raise DataError(
+            f"no example is left to train on: all {totals.records} {what} were dropped "
+            f"({_reason_text(totals.dropped)})",
+            hint="raise --max-length or use --on-overflow truncate",
+        )
     return totals
 
 
@@ -405,30 +470,63 @@ def conversation_stats(chat_stats, fmt: str, template, train_on: str) -> dict[st
 def prepare_validation(run: RunDir, data: str) -> str:
     """A held-out file prepared exactly like the run's training data (its tokenizer, templates, max length and
     mask; for conversations, the chat template's text the run recorded and --train-on), into
-    RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory."""
+    RUN/data/val/<fingerprint>/. Reused when it is already there. Returns the cache directory. In a mixture,
+    `FILE,source=NAME` prepares it like source NAME (default: _validation_config's choice)."""
     from levanter.store.cache import CacheMetadata
 
     prepared = run.require_prepare()
-    pcfg = dataclasses.replace(prepared.config, data=data)
-    records = load_records(pcfg)
-    fingerprint = fingerprint_inputs({"val": dataclasses.asdict(records.source), "prepared": prepared.fingerprint})
+    data, _, source = data.partition(",source=")  # a mixture's held-out data: FILE,source=NAME
+    pcfg, records, template_text, fmt, named = _validation_config(prepared, data, source or None)
+    identity = {"val": dataclasses.asdict(records.source), "prepared": prepared.fingerprint}
+    fingerprint = fingerprint_inputs({**identity, "source": named} if named else identity)
     cache_dir = run.val_cache_dir(fingerprint)
     if cachemod.problem(cache_dir, fingerprint) is None:
         return cache_dir
-    if (records.format == "alpaca") != (prepared.format == "alpaca"):
-        raise DataError(f"{data} holds {records.format} records, but the run was prepared from {prepared.format} "
+    if (records.format == "alpaca") != (fmt == "alpaca"):
+        raise DataError(f"{data} holds {records.format} records, but the run was prepared from {fmt} "
                         "ones", hint="give held-out data in the training data's format")
     tok = run.load_tokenizer()
     io.rm_tree(cache_dir)
     metadata = CacheMetadata(preprocessor_metadata={"alpaca_fingerprint": fingerprint})
     alpaca = records.format == "alpaca"
-    job = parallel.Job(pcfg, data, records.format, None, None if alpaca else prepared.chat_template,
+    job = parallel.Job(pcfg, data, records.format, None, None if alpaca else template_text,
                        prefix_stable(tok)[0] if alpaca else False)  # the template exactly as the training data used
     results = parallel.InProcess(tok).map_ordered(parallel.tokenize_chunk, job, parallel.record_chunks(records), data)
     totals = write_cache(cache_dir, results, None, metadata, "records" if alpaca else "conversations")
     cachemod.seal_cache(cache_dir, fingerprint)
     logger.info("Prepared %d held-out examples from %s", totals.examples, data)
     return cache_dir
+
+
+def _validation_config(prepared, data: str, source: str | None):
+    """(config, records, chat template text, format, source name or None) for held-out data: the run's settings,
+    or in a mixture the named source's (default: the first source whose records are of the held-out data's kind,
+    Alpaca or conversations), with the prompts and template exactly as it was prepared with."""
+    if not prepared.sources:
+        if source is not None:
+            raise ConfigError(f"--val-data {data},source={source}: the run was prepared from one source",
+                              hint=f"give --val-data {data}")
+        pcfg = dataclasses.replace(prepared.config, data=data)
+        return pcfg, load_records(pcfg), prepared.chat_template, prepared.format, None
+    import draccus
+
+    from alpaca_cli.config import PromptTemplates
+
+    resolved = {r.name: r for r in prepared.config.resolved_sources()}
+    if source is not None and source not in resolved:
+        raise ConfigError(f"--val-data {data},source={source}: the run has no source {source}",
+                          hint="one of " + ", ".join(resolved))
+    by_name = {s.name: (s, c) for s, c in zip(prepared.sources, prepared.inputs.components["sources"])}
+    names = [source] if source is not None else list(by_name)
+    for name in names:
+        record, components = by_name[name]
+        pcfg = dataclasses.replace(resolved[name].cfg, data=data)
+        if "prompts" in components:
+            pcfg = dataclasses.replace(pcfg, prompts=draccus.decode(PromptTemplates, components["prompts"]))
+        records = load_records(pcfg)
+        if (records.format == "alpaca") == (record.format == "alpaca") or name == names[-1]:
+            return pcfg, records, record.chat_template, record.format, name
+    raise AssertionError("unreachable")
 
 
 def _reason_text(dropped: dict[str, int]) -> str:

@@ -15,9 +15,11 @@ from alpaca_cli.core import attention as attention_mod
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import lora as lora_mod
 from alpaca_cli.core.models import COPY_WEIGHTS, check_vocab, check_weights
-from alpaca_cli.core.plan import Plan, make_plan, rows_per_batch, split_validation
+from alpaca_cli.core.plan import (Mixture, Plan, make_plan, mixture_weights, rows_per_batch, split_validation,
+                                  split_validation_by_source)
 from alpaca_cli.errors import ConfigError
-from alpaca_cli.records import LoraRecord, MemoryEstimate, MeshShape, OptimizerSummary, PlanRecord
+from alpaca_cli.records import (LoraRecord, MemoryEstimate, MeshShape, OptimizerSummary, PlanRecord, PlanSource,
+                                SourceRecord)
 from alpaca_cli.rundir import RunDir
 from alpaca_cli.train_config import TrainConfig
 
@@ -33,6 +35,8 @@ class Prepared:
     prompts: object  # PromptTemplates
     lengths: np.ndarray
     trained: np.ndarray
+    sources: list[SourceRecord] = dataclasses.field(default_factory=list)
+    """A mixture's sources (their row ranges, weights or epochs, held-out fractions); empty for one source."""
 
 
 def load_prepared(run: RunDir) -> Prepared:
@@ -46,7 +50,32 @@ def load_prepared(run: RunDir) -> Prepared:
         prompts=record.config.prompts,
         lengths=prepared_cache.lengths(),
         trained=prepared_cache.trained_tokens(),
+        sources=list(record.sources),
     )
+
+
+def mixture_for(sources: list[SourceRecord], val_fraction: float, seed: int) -> tuple[Mixture, np.ndarray]:
+    """(the Mixture train samples, the held-out ids) of a prepared mixture: each source holds out its own
+    val_fraction (else train's), and is drawn by its weight, or its epochs x its training examples."""
+    names = [s.name for s in sources]
+    groups, val_ids = split_validation_by_source(
+        [(s.rows[0], s.rows[1]) for s in sources],
+        [s.val_fraction if s.val_fraction is not None else val_fraction for s in sources], seed, names)
+    weights, epoch_size = mixture_weights([len(g) for g in groups], [s.weight for s in sources],
+                                          [s.epochs for s in sources])
+    return Mixture(groups, weights, epoch_size, names), val_ids
+
+
+def plan_sources(plan: Plan, mixture: Mixture | None) -> list[PlanSource]:
+    """The plan record's view of a mixture: what its steps take from each source."""
+    if mixture is None:
+        return []
+    taken, trained = plan.source_examples, plan.source_trained
+    return [PlanSource(name=name, train_examples=len(g), examples=int(taken[s]),
+                       epochs=round(int(taken[s]) / max(1, len(g)), 4),
+                       share_examples=round(int(taken[s]) / max(1, int(taken.sum())), 4),
+                       share_trained=round(int(trained[s]) / max(1, int(trained.sum())), 4))
+            for s, (name, g) in enumerate(zip(mixture.names, mixture.groups))]
 
 
 @dataclass
@@ -62,6 +91,8 @@ class Layout:
     attention: attention_mod.AttentionChoice
     rows_per_batch: int
     """Rows of each step's batch on this mesh: the plan's, then empty ones up to a multiple of the row slots."""
+    mixture: Mixture | None = None
+    """The sources the plan samples (a prepared mixture), or None."""
 
 
 @dataclass
@@ -228,6 +259,7 @@ def plan_record(cfg: TrainConfig, layout: Layout, *, params: int, trainable: int
             model_and_optimizer=round(state_bytes / 2**30, 3),
             activations_estimate=round(act_bytes / 2**30, 3),
         ),
+        sources=plan_sources(plan, layout.mixture),
     )
 
 
@@ -265,7 +297,12 @@ def layout_for(cfg: TrainConfig, prepared: Prepared, machine) -> Layout:
     platform = machine.platform if machine is not None else attention_mod.platform_of(jax.devices()[0])
     attention = attention_mod.choose(cfg.attention, cfg.attention_block, cfg.seq_len, platform)
     seed = cfg.trainer.seed
-    train_ids, val_ids = split_validation(len(prepared.lengths), cfg.val_fraction, seed)
+    mixture = None
+    if prepared.sources:
+        mixture, val_ids = mixture_for(prepared.sources, cfg.val_fraction, seed)
+        train_ids = None
+    else:
+        train_ids, val_ids = split_validation(len(prepared.lengths), cfg.val_fraction, seed)
     plan = make_plan(
         prepared.lengths,
         prepared.trained,
@@ -278,8 +315,9 @@ def layout_for(cfg: TrainConfig, prepared: Prepared, machine) -> Layout:
         max_segments=cfg.max_segments_per_row,
         train_ids=train_ids,
         val_ids=val_ids,
+        mixture=mixture,
     )
-    return Layout(plan, dp, tp, attention, rows_per_batch(plan.rows_per_step, _row_slots(cfg, dp)))
+    return Layout(plan, dp, tp, attention, rows_per_batch(plan.rows_per_step, _row_slots(cfg, dp)), mixture)
 
 
 def set_up(cfg: TrainConfig, run: RunDir, prepared: Prepared, layout: Layout, base, *, dry_run: bool) -> TrainSetup:
