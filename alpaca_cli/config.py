@@ -306,6 +306,9 @@ class PrepareConfig:
     workers: Optional[int] = None
     """Processes that read and tokenize (the cache is the same for any number); 0: this process only. Default: the
     available cores."""
+    ray_address: Optional[str] = None
+    """Tokenize on this existing Ray cluster (host:port, or `auto`: the one started on this machine) instead of this
+    machine's cores; the same cache. Needs the ray extra here and on the cluster's nodes."""
 
     def __post_init__(self):
         problems, named = [], PREPARE_FLAGS.named
@@ -425,7 +428,7 @@ PREPARE_FLAGS = Flags(
          "Repeat it for a mixture: SPEC,key=value,... with keys " + ", ".join(SOURCE_KEYS[:1] + SOURCE_KEYS[2:])
          + " (e.g. --data chat.jsonl,format=messages,weight=1).", type=list[str]),
     "split", "revision", "format", "instruction_field", "input_field", "output_field",
-    "tokenizer", "chat_template", "train_on", "max_length", "on_overflow", "mask_inputs", "workers",
+    "tokenizer", "chat_template", "train_on", "max_length", "on_overflow", "mask_inputs", "workers", "ray_address",
     set_example="messages_field=dialog",
 )
 EXPORT_FLAGS = Flags(

@@ -28,16 +28,19 @@ class BarProgress:
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
             console=stderr,
             transient=True,
         )
         self._progress.start()
-        self._task = self._progress.add_task(description, total=total)
+        self._task = self._progress.add_task(description, total=total, rate="")
 
     def advance(self, n: int) -> None:
         if self._progress is not None:
             self._progress.advance(self._task, n)
+            speed = next(t.speed for t in self._progress.tasks if t.id == self._task)  # all workers together
+            self._progress.update(self._task, rate=f"{speed:,.0f}/s" if speed else "")
 
     def stop(self) -> None:
         if self._progress is not None:

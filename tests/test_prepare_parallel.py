@@ -360,3 +360,26 @@ def test_a_workers_error_reaches_the_command_whole(tmp_path, alpaca_file, tokeni
         run_prepare(tmp_path, "two", path, tokenizer_dir, workers=2, max_length=40, on_overflow="error")
     assert (str(got.value), got.value.hint) == (str(one.value), one.value.hint)
     assert open_run(str(tmp_path / "two")).prepare.status == "failed"
+
+
+def test_a_mixture_on_2_workers_gives_the_one_process_cache(tmp_path, alpaca_file, tokenizer_dir, monkeypatch):
+    from alpaca_cli.config import SourceConfig
+    from alpaca_cli.core.prepare_sources import prepare_sources
+
+    path, _ = alpaca_file
+    other = write_lines(tmp_path / "other.jsonl", synthetic_records(80, seed=5))
+
+    def mix(name, workers):
+        run = open_run(str(tmp_path / name), create=True)
+        cfg = PrepareConfig(data=path, tokenizer=tokenizer_dir, workers=workers, sources=[
+            SourceConfig(data=path, name="a", weight=3.0), SourceConfig(data=other, name="b", weight=1.0)])
+        return prepare_sources(cfg, run), run
+
+    one_result, one = mix("one", 0)
+    shrink_chunks(monkeypatch, path)
+    used = engines_used(monkeypatch)
+    result, run = mix("two", 2)
+    assert used == [("ProcessPool", 2), ("ProcessPool", 2)]  # both sources on worker processes
+    assert cache_digest(run) == cache_digest(one)
+    assert [s.rows for s in run.prepare.sources] == [s.rows for s in one.prepare.sources]
+    assert comparable(result.stats) == comparable(one_result.stats)

@@ -228,8 +228,9 @@ def _fault(index: int) -> None:
     if int(at) != index:
         return
     if when == "once":
-        folder = os.environ.get(FAULT_DIR_ENV) or tempfile.gettempdir()
-        marker = os.path.join(folder, f"alpaca-fault-{os.getppid()}-{index}")
+        folder = os.environ.get(FAULT_DIR_ENV)  # shared by every try, wherever it runs (a Ray cluster's nodes)
+        marker = (os.path.join(folder, f"alpaca-fault-{index}") if folder else
+                  os.path.join(tempfile.gettempdir(), f"alpaca-fault-{os.getppid()}-{index}"))
         if os.path.exists(marker):
             return
         open(marker, "w").close()
@@ -241,14 +242,19 @@ def _fault(index: int) -> None:
 _IN_WORKER = False
 
 
-def _init_worker() -> None:
-    """A spawned worker: one tokenizer thread (the cores are the workers'), no accelerator, Ctrl-C left to the
-    parent (which stops the pool)."""
+def enter_worker() -> None:
+    """This process is a worker (a spawned one, or one Ray started): one tokenizer thread (the cores are the
+    workers'), no accelerator."""
     global _IN_WORKER
     _IN_WORKER = True
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+def _init_worker() -> None:
+    """A spawned worker; Ctrl-C left to the parent (which stops the pool)."""
+    enter_worker()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -355,7 +361,10 @@ class ProcessPool:
 def engine_for(workers: int | None, chunks: Iterator[Chunk],
                pool: ProcessPool | None = None) -> tuple[InProcess | ProcessPool, Iterator[Chunk]]:
     """The engine for a source's chunks: `workers` processes (None: one per available core; `pool` when given), or
-    this process when workers is 0 or the source has at most 2 chunks (a worker's start costs more than it saves)."""
+    this process when workers is 0 or the source has at most 2 chunks (a worker's start costs more than it saves);
+    a Ray cluster (core.ray_engine, --ray-address) for every source."""
+    if getattr(pool, "cluster", False):
+        return pool, chunks
     head = list(islice(chunks, 3))
     n = available_cores() if workers is None else workers
     engine = InProcess() if n == 0 or len(head) < 3 else (pool or ProcessPool(n))

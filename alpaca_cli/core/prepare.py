@@ -70,9 +70,10 @@ def prepare(
 
     # Everything that can be wrong with the inputs is found before anything is written.
     promptsmod.validate(cfg.prompts)
-    records = read_input(cfg)
-    loaded = None
+    cluster = ray_cluster(cfg)
+    records = loaded = None
     try:
+        records = read_input(cfg, cluster)
         loaded = load_tokenizer(cfg.tokenizer)
         template = chat_template(cfg, records, loaded.tokenizer)
         components = _components(cfg, records, loaded, template)
@@ -99,9 +100,21 @@ def prepare(
             )
         return PrepareResult(False, stats, fingerprint)
     finally:
-        records.engine.close()
+        if records is not None:
+            records.engine.close()
+        if cluster is not None:
+            cluster.close()
         if loaded is not None:
             shutil.rmtree(loaded.local_dir, ignore_errors=True)
+
+
+def ray_cluster(cfg: PrepareConfig):
+    """The Ray cluster of --ray-address (core.ray_engine), connected; None without it (nothing imports Ray)."""
+    if cfg.ray_address is None:
+        return None
+    from alpaca_cli.core.ray_engine import RayCluster
+
+    return RayCluster(cfg.ray_address)
 
 
 # -- the first pass: every record read and checked --------------------------------------------------------------

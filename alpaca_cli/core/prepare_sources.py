@@ -28,8 +28,8 @@ from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core import parallel
 from alpaca_cli.core.plan import mixture_weights
 from alpaca_cli.core.prepare import (CACHE_FORMAT, Input, PrepareResult, Progress, Totals, chat_template,
-                                     compute_stats, fill_run_cache, fingerprint_inputs, read_input, reuse_or_refuse,
-                                     source_stats, tokenized_chunks, write_results_into)
+                                     compute_stats, fill_run_cache, fingerprint_inputs, ray_cluster, read_input,
+                                     reuse_or_refuse, source_stats, tokenized_chunks, write_results_into)
 from alpaca_cli.core.tokenize import load_tokenizer
 from alpaca_cli.records import PrepareInputs, PrepareRecord, PrepareSummary, SourceRecord
 from alpaca_cli.rundir import RunDir
@@ -56,7 +56,8 @@ def prepare_sources(cfg: PrepareConfig, run: RunDir, *, overwrite: bool = False,
     t0 = time.time()
     progress = progress or Progress()
     loaded = load_tokenizer(cfg.tokenizer)
-    pool = parallel.ProcessPool(parallel.available_cores() if cfg.workers is None else max(1, cfg.workers))
+    pool = ray_cluster(cfg) or parallel.ProcessPool(
+        parallel.available_cores() if cfg.workers is None else max(1, cfg.workers))
     try:
         inputs = []
         for s in cfg.resolved_sources():
