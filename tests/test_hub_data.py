@@ -43,3 +43,66 @@ def test_prepare_from_a_hub_dataset_records_its_revision(tmp_path, fixture_data)
         assert stale.returncode == 1 and "differs in data" in error_line(stale)
     finally:
         hub.stop()
+
+
+CHUNKED = r"""
+import json, sys
+from alpaca_cli.core import parallel
+from alpaca_cli.config import PrepareConfig
+from alpaca_cli.core.data import load_records
+from alpaca_cli.core.prepare import prepare
+from alpaca_cli.errors import DataError
+from alpaca_cli.rundir import open_run
+
+data, tokenizer, run, workers = sys.argv[1:5]
+parallel.CHUNK_RECORDS = 3  # many chunks of a small dataset, read from its Arrow files one at a time
+cfg = PrepareConfig(data=data, tokenizer=tokenizer, workers=int(workers))
+out = {}
+try:
+    load_records(cfg)  # the whole dataset read at once, as held-out data is
+except DataError as e:
+    out["whole"] = str(e)
+try:
+    out["examples"] = prepare(cfg, open_run(run, create=True)).stats["examples"]
+except DataError as e:
+    out["chunked"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_a_hub_dataset_is_read_in_chunks_on_the_workers_into_the_local_files_cache(tmp_path, fixture_data,
+                                                                                    tokenizer_dir):
+    """A Hub dataset is not read whole: its rows go to the workers in chunks, and the cache holds the arrays the same
+    records give from a local file; a bad record in a later chunk is the error reading it whole gives."""
+    import json
+
+    from test_prepare_parallel import cache_digest
+
+    from alpaca_cli.config import PrepareConfig
+    from alpaca_cli.core.prepare import prepare
+
+    records = [json.loads(x) for x in open(fixture_data) if x.strip()]
+    local = open_run(str(tmp_path / "local"), create=True)
+    kept = prepare(PrepareConfig(data=fixture_data, tokenizer=tokenizer_dir, workers=0), local).stats["examples"]
+    hub = FakeHub.start()
+    try:
+        env = cli_env(**hub.env(), HF_DATASETS_OFFLINE="0", HF_HOME=str(tmp_path / "hf-home"))
+        subprocess.run([sys.executable, "-c", UPLOAD, fixture_data], env=env, check=True, capture_output=True)
+        run = str(tmp_path / "hub")
+        out = subprocess.run([sys.executable, "-c", CHUNKED, "tester/mini-alpaca", tokenizer_dir, run, "2"], env=env,
+                             check=True, capture_output=True, text=True)
+        assert json.loads(out.stdout.splitlines()[-1]) == {"examples": kept}
+        assert len(records) > 3 * 3  # several chunks, so the workers were used
+        assert cache_digest(open_run(run), arrays_only=True) == cache_digest(local, arrays_only=True)
+
+        bad = tmp_path / "bad.jsonl"
+        records[len(records) - 2] = {"instruction": "no output here"}
+        bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+        subprocess.run([sys.executable, "-c", UPLOAD, str(bad)], env=env, check=True, capture_output=True)
+        out = subprocess.run([sys.executable, "-c", CHUNKED, "tester/mini-alpaca", tokenizer_dir,
+                              str(tmp_path / "bad-run"), "2"], env=env, check=True, capture_output=True, text=True)
+        errors = json.loads(out.stdout.splitlines()[-1])
+        assert errors["chunked"] == errors["whole"] and f"row {len(records) - 2}" in errors["chunked"]
+        assert not (tmp_path / "bad-run" / "data" / "cache").exists()
+    finally:
+        hub.stop()

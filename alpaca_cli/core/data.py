@@ -252,12 +252,12 @@ def first_record(text: str, first_line: int) -> tuple[str, Any] | None:
 
 
 def parse_rows(rows: list[tuple[str, Any]], cfg: PrepareConfig, fmt: str, source: str,
-               first_where: str | None) -> Records:
+               first_where: str | None, null_is_missing: bool = False) -> Records:
     """Validated records of a known format (a chunk of a file: first_where is the file's first record, which
-    --format auto's one-format check names)."""
+    --format auto's one-format check names; null_is_missing for a Hub dataset's rows)."""
     if fmt == "alpaca":
-        return _columns(rows, cfg, source)
-    return _conversations(rows, cfg, fmt, source, False, first_where=first_where)
+        return _columns(rows, cfg, source, null_is_missing)
+    return _conversations(rows, cfg, fmt, source, null_is_missing, first_where=first_where)
 
 
 class _Duplicated(dict):
@@ -450,8 +450,27 @@ def _json_type(v: Any) -> str:
 # -- the Hub ------------------------------------------------------------------------------------------------------
 
 
-def _load_hub(cfg: PrepareConfig) -> Records:
-    """A Hub dataset, pinned to the commit it resolved to (that commit is the fingerprint)."""
+@dataclass
+class HubTable:
+    """A Hub dataset opened, not read: `datasets` keeps it as memory-mapped Arrow files on disk, and its rows are
+    read in chunks (rows(start, stop)), so memory does not grow with the data set."""
+
+    ds: Any
+    where: str
+    source: DataSource
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def rows(self, start: int, stop: int) -> list[tuple[str, dict]]:
+        """(where, record) of rows [start, stop); a field absent from a record is None (null_is_missing)."""
+        batch = self.ds[start:stop]
+        columns = list(batch)
+        return [(f"row {start + i}", {c: batch[c][i] for c in columns}) for i in range(stop - start)]
+
+
+def open_hub(cfg: PrepareConfig) -> HubTable:
+    """A Hub dataset, pinned to the commit it resolved to (that commit is the fingerprint), its columns checked."""
     try:
         from huggingface_hub import HfApi
 
@@ -469,11 +488,20 @@ def _load_hub(cfg: PrepareConfig) -> Records:
     except Exception as e:  # noqa: BLE001
         raise DataError(f"--data {cfg.data} (split {cfg.split}): cannot load ({type(e).__name__}: {first_line(e, None)})") from None
     _check_columns(cfg, ds.column_names)
-    rows = ((f"row {i}", row) for i, row in enumerate(ds))
-    records = _records(rows, cfg, cfg.data, null_is_missing=True)
-    if not len(records):
+    if not len(ds):
         raise DataError(f"--data {cfg.data} (split {cfg.split}): holds no records")
-    records.source = DataSource(kind="hub", id=cfg.data, revision=sha, split=cfg.split)
+    return HubTable(ds, cfg.data, DataSource(kind="hub", id=cfg.data, revision=sha, split=cfg.split))
+
+
+def is_hub(spec: str) -> bool:
+    return not is_file_source(spec) and bool(_HUB_ID.match(spec))
+
+
+def _load_hub(cfg: PrepareConfig) -> Records:
+    """A Hub dataset's records, read whole (held-out data; prepare reads its training data in chunks)."""
+    table = open_hub(cfg)
+    records = _records(table.rows(0, len(table)), cfg, cfg.data, null_is_missing=True)
+    records.source = table.source
     return records
 
 

@@ -47,7 +47,8 @@ UTF8, NOT_JSON_LINES, MALFORMED, INVALID = range(4)
 
 @dataclass
 class Chunk:
-    """A piece of one source: a JSON Lines block (bytes: its lines from first_line on) or validated Records."""
+    """A piece of one source: a JSON Lines block (bytes: its lines from first_line on), a Hub dataset's rows (a list
+    of (where, record)) or validated Records."""
 
     index: int
     payload: Any
@@ -125,6 +126,14 @@ def block_chunks(stream: datamod.JsonlStream, counts: list[int] | None = None) -
         start += n
 
 
+def table_chunks(table: datamod.HubTable) -> Iterator[Chunk]:
+    """A Hub dataset's chunks (each CHUNK_RECORDS rows as (where, record), read from its Arrow files when made)."""
+    n = len(table)
+    for i, start in enumerate(range(0, n, CHUNK_RECORDS)):
+        stop = min(start + CHUNK_RECORDS, n)
+        yield Chunk(i, table.rows(start, stop), first_record=start, records=stop - start)
+
+
 def record_chunks(records: datamod.Records) -> Iterator[Chunk]:
     """Chunks of records read whole (each a Records of CHUNK_RECORDS of them)."""
     n = len(records)
@@ -140,7 +149,14 @@ def record_chunks(records: datamod.Records) -> Iterator[Chunk]:
 
 
 def validate_chunk(job: Job, chunk: Chunk) -> Checked:
-    """The first pass over a JSON Lines block: its records counted and checked (no tokenizer)."""
+    """The first pass over a JSON Lines block (or a Hub dataset's rows): its records counted and checked (no
+    tokenizer)."""
+    if isinstance(chunk.payload, list):  # a Hub dataset's rows
+        try:
+            datamod.parse_rows(chunk.payload, job.cfg, job.fmt, job.where, job.first_where, null_is_missing=True)
+        except DataError as e:
+            return Checked(len(chunk.payload), (INVALID, e))
+        return Checked(len(chunk.payload))
     try:
         text = datamod.decode_block(chunk.payload, chunk.first_line, job.where, first=chunk.index == 0)
     except DataError as e:
@@ -167,7 +183,9 @@ def tokenize_chunk(job: Job, chunk: Chunk, tok=None) -> ChunkResult:
     _fault(chunk.index)
     tok = tok if tok is not None else worker_tokenizer(job)
     records = chunk.payload
-    if not isinstance(records, datamod.Records):
+    if isinstance(records, list):  # a Hub dataset's rows
+        records = datamod.parse_rows(records, job.cfg, job.fmt, job.where, job.first_where, null_is_missing=True)
+    elif not isinstance(records, datamod.Records):
         text = datamod.decode_block(records, chunk.first_line, job.where, first=chunk.index == 0)
         records = datamod.parse_rows(datamod.parse_lines(text, chunk.first_line, job.where), job.cfg, job.fmt,
                                      job.where, job.first_where)

@@ -21,8 +21,8 @@ from alpaca_cli.config import PrepareConfig
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import parallel
 from alpaca_cli.core import prompts as promptsmod
-from alpaca_cli.core.data import (JsonlStream, Records, decode_block, detect, first_record, load_records,
-                                  not_json_lines, streams)
+from alpaca_cli.core.data import (HubTable, JsonlStream, Records, decode_block, detect, first_record, is_hub,
+                                  load_records, not_json_lines, open_hub, streams)
 from alpaca_cli.core.tokenize import load_tokenizer, prefix_stable
 from alpaca_cli.errors import ConfigError, DataError, StageError
 from alpaca_cli.records import DataSource, PrepareInputs, PrepareRecord, PrepareSummary
@@ -135,12 +135,16 @@ class Input:
     counts: list[int] = field(default_factory=list)
     """Records per chunk of the stream."""
     records: Records | None = None
+    table: HubTable | None = None
     first_where: str | None = None
 
     def __len__(self) -> int:
         return self.count
 
     def chunks(self) -> Iterator[parallel.Chunk]:
+        if self.table is not None:
+            yield from parallel.table_chunks(self.table)
+            return
         if self.stream is None:
             yield from parallel.record_chunks(self.records)
             return
@@ -155,6 +159,8 @@ def read_input(cfg: PrepareConfig, pool: parallel.ProcessPool | None = None) -> 
     records counted and checked), anything else read whole; DataError (one line, the error one process reading the
     whole file finds first) before anything is written. pool: the worker processes to use (a mixture's sources
     share one), else new ones."""
+    if is_hub(cfg.data):
+        return _read_hub(cfg, pool)
     if not streams(cfg.data):
         records = load_records(cfg)
         engine, _ = parallel.engine_for(cfg.workers, parallel.record_chunks(records), pool)
@@ -177,6 +183,25 @@ def read_input(cfg: PrepareConfig, pool: parallel.ProcessPool | None = None) -> 
             raise DataError(f"--data {cfg.data}: the file is empty")
         return Input(cfg.data, fmt, stream.source, engine, sum(counts), stream=stream, counts=counts,
                      first_where=first_where)
+    except BaseException:
+        if engine is not pool:
+            engine.close()
+        raise
+
+
+def _read_hub(cfg: PrepareConfig, pool) -> Input:
+    """The first pass over a Hub dataset: opened (memory-mapped, not read), its rows checked in chunks on the
+    engine's workers; the first bad record's error, as reading it whole finds it."""
+    table = open_hub(cfg)
+    engine, chunks = parallel.engine_for(cfg.workers, parallel.table_chunks(table), pool)
+    try:
+        first = table.rows(0, 1)[0]
+        fmt = cfg.format if cfg.format != "auto" else detect(first[1], cfg, True, where=f"{cfg.data} {first[0]}")
+        job = parallel.Job(cfg, cfg.data, fmt, first[0])
+        for checked in engine.map_ordered(parallel.validate_chunk, job, chunks, cfg.data):
+            if checked.error is not None:
+                raise checked.error[1]
+        return Input(cfg.data, fmt, table.source, engine, len(table), table=table, first_where=first[0])
     except BaseException:
         if engine is not pool:
             engine.close()
