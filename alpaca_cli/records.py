@@ -174,6 +174,9 @@ class CompiledMemory:
     verdict: str = ""
     """fits, borderline or does not fit (with the margins of docs/planning.md)."""
     verdict_text: str = ""
+    refused: bool = False
+    """XLA:TPU refused to place the step in the chip's memory: `total` is the least it said the step needs, and
+    there is no breakdown (arguments, outputs and temporaries are 0)."""
 
 
 @dataclass

@@ -135,8 +135,8 @@ def print_comparison(plans) -> None:
     for p in plans:
         cpu, tpu = p["_cpu"]["compiled"]["memory_per_device_gib"], p["compiled"]["memory_per_device_gib"]
         per_pass = p["_pdp"] or p["rows_per_batch"] // p["mesh"]["data_parallel_fsdp"]
-        detail = (f"{tpu['total']:.1f} ({tpu['arguments']:.1f} + {tpu['temporaries']:.1f})" if tpu["arguments"]
-                  else f"at least {tpu['total']:.1f} (refused)")
+        detail = (f"at least {tpu['total']:.1f} (refused)" if tpu["refused"]
+                  else f"{tpu['total']:.1f} ({tpu['arguments']:.1f} + {tpu['temporaries']:.1f})")
         print(f"| Llama-2-{p['_model'].upper()} | {p['platform']} | {p['seq_len']} | {per_pass} | "
               f"{cpu['accelerator_total']:.1f} | {cpu['verdict']} | {detail} | {tpu['verdict']} | "
               f"{tpu['target_usable']:.1f} | {p['_cpu']['_wall']:.0f} s / {p['_wall']:.0f} s |")

@@ -70,6 +70,18 @@ def plan(run, model, *args, **env):
     return json.loads(out.stdout)
 
 
+def table_row(plan_json: dict, name: str) -> str:
+    """A row of the plan table `alpaca train --dry-run` prints for this plan."""
+    import draccus
+
+    from alpaca_cli.commands.train import plan_table
+    from alpaca_cli.records import PlanRecord
+
+    table = plan_table(draccus.decode(PlanRecord, plan_json))
+    rows = dict(zip(table.columns[0]._cells, table.columns[1]._cells))
+    return rows[name]
+
+
 def test_llama_2_7b_fits_a_v4_8_by_xla_tpu_figures(run, models):
     p = plan(run, models / "llama-2-7b", "--target", "v4-8", "--seq-len", "2048")
     c, mem = p["compiled"], p["compiled"]["memory_per_device_gib"]
@@ -82,6 +94,8 @@ def test_llama_2_7b_fits_a_v4_8_by_xla_tpu_figures(run, models):
     assert mem["arguments"] < mem["total"] <= mem["target_usable"] == 31.5
     assert mem["verdict"] == "fits" and mem["verdict_text"] == (
         f"fits v4-8 (32 GiB per device, 31.5 usable): {mem['total']:.1f} GiB per device (XLA:TPU)")
+    assert not mem["refused"] and table_row(p, "compiled step").startswith(
+        f"{mem['total']:.2f} GiB per device on XLA:TPU: arguments {mem['arguments']:.2f}, outputs")
     tokens = p["rows_per_batch"] * p["seq_len"]  # the TPU program's loops counted by their bounds
     assert 6 * PARAMS_7B * tokens < c["compiled_flops_per_step"] < 9.5 * PARAMS_7B * tokens
     # the same plan estimated with XLA:CPU: other figures (float32 activations, CPU fusion), a margin in the verdict
@@ -97,6 +111,9 @@ def test_long_rows_on_a_v3_8_do_not_fit_by_xla_tpu(run, models):
     c, mem = p["compiled"], p["compiled"]["memory_per_device_gib"]
     assert c["compiler"] == "XLA:TPU" and (p["attention"], p["attention_block"]) == ("flash", 1024)
     assert mem["verdict"] == "does not fit" and mem["total"] > mem["target_usable"] == 15.5
+    assert mem["refused"] and mem["arguments"] == mem["temporaries"] == 0  # the least it needs, no breakdown
+    assert table_row(p, "compiled step").startswith(  # the table says so, not "arguments 0.00"
+        f"at least {mem['total']:.2f} GiB per device on XLA:TPU, which refused to place it (no breakdown)")
     assert mem["verdict_text"].startswith(
         f"does not fit v3-8 (16 GiB per device, 15.5 usable): at least {mem['total']:.1f} GiB per device (XLA:TPU "
         "refused to compile it for the chip's HBM); use fewer rows per device (--per-device-rows)")

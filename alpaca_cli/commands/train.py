@@ -132,12 +132,15 @@ def plan_table(plan):
     c = plan.compiled
     if c is not None:
         m = c.memory_per_device_gib
+        step = (f"at least {m.total:.2f} GiB per device on {c.compiler}, which refused to place it (no breakdown)"
+                if m.refused else
+                f"{m.total:.2f} GiB per device on {c.compiler}: arguments {m.arguments:.2f}, outputs {m.outputs:.2f} "
+                f"(reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}"
+                + (f" (of which {m.cpu_upcast:.2f} float32 copies of bfloat16 weights, CPU only)" if m.cpu_upcast
+                   else ""))
         rows += [
             ("compiled by", c.compiled_by),
-            ("compiled step", f"{m.total:.2f} GiB per device on {c.compiler}: arguments {m.arguments:.2f}, outputs "
-                              f"{m.outputs:.2f} (reusing {m.aliased:.2f}), temporaries {m.temporaries:.2f}"
-                              + (f" (of which {m.cpu_upcast:.2f} float32 copies of bfloat16 weights, CPU only)"
-                                 if m.cpu_upcast else "") + f"; compiled in {c.compile_seconds:.0f} s"),
+            ("compiled step", f"{step}; compiled in {c.compile_seconds:.0f} s"),
             ("verdict", m.verdict_text),
             ("FLOPs per step", f"{c.model_flops_per_step:.3g} (model), {c.compiled_flops_per_step:.3g} (compiled)"),
             ("time", f"{c.step_seconds_at_40_mfu:.2f} s / step, {c.epoch_hours_at_40_mfu:.2f} h / epoch at 40% MFU; "

@@ -199,6 +199,7 @@ def _compile_for_target(setup: TrainSetup, machine):
             temporaries=r(step.temporaries_gib), total=r(step.total_gib), cpu_upcast=r(step.upcast_gib),
             accelerator_total=r(step.accelerator_total_gib), target_memory=machine.memory_gib,
             target_usable=r(machine.usable_gib), verdict=verdict, verdict_text=text,
+            refused=step.needed_gib is not None,
         ),
         compiled_flops_per_step=float(f"{step.flops_per_device * machine.devices:.4e}"),
         model_flops_per_step=float(f"{model_flops:.4e}"),
