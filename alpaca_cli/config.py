@@ -305,7 +305,8 @@ class PrepareConfig:
     file). Empty: the one source of --data."""
     workers: Optional[int] = None
     """Processes that read and tokenize (the cache is the same for any number); 0: this process only. Default: the
-    available cores."""
+    available cores (a source of at most 2 chunks, 8 MB of JSON Lines or 8,192 records, runs in this process;
+    --ray-address uses the cluster instead)."""
     ray_address: Optional[str] = None
     """Tokenize on this existing Ray cluster (host:port, or `auto`: the one started on this machine) instead of this
     machine's cores; the same cache. Needs the ray extra here and on the cluster's nodes."""

@@ -13,7 +13,8 @@ Columns: seconds (wall, the whole command: reading, both passes, the cache writt
 against the plain pass (goal for 1 worker: at most 1.15x), the rate against the 1-worker rate (goal for N cores: at
 least 0.8 x N), and the peak resident memory of the command's whole process tree, sampled every 0.1 s (goal: within
 1.3x from 100,000 to 1,000,000 records). The Ray rows need `pip install -e '.[ray]'`; the two nodes (one CPU each)
-run on this machine, so they share its cores with the driver.
+run on this machine, so they share its cores with the driver, and `ray stop --force` at the end stops every Ray node
+on the machine (use --no-ray where another cluster runs).
 """
 
 from __future__ import annotations
@@ -128,9 +129,9 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-scale-")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     one_core = dict(env, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    address = None if args.no_ray else start_ray(work)
-    rows = []
+    address, rows = None, []
     try:
+        address = None if args.no_ray else start_ray(work)
         for n in (int(x) for x in args.records.split(",")):
             data = os.path.join(work, f"records-{n}.jsonl")
             write_records(args.data, n, data)
@@ -149,8 +150,9 @@ def main() -> None:
                 subprocess.run(["rm", "-rf", run])
             os.remove(data)
     finally:
-        if address:
+        if not args.no_ray:  # stops every Ray node on this machine: run it where no other cluster runs
             subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", work])
     print(f"\n{cores} cores; {args.tokenizer}\n")
     print("| records | how | seconds | records / s | x the plain pass's time | x the 1-worker rate | peak memory GiB |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")

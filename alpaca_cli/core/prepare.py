@@ -556,15 +556,20 @@ def _validation_config(prepared, data: str, source: str | None):
                           hint="one of " + ", ".join(resolved))
     by_name = {s.name: (s, c) for s, c in zip(prepared.sources, prepared.inputs.components["sources"])}
     names = [source] if source is not None else list(by_name)
+    first_error = None
     for name in names:
         record, components = by_name[name]
         pcfg = dataclasses.replace(resolved[name].cfg, data=data)
         if "prompts" in components:
             pcfg = dataclasses.replace(pcfg, prompts=draccus.decode(PromptTemplates, components["prompts"]))
-        records = load_records(pcfg)
+        try:
+            records = load_records(pcfg)
+        except DataError as e:  # not this source's kind of records (its format named): try the next
+            first_error = first_error or e
+            continue
         if (records.format == "alpaca") == (record.format == "alpaca") or name == names[-1]:
             return pcfg, records, record.chat_template, record.format, name
-    raise AssertionError("unreachable")
+    raise first_error
 
 
 def _reason_text(dropped: dict[str, int]) -> str:

@@ -4,8 +4,8 @@ record order. The record keeps each source's rows [start, stop), so every exampl
 cache field; train samples the mixture (core/plan.py, mixture_stream).
 
 The weights are in the fingerprint: a changed weight is a different preparation, and the stale-cache refusal names
-it (`sources[chat].weight (1.0 -> 2.0)`). One source without weight, epochs or val_fraction never comes here: it is
-today's single-source prepare (core/prepare.py), fingerprint and cache unchanged."""
+it (`sources[chat].weight (1.0 -> 2.0)`). A plain --data (no `SPEC,key=value`, no `data:` list) never comes here:
+it is the single-source prepare (core/prepare.py), fingerprint and cache unchanged."""
 
 from __future__ import annotations
 
@@ -55,10 +55,11 @@ def prepare_sources(cfg: PrepareConfig, run: RunDir, *, overwrite: bool = False,
     does, then write one cache."""
     t0 = time.time()
     progress = progress or Progress()
-    loaded = load_tokenizer(cfg.tokenizer)
     pool = ray_cluster(cfg) or parallel.ProcessPool(
         parallel.available_cores() if cfg.workers is None else max(1, cfg.workers))
+    loaded = None
     try:
+        loaded = load_tokenizer(cfg.tokenizer)
         inputs = []
         for s in cfg.resolved_sources():
             inputs.append(read_source(s, loaded.tokenizer, pool))
@@ -90,7 +91,8 @@ def prepare_sources(cfg: PrepareConfig, run: RunDir, *, overwrite: bool = False,
         return PrepareResult(False, stats, fingerprint)
     finally:
         pool.close()
-        shutil.rmtree(loaded.local_dir, ignore_errors=True)
+        if loaded is not None:
+            shutil.rmtree(loaded.local_dir, ignore_errors=True)
 
 
 def read_source(source: ResolvedSource, tok, pool: parallel.ProcessPool) -> SourceInput:

@@ -13,15 +13,17 @@ the prepare fails in one line before the cache is sealed, as with local workers.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
+import shutil
 import tempfile
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from alpaca_cli.core import parallel
-from alpaca_cli.errors import AlpacaError, ConfigError, StageError
+from alpaca_cli.errors import AlpacaError, ConfigError, StageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +41,11 @@ _DIRS: dict[str, str] = {}
 
 
 def _tokenizer_dir(fingerprint: str, files: dict[str, bytes]) -> str:
+    """The tokenizer's files in a folder of this worker process, removed when it exits."""
     folder = _DIRS.get(fingerprint)
     if folder is None:
         folder = _DIRS[fingerprint] = tempfile.mkdtemp(prefix="alpaca-tokenizer-")
+        atexit.register(shutil.rmtree, folder, True)
         for name, data in files.items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
@@ -120,13 +124,24 @@ class RayCluster:
             try:
                 result = self._ray.get(ref)
             except RayTaskError as e:
+                self._cancel(pending)
                 if isinstance(e.cause, AlpacaError):
                     raise e.cause from None  # the task's own one-line error (a bad record)
-                raise
+                if isinstance(e.cause, ImportError):
+                    raise ConfigError(f"a Ray node cannot run alpaca's tasks ({first_line(e.cause)})",
+                                      hint="pip install 'alpaca-cli[ray]' (the same version) on every node") from None
+                raise StageError(f"a Ray task failed on {chunk.describe(where)} "
+                                 f"({type(e.cause).__name__}: {first_line(e.cause)}); the cache is left incomplete: "
+                                 "rerun restarts the prepare") from None
             except (WorkerCrashedError, self._ray.exceptions.NodeDiedError, self._ray.exceptions.ObjectLostError):
                 self._cancel(pending)
                 raise StageError(f"a Ray worker died {parallel.MAX_ATTEMPTS} times on {chunk.describe(where)} "
                                  "(killed, out of memory or its node lost); the cache is left incomplete: rerun "
+                                 "restarts the prepare") from None
+            except self._ray.exceptions.RayError as e:  # out of memory, disk or object store; unschedulable
+                self._cancel(pending)
+                raise StageError(f"the Ray cluster could not run the task for {chunk.describe(where)} "
+                                 f"({type(e).__name__}: {first_line(e)}); the cache is left incomplete: rerun "
                                  "restarts the prepare") from None
             yield result
             fill()
