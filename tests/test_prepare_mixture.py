@@ -4,6 +4,7 @@ statistics and shares, the weights in the fingerprint, and the CLI (--data SPEC,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -215,6 +216,24 @@ def test_held_out_data_is_prepared_like_its_source(tmp_path, files, chatml_token
         prepare_validation(open_run(run.url), f"{alpaca},source=chat")
     with pytest.raises(ConfigError, match="no source nope"):
         prepare_validation(open_run(run.url), f"{alpaca},source=nope")
+
+
+def test_held_out_data_goes_to_the_first_source_that_reads_it(tmp_path, files, chatml_tokenizer_dir):
+    """With the chat source (format=messages) first, Alpaca records held out go to the Alpaca source: the chat
+    source's format cannot read them, so the next source is tried."""
+    from alpaca_cli.core.prepare import prepare_validation
+
+    alpaca, chat = files
+    cfg = mixture_cfg(files, chatml_tokenizer_dir)
+    cfg = dataclasses.replace(cfg, sources=cfg.sources[::-1])  # chat first
+    run = open_run(str(tmp_path / "mix"), create=True)
+    prepare_sources(cfg, run)
+    chat_source, alpaca_source = open_run(run.url).prepare.sources
+    assert (chat_source.name, alpaca_source.name) == ("chat", "alpaca")
+    cache = cachemod.open_cache(prepare_validation(open_run(run.url), alpaca))
+    got = [(r["input_ids"].tolist(), r["targets"].tolist(), int(r["source_index"][0]))
+           for r in cache.rows(range(len(cache)))]
+    assert got == rows(run.url)[alpaca_source.rows[0]:alpaca_source.rows[1]]
 
 
 def test_a_source_with_its_own_prompts_file(tmp_path, fixture_data, tokenizer_dir):

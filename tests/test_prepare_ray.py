@@ -160,3 +160,18 @@ def test_without_the_flag_nothing_imports_ray(tmp_path, alpaca_file, tokenizer_d
             f"open_run({str(tmp_path / 'run')!r}, create=True)); "
             "assert 'ray' not in sys.modules, 'ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_task_that_raises_is_one_line_not_a_traceback(cluster):
+    from alpaca_cli.core.ray_engine import RayCluster
+
+    engine = RayCluster(cluster)
+    try:
+        job = parallel.Job(None, "x.jsonl", "alpaca")  # no config: the task itself raises AttributeError
+        chunks = [parallel.Chunk(i, b'{"instruction": "a", "output": "b"}\n', first_line=1 + i) for i in range(3)]
+        with pytest.raises(StageError, match=r"^a Ray task failed on the lines from 1 on of x\.jsonl "
+                                             r"\(AttributeError: .*rerun restarts the prepare$") as e:
+            list(engine.map_ordered(parallel.validate_chunk, job, chunks, "x.jsonl"))
+        assert "\n" not in str(e.value)
+    finally:
+        engine.close()
