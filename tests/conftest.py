@@ -95,6 +95,18 @@ def tokenizer_dir() -> str:
 
 
 @pytest.fixture(scope="session")
+def chatml_tokenizer_dir(tmp_path_factory, tokenizer_dir) -> str:
+    """The demo (Llama-style) tokenizer with ChatML's markers as special tokens, as a ChatML model carries them."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    path = str(tmp_path_factory.mktemp("chatml-tok"))
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tokenizer_dir):
     from transformers import AutoTokenizer
 

@@ -61,18 +61,6 @@ def as_sharegpt(conversations):
 
 
 @pytest.fixture(scope="module")
-def chatml_tokenizer_dir(tmp_path_factory, tokenizer_dir) -> str:
-    """The demo (Llama-style) tokenizer with ChatML's markers as special tokens, as a ChatML model carries them."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": list(IM)})
-    path = str(tmp_path_factory.mktemp("chatml-tok"))
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def instruct_tokenizer_dir(tmp_path_factory, chatml_tokenizer_dir) -> str:
     """An "instruct" tokenizer: its own chat_template (ChatML)."""
     from transformers import AutoTokenizer

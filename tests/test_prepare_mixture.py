@@ -28,17 +28,6 @@ CHATS = [
       {"role": "assistant", "content": "Bye."}]]
 
 
-@pytest.fixture(scope="module")
-def chatml_tokenizer_dir(tmp_path_factory, tokenizer_dir) -> str:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": list(IM)})
-    path = str(tmp_path_factory.mktemp("chatml-tok"))
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture
 def files(tmp_path, fixture_data):
     chat = write_jsonl(str(tmp_path / "chat.jsonl"), [{"messages": c} for c in CHATS])

@@ -13,7 +13,7 @@ import random
 import pytest
 from helpers import prepared_examples, read_records, stanford_examples
 from stanford_reference import stanford_tokenizer
-from test_prepare_chat import CONVERSATIONS, IM, as_messages, oracle
+from test_prepare_chat import CONVERSATIONS, as_messages, oracle
 
 from alpaca_cli.config import PrepareConfig
 from alpaca_cli.core import cache as cachemod
@@ -87,18 +87,6 @@ def cache_digest(run, arrays_only: bool = False) -> dict[str, str]:
 
 def comparable(stats: dict) -> dict:
     return {k: v for k, v in stats.items() if not k.startswith("seconds")}
-
-
-@pytest.fixture(scope="module")
-def chatml_tokenizer_dir(tmp_path_factory, tokenizer_dir) -> str:
-    """The demo tokenizer with ChatML's markers as special tokens (as test_prepare_chat's)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.add_special_tokens({"additional_special_tokens": list(IM)})
-    path = str(tmp_path_factory.mktemp("chatml-tok"))
-    tok.save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -89,15 +89,7 @@ def prepare(
             format=records.format,
             chat_template=template.text if template is not None else None,
         )
-        with run.stage("prepare", record):
-            run.write_config("prepare", cfgmod.dump(cfg))
-            stats = _build(cfg, run, records, loaded, template, progress)
-            stats["seconds"] = round(time.time() - t0, 3)
-            io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
-            record.summary = PrepareSummary(
-                **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens",
-                                        "trained_tokens", "vocab_size", "added_tokens")}
-            )
+        stats = prepare_stage(run, cfg, record, t0, lambda: _build(cfg, run, records, loaded, template, progress))
         return PrepareResult(False, stats, fingerprint)
     finally:
         if records is not None:
@@ -106,6 +98,21 @@ def prepare(
             cluster.close()
         if loaded is not None:
             shutil.rmtree(loaded.local_dir, ignore_errors=True)
+
+
+def prepare_stage(run: RunDir, cfg: PrepareConfig, record: PrepareRecord, t0: float, build) -> dict[str, Any]:
+    """The prepare stage around build() (which writes the cache and returns its statistics): the config, then
+    stats.json and the record's summary; the stage is complete only when all of it is written."""
+    with run.stage("prepare", record):
+        run.write_config("prepare", cfgmod.dump(cfg))
+        stats = build()
+        stats["seconds"] = round(time.time() - t0, 3)
+        io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
+        record.summary = PrepareSummary(
+            **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens",
+                                    "trained_tokens", "vocab_size", "added_tokens")}
+        )
+    return stats
 
 
 def ray_cluster(cfg: PrepareConfig):

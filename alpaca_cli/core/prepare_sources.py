@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -21,17 +20,16 @@ from typing import Any
 import numpy as np
 
 from alpaca_cli import config as cfgmod
-from alpaca_cli import io
 from alpaca_cli.config import PrepareConfig, ResolvedSource
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import prompts as promptsmod
 from alpaca_cli.core import parallel
 from alpaca_cli.core.plan import mixture_weights
 from alpaca_cli.core.prepare import (CACHE_FORMAT, Input, PrepareResult, Progress, Totals, chat_template,
-                                     compute_stats, fill_run_cache, fingerprint_inputs, ray_cluster, read_input,
-                                     reuse_or_refuse, source_stats, tokenized_chunks, write_results_into)
+                                     compute_stats, fill_run_cache, fingerprint_inputs, prepare_stage, ray_cluster,
+                                     read_input, reuse_or_refuse, source_stats, tokenized_chunks, write_results_into)
 from alpaca_cli.core.tokenize import load_tokenizer
-from alpaca_cli.records import PrepareInputs, PrepareRecord, PrepareSummary, SourceRecord
+from alpaca_cli.records import PrepareInputs, PrepareRecord, SourceRecord
 from alpaca_cli.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -79,16 +77,12 @@ def prepare_sources(cfg: PrepareConfig, run: RunDir, *, overwrite: bool = False,
             format=chats[0].records.format if chats else "alpaca",
             chat_template=chats[0].template.text if chats else None,
         )
-        with run.stage("prepare", record):
-            run.write_config("prepare", cfgmod.dump(cfg))
+
+        def build() -> dict[str, Any]:
             stats, record.sources = _build_sources(run, inputs, loaded, progress)
-            stats["seconds"] = round(time.time() - t0, 3)
-            io.write_text_atomic(run.stats_path, json.dumps(stats, indent=2) + "\n")
-            record.summary = PrepareSummary(
-                **{k: stats[k] for k in ("records_read", "examples", "truncated", "dropped", "tokens",
-                                        "trained_tokens", "vocab_size", "added_tokens")}
-            )
-        return PrepareResult(False, stats, fingerprint)
+            return stats
+
+        return PrepareResult(False, prepare_stage(run, cfg, record, t0, build), fingerprint)
     finally:
         pool.close()
         if loaded is not None:
