@@ -83,7 +83,7 @@ class RayCluster:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False,
                      runtime_env={"env_vars": env} if env else None)
         except (OSError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"--ray-address {address}: no Ray cluster answered ({str(e).splitlines()[0]})",
+            raise ConfigError(f"--ray-address {address}: no Ray cluster answered ({first_line(e)})",
                               hint="start one (ray start --head) or give its address, host:6379") from None
         self._ray = ray
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
