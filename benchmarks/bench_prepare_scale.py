@@ -11,10 +11,11 @@ Run by hand, never by tests (speed is printed, never asserted):
 
 Columns: seconds (wall, the whole command: reading, both passes, the cache written), records per second, the time
 against the plain pass (goal for 1 worker: at most 1.15x), the rate against the 1-worker rate (goal for N cores: at
-least 0.8 x N), and the peak resident memory of the command's whole process tree, sampled every 0.1 s (goal: within
-1.3x from 100,000 to 1,000,000 records). The Ray rows need `pip install -e '.[ray]'`; the two nodes (one CPU each)
+least 0.8 x N), and the peak memory of the command's whole process tree, sampled every 0.1 s (goal: within 1.3x
+from 100,000 to 1,000,000 records), resident (RSS) and private (USS: without the shared pages a process maps, such as
+the Ray object store's, where every result passes). The Ray rows need `pip install -e '.[ray]'`; the two nodes (one CPU each)
 run on this machine, so they share its cores with the driver, and `ray stop --force` at the end stops every Ray node
-on the machine (use --no-ray where another cluster runs).
+on the machine (use --no-ray where another cluster runs). `--how workers1,ray` runs only those rows (and the plain pass).
 """
 
 from __future__ import annotations
@@ -68,21 +69,25 @@ def write_records(source: str, n: int, path: str) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in GiB of the command's process tree, its stdout)."""
+def measured(cmd: list[str], env: dict) -> tuple[float, tuple[float, float], str]:
+    """(wall seconds, (peak resident and peak private memory in GiB of the command's process tree), its stdout).
+    Private (USS): the pages only these processes hold; resident (RSS) also counts shared pages they touched,
+    such as a Ray object store's, which belong to the store and are counted again in every process mapping them."""
     import psutil
 
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak, done = 0, threading.Event()
+    peak, peak_uss, done = 0, 0, threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak, peak_uss
         root = psutil.Process(proc.pid)
         while not done.is_set():
             try:
                 tree = [root, *root.children(recursive=True)]
-                peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+                infos = [p.memory_full_info() for p in tree if p.is_running()]
+                peak = max(peak, sum(m.rss for m in infos))
+                peak_uss = max(peak_uss, sum(m.uss for m in infos))
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -94,7 +99,7 @@ def measured(cmd: list[str], env: dict) -> tuple[float, float, str]:
     sampler.join()
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return time.time() - t0, peak / 2**30, out
+    return time.time() - t0, (peak / 2**30, peak_uss / 2**30), out
 
 
 def free_port() -> int:
@@ -121,6 +126,8 @@ def main() -> None:
     ap.add_argument("--data", default=os.path.join(SHARED, "data", "alpaca_en_demo.json"))
     ap.add_argument("--tokenizer", default=os.path.join(SHARED, "tokenizers", "llama-sp-32k"))
     ap.add_argument("--no-ray", action="store_true")
+    ap.add_argument("--how", default="plain,workers0,workers1,all,ray",
+                    help="which rows (the plain pass always runs: the ratios are to it)")
     args = ap.parse_args()
 
     from alpaca_cli.core.parallel import available_cores
@@ -131,18 +138,21 @@ def main() -> None:
     one_core = dict(env, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     address, rows = None, []
     try:
-        address = None if args.no_ray else start_ray(work)
+        how = set(args.how.split(","))
+        address = None if args.no_ray or "ray" not in how else start_ray(work)
         for n in (int(x) for x in args.records.split(",")):
             data = os.path.join(work, f"records-{n}.jsonl")
             write_records(args.data, n, data)
             plain, plain_mem, _ = measured([sys.executable, "-c", PLAIN_PASS, data, args.tokenizer], one_core)
             rows.append((n, "plain tokenizer pass, 1 core", plain, plain_mem, None))
-            runs = [("alpaca prepare --workers 0 (this process)", ["--workers", "0"], one_core),
-                    ("alpaca prepare --workers 1", ["--workers", "1"], env),
-                    (f"alpaca prepare (every core: {cores})", [], env)]
+            runs = [("workers0", "alpaca prepare --workers 0 (this process)", ["--workers", "0"], one_core),
+                    ("workers1", "alpaca prepare --workers 1", ["--workers", "1"], env),
+                    ("all", f"alpaca prepare (every core: {cores})", [], env)]
             if address:
-                runs.append(("alpaca prepare --ray-address (2 nodes x 1 CPU)", ["--ray-address", address], env))
-            for name, extra, run_env in runs:
+                runs.append(("ray", "alpaca prepare --ray-address (2 nodes x 1 CPU)", ["--ray-address", address], env))
+            for key, name, extra, run_env in runs:
+                if key not in how:
+                    continue
                 run = os.path.join(work, f"run-{n}-{len(rows)}")
                 seconds, mem, _ = measured([ALPACA, "prepare", "--data", data, "--tokenizer", args.tokenizer,
                                             "--run-dir", run, "-q", *extra], run_env)
@@ -150,17 +160,18 @@ def main() -> None:
                 subprocess.run(["rm", "-rf", run])
             os.remove(data)
     finally:
-        if not args.no_ray:  # stops every Ray node on this machine: run it where no other cluster runs
+        if address:  # stops every Ray node on this machine: run it where no other cluster runs
             subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["rm", "-rf", work])
     print(f"\n{cores} cores; {args.tokenizer}\n")
-    print("| records | how | seconds | records / s | x the plain pass's time | x the 1-worker rate | peak memory GiB |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| records | how | seconds | records / s | x the plain pass's time | x the 1-worker rate "
+          "| peak resident GiB | peak private GiB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     one_worker = {n: s for n, name, s, _, _ in rows if name.endswith("--workers 1")}
-    for n, name, seconds, mem, plain in rows:
+    for n, name, seconds, (rss, uss), plain in rows:
         ratio = f"{seconds / plain:.2f}" if plain else ""
-        speedup = f"{one_worker[n] / seconds:.2f}" if plain else ""
-        print(f"| {n:,} | {name} | {seconds:.0f} | {n / seconds:,.0f} | {ratio} | {speedup} | {mem:.2f} |")
+        speedup = f"{one_worker[n] / seconds:.2f}" if plain and n in one_worker else ""
+        print(f"| {n:,} | {name} | {seconds:.0f} | {n / seconds:,.0f} | {ratio} | {speedup} | {rss:.2f} | {uss:.2f} |")
 
 
 if __name__ == "__main__":

@@ -434,35 +434,26 @@ class Totals:
         self.dropped_examples: list[tuple[int, str]] = []
         self.chat = None
 
+    _SUMMED = ("records", "trained", "truncated", "truncated_tokens", "prompts_tokenized_alone", "special_text")
+
     def add(self, r: parallel.ChunkResult) -> None:
         self.lengths.append(r.lengths)
-        self.records += r.records
-        self.examples += len(r.lengths)
-        self.trained += r.trained
-        self.truncated += r.truncated
-        self.truncated_tokens += r.truncated_tokens
-        self.prompts_tokenized_alone += r.prompts_tokenized_alone
-        self.special_text += r.special_text
-        for k, n in r.dropped.items():
-            self.dropped[k] = self.dropped.get(k, 0) + n
-        self.dropped_examples.extend(r.dropped_examples[: 1000 - len(self.dropped_examples)])
+        self._sum(r, len(r.lengths), r.dropped_examples)
         if r.chat is not None:
             self.chat = r.chat if self.chat is None else self.chat.merge(r.chat)
 
     def merge(self, other: Totals, label: str) -> None:
         """A mixture's source's totals added to the whole's (its dropped examples named `label:index`)."""
         self.lengths += other.lengths
-        self.records += other.records
-        self.examples += other.examples
-        self.trained += other.trained
-        self.truncated += other.truncated
-        self.truncated_tokens += other.truncated_tokens
-        self.prompts_tokenized_alone += other.prompts_tokenized_alone
-        self.special_text += other.special_text
+        self._sum(other, other.examples, [(f"{label}:{i}", why) for i, why in other.dropped_examples])
+
+    def _sum(self, other, examples: int, dropped_examples: list) -> None:
+        for name in self._SUMMED:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.examples += examples
         for k, n in other.dropped.items():
             self.dropped[k] = self.dropped.get(k, 0) + n
-        named = [(f"{label}:{i}", why) for i, why in other.dropped_examples]
-        self.dropped_examples.extend(named[: 1000 - len(self.dropped_examples)])
+        self.dropped_examples.extend(dropped_examples[: 1000 - len(self.dropped_examples)])
 
 
 def write_cache(cache_dir, results: Iterable[parallel.ChunkResult], advance, metadata, what: str) -> Totals:
