@@ -5,11 +5,17 @@ marin-haliax 0.2.20's `dot` (haliax/jax_utils.py:275) still calls `jax.core.is_c
 deprecates and jax 0.11 removed: on jax 0.11.2 training died there. `patch_jax()` puts back an equivalent (a
 dimension is constant when it is a plain integer, not a tracer); on the pinned JAX it does nothing. Remove this
 module when the pins move to a Haliax that no longer calls it.
+
+`patch_jax_on_import()` (what alpaca_cli.core runs) applies it as JAX is imported, not before: a process that never
+imports JAX (a prepare worker: a second and about 150 MB spared in each, on every core) does not load it for this.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import operator
+import sys
 import warnings
 
 
@@ -35,3 +41,31 @@ def patch_jax() -> bool:
             return False
     jax.core.is_constant_dim = _is_constant_dim
     return True
+
+
+class _PatchAfterImport(importlib.abc.MetaPathFinder):
+    """Finds `jax` as the import system would, and runs patch_jax() once its module has run (then steps aside)."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "jax":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec("jax")
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def run_then_patch(module):
+            run(module)
+            patch_jax()
+
+        spec.loader.exec_module = run_then_patch  # this spec's own loader object: nothing else is changed
+        return spec
+
+
+def patch_jax_on_import() -> None:
+    """patch_jax() now if JAX is imported, else right after the first `import jax` (before anything can use it)."""
+    if "jax" in sys.modules:
+        patch_jax()
+    elif not any(isinstance(f, _PatchAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchAfterImport())

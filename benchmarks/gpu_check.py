@@ -188,7 +188,7 @@ def part_env(a) -> dict:
     import jax
 
     had = hasattr(jax.core, "is_constant_dim")
-    import alpaca_cli.core  # noqa: F401 - applies alpaca_cli.compat.patch_jax()
+    import alpaca_cli.core  # noqa: F401 - applies alpaca_cli.compat.patch_jax() (JAX is imported)
 
     out["compat_restored_is_constant_dim"] = not had
     d = jax.devices()[0]

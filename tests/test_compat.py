@@ -41,3 +41,26 @@ def test_on_the_pinned_jax_nothing_is_patched():
     from alpaca_cli import compat
 
     assert hasattr(jax.core, "is_constant_dim") and compat.patch_jax() is False
+
+
+LAZY = r"""
+import sys
+from alpaca_cli import compat
+calls = []
+real = compat.patch_jax
+compat.patch_jax = lambda: calls.append("patched") or real()
+import alpaca_cli.core.parallel          # all a prepare worker imports
+assert "jax" not in sys.modules, "importing the core imported JAX"
+assert calls == [], calls
+import haliax                            # imports JAX: patched then, before Haliax can call anything
+assert calls == ["patched"], calls
+import jax
+assert hasattr(jax.core, "is_constant_dim")
+print("patched on import")
+"""
+
+
+def test_the_patch_waits_for_jax_so_a_prepare_worker_never_loads_it():
+    out = subprocess.run([sys.executable, "-c", LAZY], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "patched on import"

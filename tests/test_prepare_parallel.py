@@ -371,3 +371,28 @@ def test_a_mixture_on_2_workers_gives_the_one_process_cache(tmp_path, alpaca_fil
     assert cache_digest(run) == cache_digest(one)
     assert [s.rows for s in run.prepare.sources] == [s.rows for s in one.prepare.sources]
     assert comparable(result.stats) == comparable(one_result.stats)
+
+
+def heavy_modules_after_a_chunk(job, chunk):
+    """In a worker: a chunk tokenized, then which of the heavy libraries the process holds."""
+    import sys
+
+    parallel.tokenize_chunk(job, chunk)
+    return sorted({"jax", "torch", "levanter", "haliax"} & set(sys.modules))
+
+
+def test_a_worker_tokenizes_without_loading_jax_or_torch(tokenizer_dir):
+    """A spawned worker imports what tokenizing needs, not JAX (the compat patch waits for it) nor torch (which
+    transformers would import when installed, as it is here): seconds and hundreds of MB per worker, on every core."""
+    from alpaca_cli.core.tokenize import hash_folder
+
+    block = b'{"instruction": "Say hi", "input": "", "output": "hi"}\n'
+    job = parallel.Job(PrepareConfig(data="x.jsonl", tokenizer=tokenizer_dir), "x.jsonl", "alpaca", "line 1",
+                       tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=hash_folder(tokenizer_dir))
+    pool = parallel.ProcessPool(1)
+    try:
+        chunks = [parallel.Chunk(0, block, first_line=1, records=1)]
+        assert list(pool.map_ordered(heavy_modules_after_a_chunk, job, chunks, "x.jsonl")) == [[]]
+    finally:
+        pool.close()
+    import torch  # noqa: F401 - installed here, so the worker had it to import

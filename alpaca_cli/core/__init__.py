@@ -2,4 +2,4 @@
 
 from alpaca_cli import compat
 
-compat.patch_jax()  # before Haliax runs anything (a no-op on the pinned JAX)
+compat.patch_jax_on_import()  # as JAX is imported, before Haliax runs anything (a no-op on the pinned JAX)
