@@ -44,19 +44,27 @@ def patch_jax() -> bool:
 
 
 class _PatchAfterImport(importlib.abc.MetaPathFinder):
-    """Finds `jax` as the import system would, and runs patch_jax() once its module has run (then steps aside)."""
+    """Finds `jax` as the import system would, and runs patch_jax() once its module has run; it stays in place until
+    then (transformers and datasets look JAX up with importlib.util.find_spec without importing it)."""
+
+    _looking = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "jax":
+        if name != "jax" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec("jax")
+        self._looking = True
+        try:
+            spec = importlib.util.find_spec("jax")
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         run = spec.loader.exec_module
 
         def run_then_patch(module):
             run(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             patch_jax()
 
         spec.loader.exec_module = run_then_patch  # this spec's own loader object: nothing else is changed

@@ -50,8 +50,19 @@ class Front(BaseHTTPRequestHandler):
                 self.rfile.readline()
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _upstream(self, method: str, path: str, body: bytes | None, headers: dict) -> tuple[int, list, bytes]:
-        for attempt in (0, 1):  # a kept-alive connection the emulator closed is opened again once
+    def _upstream(self, method: str, path: str, body: bytes | None, headers: dict,
+                  fresh: bool = False) -> tuple[int, list, bytes]:
+        """The emulator's answer. A write or delete goes on a connection of its own, sent once; anything else on
+        this thread's kept-alive connection, sent again once if the emulator had closed it."""
+        if fresh:
+            conn = http.client.HTTPConnection(*self.upstream, timeout=120)
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                r = conn.getresponse()
+                return r.status, r.getheaders(), r.read()
+            finally:
+                conn.close()
+        for attempt in (0, 1):
             conn = getattr(self.local, "conn", None)
             if conn is None:
                 conn = self.local.conn = http.client.HTTPConnection(*self.upstream, timeout=120)
@@ -66,11 +77,14 @@ class Front(BaseHTTPRequestHandler):
                     raise
         raise AssertionError("unreachable")
 
-    def _generation(self, bucket: str, name: str) -> int:
-        """The object's live generation, 0 when there is none (GCS's meaning of ifGenerationMatch=0)."""
+    def _generation(self, bucket: str, name: str) -> int | None:
+        """The object's live generation, 0 when there is none (GCS's meaning of ifGenerationMatch=0); None when the
+        emulator did not say."""
         path = f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}"
         status, _, body = self._upstream("GET", path, None, {})
-        return int(json.loads(body)["generation"]) if status == 200 else 0
+        if status == 404:
+            return 0
+        return int(json.loads(body)["generation"]) if status == 200 else None
 
     def _target(self) -> tuple[str, str, str | None] | None:
         """(bucket, object, ifGenerationMatch) of a write or delete of one object; None for anything else."""
@@ -86,7 +100,7 @@ class Front(BaseHTTPRequestHandler):
         return None
 
     def _handle(self):
-        body = self._body() if self.command in ("POST", "PUT", "PATCH") else None
+        body = self._body() or None  # any method's (a kept-alive connection must not keep an unread body)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP | {"expect", "content-length"}}
         target = self._target()
         if target is None:
@@ -95,19 +109,24 @@ class Front(BaseHTTPRequestHandler):
         with self.locks_guard:
             lock = self.locks[f"{bucket}/{name}"]
         with lock:  # check and write as one step, as GCS does
-            if match is not None and self._generation(bucket, name) != int(match):
+            live = self._generation(bucket, name) if match is not None else None
+            if match is not None and live is None:
+                error = {"error": {"code": 503, "message": "the emulator did not give the object's generation"}}
+                return self._reply(503, [("Content-Type", "application/json")], json.dumps(error).encode())
+            if match is not None and live != int(match):
                 error = {"error": {"code": 412, "message": "At least one of the pre-conditions you specified did not hold.",
                                    "errors": [{"reason": "conditionNotMet", "message": "Precondition Failed"}]}}
                 return self._reply(412, [("Content-Type", "application/json")], json.dumps(error).encode())
-            return self._reply(*self._upstream(self.command, self.path, body, headers))
+            return self._reply(*self._upstream(self.command, self.path, body, headers, fresh=True))
 
     def _reply(self, status: int, headers: list, body: bytes):
         self.send_response(status)
         for k, v in headers:
             if k.lower() not in _HOP | {"content-length"}:
                 self.send_header(k, v)
-        length = dict((k.lower(), v) for k, v in headers).get("content-length") if self.command == "HEAD" else None
-        self.send_header("Content-Length", length or str(len(body)))
+        if status not in (204, 304):  # which carry no body, and say no length
+            length = dict((k.lower(), v) for k, v in headers).get("content-length") if self.command == "HEAD" else None
+            self.send_header("Content-Length", length or str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

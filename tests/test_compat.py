@@ -52,6 +52,9 @@ compat.patch_jax = lambda: calls.append("patched") or real()
 import alpaca_cli.core.parallel          # all a prepare worker imports
 assert "jax" not in sys.modules, "importing the core imported JAX"
 assert calls == [], calls
+import importlib.util
+assert importlib.util.find_spec("jax") is not None   # looked up, not imported (as transformers does): not yet
+assert "jax" not in sys.modules and calls == [], calls
 import haliax                            # imports JAX: patched then, before Haliax can call anything
 assert calls == ["patched"], calls
 import jax

@@ -222,7 +222,7 @@ class CharTable:
         c = self.chars[flat]
         before = np.cumsum(c) - c  # characters before each token, over the batch
         key = 2 * before - self.inside[flat]
-        if np.any(key[1:] < key[:-1]):  # not a valid UTF-8 byte sequence: no answer from the table
+        if np.any(key[1:] < key[:-1]):  # a continuation byte after a token of no characters: no order to search
             return [None] * len(ids)
         covered = before[ends - 1] + c[ends - 1] - before[first]
         text_chars = np.fromiter(map(len, texts), np.int64, len(texts))
@@ -234,8 +234,9 @@ class CharTable:
         kk = np.minimum(k, len(flat) - 1)
         added = self.added[flat]
         added_before = np.cumsum(added) - added
-        ok = ((n > self.front) & (covered == text_chars + prepended) & (k < ends) & (key[kk] == target)
-              & (added_before[kk] == added_before[first]))
+        # an empty prompt tokenizes to its special tokens alone, without the '▁' put in front of a text
+        ok = ((n > self.front) & (prompt_chars > 0) & (covered == text_chars + prepended) & (k < ends)
+              & (key[kk] == target) & (added_before[kk] == added_before[first]))
         return [int(x) if good else None for x, good in zip(k - starts, ok)]
 
 
@@ -243,10 +244,11 @@ _CHAR_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def char_table(tok) -> CharTable | None:
-    """The tokenizer's CharTable (built once per tokenizer object), or None where its pieces do not spell its text
-    (not a fast BPE tokenizer, or a probe's characters do not add up)."""
-    if tok in _CHAR_TABLES:
-        return _CHAR_TABLES[tok]
+    """The tokenizer's CharTable (built once per tokenizer object and vocabulary size), or None where its pieces do
+    not spell its text (not a fast BPE tokenizer, or a probe's characters do not add up)."""
+    cached = _CHAR_TABLES.get(tok)
+    if cached is not None and cached[0] == len(tok):
+        return cached[1]
     table = None
     backend = getattr(tok, "backend_tokenizer", None) if getattr(tok, "is_fast", False) else None
     if backend is not None and type(backend.model).__name__ == "BPE":
@@ -263,6 +265,9 @@ def char_table(tok) -> CharTable | None:
                 chars[i] = len(piece)
         for i, token in added_tokens.items():
             chars[i], inside[i], added[i] = len(token.content), 0, 1
+        unk = backend.model.unk_token
+        if unk is not None and backend.token_to_id(unk) is not None:
+            added[backend.token_to_id(unk)] = 1  # it stands for characters it does not spell (fused, even)
         with_special, plain, spaced = (e.ids for e in [
             *encode_batch(tok, ["a b"], add_special_tokens=True, offsets=False),
             *encode_batch(tok, ["a b", " a b"], add_special_tokens=False, offsets=False)])
@@ -270,7 +275,7 @@ def char_table(tok) -> CharTable | None:
         prepended, before_space = int(chars[plain].sum()) - 3, int(chars[spaced].sum()) - 4
         if front >= 0 and with_special[front:] == plain and prepended in (0, 1) and before_space in (0, 1):
             table = CharTable(chars, inside, added, front, prepended, before_space)
-    _CHAR_TABLES[tok] = table
+    _CHAR_TABLES[tok] = (len(tok), table)
     return table
 
 
