@@ -6,10 +6,10 @@ len(tokenize(prompt)) labels with -100. `tokenize_examples` produces exactly tho
 array (1 where Stanford's label is not -100).
 
 Speed: when the tokenizer is *prefix-stable* (see `prefix_stable`), the prompt's token count is read off the full
-text's tokenization, so each text is tokenized once: from how many characters each token covers (`CharTable`, so
-the Rust tokenizer need not compute offsets, a fifth of its time), else from the offsets. Where a token straddles the prompt/response
-boundary (a ':' merging with a following '"', say), the prompt alone tokenizes differently: those prompts, and every
-prompt of a tokenizer that is not prefix-stable, are tokenized on their own, as Stanford does.
+text's tokenization, so each text is tokenized once: from how many characters each token covers (`CharTable`, so the
+Rust tokenizer need not compute offsets, a fifth of its time), else from the offsets. Where a token straddles the
+prompt/response boundary (a ':' merging with a following '"', say), the prompt alone tokenizes differently: those
+prompts, and every prompt of a tokenizer that is not prefix-stable, are tokenized on their own, as Stanford does.
 """
 
 from __future__ import annotations
