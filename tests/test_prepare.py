@@ -339,3 +339,18 @@ def test_tokenizer_that_appends_eos_truncates_and_masks_like_stanford(tmp_path, 
     assert result.stats["truncated"] > 0
     expected = stanford_examples(read_records(fixture_data), stanford_tokenizer(tok_dir), max_length=64)
     assert prepared_examples(run.url) == expected
+
+
+def test_offset_prompt_lengths_where_no_character_table_is_built(tokenizer_dir, monkeypatch):
+    """A prefix-stable tokenizer the character table refuses still reads prompt lengths off the offsets, exactly."""
+    from alpaca_cli.core import tokenize as tokmod
+
+    tok = stanford_tokenizer(tokenizer_dir, use_fast=True)
+    monkeypatch.setattr(tokmod, "char_table", lambda tok: None)
+    rng = random.Random(1)
+    pool = list("ab :\"'{}\n.,") + ["é", "😀", "</s>", "▁", "  "]
+    prompts = ["".join(rng.choice(pool) for _ in range(rng.randint(1, 20))) for _ in range(200)]
+    outputs = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 20))) for _ in range(200)]
+    fast = tokenize_examples(tok, prompts, outputs, max_length=10_000, fast_path=True)
+    assert fast.prompt_lengths == [len(tok(prompts[i])["input_ids"]) for i in fast.source_index]
+    assert fast.prompts_tokenized_alone < len(prompts) // 10  # read off the offsets, not tokenized alone
