@@ -14,9 +14,10 @@ against the plain pass (goal for 1 worker: at most 1.15x), the rate against the 
 least 0.8 x N), and the peak memory of the command's whole process tree (goal: within 1.3x from 100,000 to 1,000,000
 records): resident (RSS, sampled every 0.1 s) and private (USS, every 1 s: without the shared pages a process maps,
 such as the Ray object store's, where every result passes). The Ray rows need `pip install -e '.[ray]'`; the two
-nodes (one CPU each) run on this machine, so they share its cores with the driver, and `ray stop --force` at the end
-stops every Ray node on the machine (use --no-ray where another cluster runs). `--how workers1,ray` runs only those
-rows (and the plain pass).
+nodes (one CPU each) run on this machine, so they share its cores with the driver. The cluster is started for the Ray
+rows only (an idle two-node cluster takes about a tenth of a core, measured here, which the other rows would lose) and
+`ray stop --force` after them stops every Ray node on the machine (use --no-ray where another cluster runs).
+`--how workers1,ray` runs only those rows (and the plain pass).
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ def start_ray(work: str) -> str:
     return f"127.0.0.1:{port}"
 
 
+def stop_ray() -> None:
+    """Stops every Ray node on this machine: run the Ray rows where no other cluster runs."""
+    subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", default="100000,1000000")
@@ -138,10 +144,11 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench-scale-")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     one_core = dict(env, RAYON_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    address, rows = None, []
+    rows = []
+    how = set(args.how.split(","))
+    if args.no_ray:
+        how.discard("ray")
     try:
-        how = set(args.how.split(","))
-        address = None if args.no_ray or "ray" not in how else start_ray(work)
         for n in (int(x) for x in args.records.split(",")):
             data = os.path.join(work, f"records-{n}.jsonl")
             write_records(args.data, n, data)
@@ -149,21 +156,24 @@ def main() -> None:
             rows.append((n, "plain tokenizer pass, 1 core", plain, plain_mem, None))
             runs = [("workers0", "alpaca prepare --workers 0 (this process)", ["--workers", "0"], one_core),
                     ("workers1", "alpaca prepare --workers 1", ["--workers", "1"], env),
-                    ("all", f"alpaca prepare (every core: {cores})", [], env)]
-            if address:
-                runs.append(("ray", "alpaca prepare --ray-address (2 nodes x 1 CPU)", ["--ray-address", address], env))
+                    ("all", f"alpaca prepare (every core: {cores})", [], env),
+                    ("ray", "alpaca prepare --ray-address (2 nodes x 1 CPU)", ["--ray-address"], env)]
             for key, name, extra, run_env in runs:
                 if key not in how:
                     continue
-                run = os.path.join(work, f"run-{n}-{len(rows)}")
-                seconds, mem, _ = measured([ALPACA, "prepare", "--data", data, "--tokenizer", args.tokenizer,
-                                            "--run-dir", run, "-q", *extra], run_env)
+                if key == "ray":
+                    extra = [*extra, start_ray(work)]
+                try:
+                    run = os.path.join(work, f"run-{n}-{len(rows)}")
+                    seconds, mem, _ = measured([ALPACA, "prepare", "--data", data, "--tokenizer", args.tokenizer,
+                                                "--run-dir", run, "-q", *extra], run_env)
+                finally:
+                    if key == "ray":
+                        stop_ray()
                 rows.append((n, name, seconds, mem, plain))
                 subprocess.run(["rm", "-rf", run])
             os.remove(data)
     finally:
-        if address:  # stops every Ray node on this machine: run it where no other cluster runs
-            subprocess.run([RAY, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         subprocess.run(["rm", "-rf", work])
     print(f"\n{cores} cores; {args.tokenizer}\n")
     print("| records | how | seconds | records / s | x the plain pass's time | x the 1-worker rate "

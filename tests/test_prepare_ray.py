@@ -14,8 +14,10 @@ import pytest
 from helpers import read_records
 from test_prepare_parallel import cache_digest, comparable, run_prepare, shrink_chunks, synthetic_records, write_lines
 
+from alpaca_cli.config import PrepareConfig
 from alpaca_cli.core import cache as cachemod
 from alpaca_cli.core import parallel
+from alpaca_cli.core.tokenize import hash_folder
 from alpaca_cli.errors import ConfigError, DataError, StageError
 from alpaca_cli.rundir import open_run
 
@@ -175,3 +177,26 @@ def test_a_task_that_raises_is_one_line_not_a_traceback(cluster):
         assert "\n" not in str(e.value)
     finally:
         engine.close()
+
+
+def test_results_from_the_cluster_hold_no_object_store_memory(tmp_path, alpaca_file, tokenizer_dir, cluster):
+    """Ray gives a result's arrays as views into its object store, and a view keeps the whole object there while it
+    lives; the statistics keep every chunk's lengths to the end, so the driver's memory grew with the data set. The
+    engine's results own their arrays (the chunks are those of a prepare: 3 of 9 records each)."""
+    from alpaca_cli.core.ray_engine import RayCluster
+
+    path, _ = alpaca_file
+    job = parallel.Job(PrepareConfig(data=path, tokenizer=tokenizer_dir), path, "alpaca", "line 1",
+                       tokenizer_dir=tokenizer_dir, tokenizer_fingerprint=hash_folder(tokenizer_dir))
+    with open(path, "rb") as f:
+        lines = f.readlines()[:9]
+    chunks = [parallel.Chunk(i, b"".join(lines[3 * i:3 * i + 3]), first_line=1 + 3 * i, first_record=3 * i, records=3)
+              for i in range(3)]
+    engine = RayCluster(cluster)
+    try:
+        results = list(engine.map_ordered(parallel.tokenize_chunk, job, chunks, path))
+    finally:
+        engine.close()
+    arrays = [getattr(r, name) for r in results for name in ("ids", "targets", "lengths", "source_index")]
+    assert [len(r.lengths) for r in results] == [3, 3, 3]
+    assert all(a.flags.owndata for a in arrays)

@@ -22,6 +22,8 @@ import tempfile
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from alpaca_cli.core import parallel
 from alpaca_cli.errors import AlpacaError, ConfigError, StageError, first_line
 
@@ -62,6 +64,19 @@ def _reachable(address: str, timeout: float = 10.0) -> None:
     host = host.removeprefix("ray://")
     with socket.create_connection((host, int(port)), timeout=timeout):
         pass
+
+
+def _owned(result: Any) -> Any:
+    """A task's result with arrays of its own. Ray hands a result's numpy arrays over as views into its object
+    store, and a view keeps the whole object there (and mapped in this process) while it lives: the statistics keep
+    every chunk's example lengths to the end, so each chunk's object (its tokens, a few MB) stayed, and the driver's
+    resident memory grew with the data set (measured: 40 objects, 206 MiB of the store, halfway through 200,000
+    records). Copying costs a memcpy of each chunk's result."""
+    if dataclasses.is_dataclass(result):
+        return dataclasses.replace(result, **{f.name: getattr(result, f.name).copy()
+                                              for f in dataclasses.fields(result)
+                                              if isinstance(getattr(result, f.name), np.ndarray)})
+    return result
 
 
 class RayCluster:
@@ -143,7 +158,7 @@ class RayCluster:
                 raise StageError(f"the Ray cluster could not run the task for {chunk.describe(where)} "
                                  f"({type(e).__name__}: {first_line(e)}); the cache is left incomplete: rerun "
                                  "restarts the prepare") from None
-            yield result
+            yield _owned(result)
             fill()
 
     def _cancel(self, pending: deque) -> None:
