@@ -16,7 +16,7 @@ records): resident (RSS, sampled every 0.1 s) and private (USS, every 1 s: witho
 such as the Ray object store's, where every result passes). The Ray rows need `pip install -e '.[ray]'`; the two
 nodes (one CPU each) run on this machine, so they share its cores with the driver. The cluster is started for the Ray
 rows only (an idle two-node cluster takes about a tenth of a core, measured here, which the other rows would lose) and
-`ray stop --force` after them stops every Ray node on the machine (use --no-ray where another cluster runs).
+`ray stop --force` after each stops every Ray node on the machine (use --no-ray where another cluster runs).
 `--how workers1,ray` runs only those rows (and the plain pass).
 """
 
@@ -113,13 +113,14 @@ def free_port() -> int:
 
 def start_ray(work: str) -> str:
     """A head and a second node on this machine, one CPU each (as the tests' cluster); its address."""
-    port, log = free_port(), open(os.path.join(work, "ray.log"), "w")
+    port = free_port()
     node = ["--num-cpus=1", "--disable-usage-stats"]
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-    subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *node], check=True,
-                   env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *node], check=True, env=env, stdout=log,
-                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with open(os.path.join(work, "ray.log"), "a") as log:
+        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=false", *node], check=True,
+                       env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *node], check=True, env=env, stdout=log,
+                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return f"127.0.0.1:{port}"
 
 
@@ -148,6 +149,8 @@ def main() -> None:
     how = set(args.how.split(","))
     if args.no_ray:
         how.discard("ray")
+    if "ray" in how and not os.path.exists(RAY):
+        sys.exit("the Ray rows need Ray: pip install -e '.[ray]' (or --no-ray)")
     try:
         for n in (int(x) for x in args.records.split(",")):
             data = os.path.join(work, f"records-{n}.jsonl")
@@ -161,10 +164,10 @@ def main() -> None:
             for key, name, extra, run_env in runs:
                 if key not in how:
                     continue
-                if key == "ray":
-                    extra = [*extra, start_ray(work)]
+                run = os.path.join(work, f"run-{n}-{len(rows)}")
                 try:
-                    run = os.path.join(work, f"run-{n}-{len(rows)}")
+                    if key == "ray":
+                        extra = [*extra, start_ray(work)]
                     seconds, mem, _ = measured([ALPACA, "prepare", "--data", data, "--tokenizer", args.tokenizer,
                                                 "--run-dir", run, "-q", *extra], run_env)
                 finally:
